@@ -1,1 +1,28 @@
-//! placeholder
+//! Presence and directory engines: the state of a confab deployment that lives outside cells and
+//! gateways (SPEC §1, "presence + directory").
+//!
+//! - [`directory`]: which cells exist (id, region, URL, status, heartbeat, load) and which cell
+//!   owns which workspace, with placement by region ([`directory::choose_cell`]).
+//! - [`presence`]: which sessions are online; a user's status is derived from its sessions, and
+//!   status changes are published to every subscriber.
+//! - [`memory`]: the in-memory engines of `confab dev`.
+//!
+//! Each engine is a trait with an in-memory implementation here and a Redis one for
+//! production, chosen once at start-up; the code above them does not know which it has.
+
+pub mod directory;
+pub mod memory;
+pub mod presence;
+
+pub use directory::{
+    choose_cell, CellLoad, CellRecord, CellRegistration, CellStatus, CreateWorkspaceError,
+    Directory, DirectoryChange, WorkspaceRecord,
+};
+pub use memory::{MemoryDirectory, MemoryPresence};
+pub use presence::{PresenceChange, PresenceSession, PresenceStore};
+
+/// An engine could not do what was asked (its backing service is unreachable or answered
+/// something unexpected). Callers answer `unavailable`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("engine unavailable: {0}")]
+pub struct EngineError(pub String);

@@ -1,1 +1,39 @@
-//! placeholder
+//! The confab gateway: the stateless edge of the deployment (SPEC §1).
+//!
+//! It terminates client WebSockets at `/v1/ws`, serves the HTTP API for bots and apps
+//! (`/v1/...`), the admin API (`/admin/v1/...`), health, readiness and metrics, and the web chat
+//! client at `/`. It owns no durable state: it routes each session and request to the cell that
+//! owns the workspace, over a link, and fans out what cells send back.
+//!
+//! - [`config`]: limits and secrets.
+//! - [`auth`]: JWT verification and minting, admin token check.
+//! - [`links`]: links to cells (in-process or over the network, behind [`links::CellConnector`]):
+//!   routing by workspace, request/reply correlation, delivery of cell frames to sessions.
+//! - [`sessions`]: the registry of local sessions and their bounded outbound queues.
+//! - [`ws`]: one client WebSocket, from `hello` to close.
+//! - [`presence`]: local presence subscriptions fed by the presence engine's change stream.
+//! - [`rate`]: token buckets.
+//! - [`http_api`], [`admin`]: the HTTP and admin APIs; [`api_error`] maps errors to HTTP.
+//! - [`metrics`]: metric names and the Prometheus exporter.
+//! - [`server`]: builds the actix-web application and runs it until shutdown.
+//!
+//! Architecture invariant: the gateway talks to cells only through `confab_shared::link`
+//! messages; it never calls cell code.
+
+pub mod admin;
+pub mod api_error;
+pub mod auth;
+pub mod config;
+pub mod http_api;
+pub mod links;
+pub mod metrics;
+pub mod presence;
+pub mod rate;
+pub mod server;
+pub mod sessions;
+pub mod web;
+pub mod ws;
+
+pub use config::{GatewayConfig, Limits};
+pub use links::{CellConnection, CellConnector, LinkError, LinkSink, Links};
+pub use server::{Gateway, GatewayHandle};

@@ -177,42 +177,34 @@ fn describe_serde_error(e: &serde_json::Error) -> String {
 pub fn validate(request: &ClientRequest, max_text_bytes: usize) -> Result<(), (ErrorCode, String)> {
     let bad = |m: &str| Err((ErrorCode::BadRequest, m.to_string()));
     match request {
-        ClientRequest::Hello { resume, .. } => {
-            if resume
-                .as_ref()
-                .is_some_and(|r| r.len() > limits::MAX_RESUME_CHANNELS)
-            {
-                return bad("resume names too many channels");
-            }
-        }
+        ClientRequest::Hello {
+            resume: Some(resume),
+            ..
+        } if resume.len() > limits::MAX_RESUME_CHANNELS => bad("resume names too many channels"),
         ClientRequest::Send {
             text,
             client_msg_id,
             ..
         } => {
             check_text(text, max_text_bytes)?;
-            if let Some(cmid) = client_msg_id {
-                if cmid.is_empty() || cmid.len() > limits::MAX_CLIENT_MSG_ID_BYTES {
-                    return bad("client_msg_id must be 1 to 64 bytes");
+            match client_msg_id {
+                Some(cmid) if cmid.is_empty() || cmid.len() > limits::MAX_CLIENT_MSG_ID_BYTES => {
+                    bad("client_msg_id must be 1 to 64 bytes")
                 }
+                _ => Ok(()),
             }
         }
-        ClientRequest::Edit { text, .. } => check_text(text, max_text_bytes)?,
-        ClientRequest::History { limit, .. } => {
-            if let Some(limit) = limit {
-                if !(1..=limits::HISTORY_MAX_LIMIT).contains(limit) {
-                    return bad("limit must be between 1 and 200");
-                }
-            }
+        ClientRequest::Edit { text, .. } => check_text(text, max_text_bytes),
+        ClientRequest::History {
+            limit: Some(limit), ..
+        } if !(1..=limits::HISTORY_MAX_LIMIT).contains(limit) => {
+            bad("limit must be between 1 and 200")
         }
-        ClientRequest::PresenceSub { users } => {
-            if users.len() > limits::MAX_PRESENCE_USERS {
-                return bad("presence_sub names more than 500 users");
-            }
+        ClientRequest::PresenceSub { users } if users.len() > limits::MAX_PRESENCE_USERS => {
+            bad("presence_sub names more than 500 users")
         }
-        _ => {}
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// A message text must be non-empty and at most `max_text_bytes` of UTF-8.
@@ -262,15 +254,24 @@ mod tests {
 
     #[test]
     fn not_json_and_not_object_are_bad_request() {
-        assert_eq!(parse("nope").err().map(|e| e.code), Some(ErrorCode::BadRequest));
-        assert_eq!(parse("[1]").err().map(|e| e.code), Some(ErrorCode::BadRequest));
+        assert_eq!(
+            parse("nope").err().map(|e| e.code),
+            Some(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            parse("[1]").err().map(|e| e.code),
+            Some(ErrorCode::BadRequest)
+        );
     }
 
     #[test]
     fn oversize_text_is_too_large() {
         let text = "x".repeat(limits::MAX_TEXT_BYTES + 1);
         let frame = format!(r#"{{"op":"send","channel":"general","text":"{text}"}}"#);
-        assert_eq!(parse(&frame).err().map(|e| e.code), Some(ErrorCode::TooLarge));
+        assert_eq!(
+            parse(&frame).err().map(|e| e.code),
+            Some(ErrorCode::TooLarge)
+        );
     }
 
     #[test]

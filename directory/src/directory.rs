@@ -1,0 +1,195 @@
+//! The directory: cells and workspace placement (SPEC §2, §7).
+
+use async_trait::async_trait;
+use confab_shared::{CellId, WorkspaceId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::EngineError;
+
+/// A cell missing heartbeats for this long is `down`.
+pub const CELL_DOWN_AFTER_MS: u64 = 15_000;
+
+/// What a cell says of itself when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellRegistration {
+    pub id: CellId,
+    pub region: String,
+    /// Base URL gateways use to reach the cell (its `/v1/link`).
+    pub url: String,
+}
+
+/// A cell's load, reported with each heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellLoad {
+    /// Client sessions attached to the cell.
+    pub connections: u64,
+}
+
+/// A cell as the directory knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellRecord {
+    pub id: CellId,
+    pub region: String,
+    pub url: String,
+    pub draining: bool,
+    /// Unix ms of the last heartbeat.
+    pub last_heartbeat_ms: u64,
+    pub connections: u64,
+    /// Workspaces the directory places on this cell.
+    pub workspaces: u64,
+}
+
+/// A cell's status as `GET /admin/v1/cells` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CellStatus {
+    Healthy,
+    Draining,
+    Down,
+}
+
+impl CellRecord {
+    /// `down` after missed heartbeats, else `draining` when drained, else `healthy`.
+    pub fn status(&self, now_ms: u64) -> CellStatus {
+        if now_ms.saturating_sub(self.last_heartbeat_ms) > CELL_DOWN_AFTER_MS {
+            CellStatus::Down
+        } else if self.draining {
+            CellStatus::Draining
+        } else {
+            CellStatus::Healthy
+        }
+    }
+}
+
+/// Which cell owns a workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    pub id: WorkspaceId,
+    pub cell: CellId,
+    pub region: String,
+    pub name: Option<String>,
+}
+
+/// A change other processes must react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryChange {
+    /// The workspace is now served by another cell: re-route it.
+    WorkspaceMoved {
+        workspace: WorkspaceId,
+        cell: CellId,
+    },
+    /// A cell registered, was drained, or changed its URL.
+    CellChanged { cell: CellId },
+}
+
+/// Why a workspace could not be created.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CreateWorkspaceError {
+    #[error("workspace {0} already exists")]
+    Exists(WorkspaceId),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// The directory engine.
+#[async_trait]
+pub trait Directory: Send + Sync + 'static {
+    /// Registers (or re-registers after a restart) a cell; keeps its draining flag.
+    async fn register_cell(&self, cell: CellRegistration, now_ms: u64) -> Result<(), EngineError>;
+    /// Records a cell's heartbeat and load.
+    async fn heartbeat_cell(
+        &self,
+        id: &CellId,
+        load: CellLoad,
+        now_ms: u64,
+    ) -> Result<(), EngineError>;
+    /// Every known cell, with its workspace count.
+    async fn cells(&self) -> Result<Vec<CellRecord>, EngineError>;
+    /// Marks a cell draining; `false` when no such cell exists.
+    async fn drain_cell(&self, id: &CellId) -> Result<bool, EngineError>;
+    /// The record of a workspace, if it exists.
+    async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceRecord>, EngineError>;
+    /// Creates a workspace record; fails with `Exists` when the id is taken.
+    async fn create_workspace(&self, record: WorkspaceRecord) -> Result<(), CreateWorkspaceError>;
+    /// Removes a workspace record (to roll back a creation the cell refused).
+    async fn delete_workspace(&self, id: &WorkspaceId) -> Result<(), EngineError>;
+    /// Points a workspace at another cell and region, and announces the move.
+    async fn move_workspace(
+        &self,
+        id: &WorkspaceId,
+        cell: &CellId,
+        region: &str,
+    ) -> Result<(), EngineError>;
+    /// Changes from now on.
+    fn subscribe(&self) -> broadcast::Receiver<DirectoryChange>;
+}
+
+/// Placement (SPEC §2): the healthy, non-draining cell of `region` with the fewest
+/// workspaces (ties broken by id, so placement is deterministic).
+pub fn choose_cell<'a>(
+    cells: &'a [CellRecord],
+    region: &str,
+    now_ms: u64,
+) -> Option<&'a CellRecord> {
+    cells
+        .iter()
+        .filter(|c| c.region == region && c.status(now_ms) == CellStatus::Healthy)
+        .min_by(|a, b| {
+            a.workspaces
+                .cmp(&b.workspaces)
+                .then_with(|| a.id.cmp(&b.id))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(id: &str, region: &str, workspaces: u64, draining: bool, hb: u64) -> CellRecord {
+        CellRecord {
+            id: CellId::new(id).unwrap_or_else(|e| panic!("{e}")),
+            region: region.into(),
+            url: format!("http://{id}"),
+            draining,
+            last_heartbeat_ms: hb,
+            connections: 0,
+            workspaces,
+        }
+    }
+
+    #[test]
+    fn placement_picks_the_least_loaded_healthy_cell_of_the_region() {
+        let now = 100_000;
+        let cells = vec![
+            cell("a", "us", 5, false, now),
+            cell("b", "us", 2, false, now),
+            cell("c", "us", 0, true, now),
+            cell("d", "us", 0, false, now - CELL_DOWN_AFTER_MS - 1),
+            cell("e", "eu", 0, false, now),
+        ];
+        assert_eq!(
+            choose_cell(&cells, "us", now).map(|c| c.id.as_str()),
+            Some("b")
+        );
+        assert_eq!(
+            choose_cell(&cells, "eu", now).map(|c| c.id.as_str()),
+            Some("e")
+        );
+        assert!(choose_cell(&cells, "ap", now).is_none());
+    }
+
+    #[test]
+    fn status_is_down_after_missed_heartbeats_then_draining_then_healthy() {
+        let now = 100_000;
+        assert_eq!(cell("a", "r", 0, true, 0).status(now), CellStatus::Down);
+        assert_eq!(
+            cell("a", "r", 0, true, now).status(now),
+            CellStatus::Draining
+        );
+        assert_eq!(
+            cell("a", "r", 0, false, now).status(now),
+            CellStatus::Healthy
+        );
+    }
+}

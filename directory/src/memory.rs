@@ -1,0 +1,341 @@
+//! In-memory presence and directory engines, for `confab dev` and tests: one process holds all
+//! state, so nothing expires on its own and a mutex per engine is enough (no lock is held
+//! across an await).
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use confab_shared::server::Status;
+use confab_shared::{CellId, SessionId, UserId, WorkspaceId};
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use crate::directory::{
+    CellLoad, CellRecord, CellRegistration, CreateWorkspaceError, Directory, DirectoryChange,
+    WorkspaceRecord,
+};
+use crate::presence::{PresenceChange, PresenceSession, PresenceStore};
+use crate::EngineError;
+
+/// Capacity of the change broadcast; a subscriber lagging further behind misses changes and is
+/// told so by `RecvError::Lagged`.
+const CHANGES_CAPACITY: usize = 4096;
+
+/// The in-memory directory.
+pub struct MemoryDirectory {
+    state: Mutex<DirectoryState>,
+    changes: broadcast::Sender<DirectoryChange>,
+}
+
+#[derive(Default)]
+struct DirectoryState {
+    cells: HashMap<CellId, CellRecord>,
+    workspaces: HashMap<WorkspaceId, WorkspaceRecord>,
+}
+
+impl Default for MemoryDirectory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryDirectory {
+    pub fn new() -> Self {
+        MemoryDirectory {
+            state: Mutex::new(DirectoryState::default()),
+            changes: broadcast::channel(CHANGES_CAPACITY).0,
+        }
+    }
+
+    fn announce(&self, change: DirectoryChange) {
+        // No subscriber is not an error.
+        let _ = self.changes.send(change);
+    }
+}
+
+#[async_trait]
+impl Directory for MemoryDirectory {
+    async fn register_cell(&self, cell: CellRegistration, now_ms: u64) -> Result<(), EngineError> {
+        let id = cell.id.clone();
+        {
+            let mut state = self.state.lock();
+            let draining = state.cells.get(&cell.id).is_some_and(|c| c.draining);
+            state.cells.insert(
+                cell.id.clone(),
+                CellRecord {
+                    id: cell.id,
+                    region: cell.region,
+                    url: cell.url,
+                    draining,
+                    last_heartbeat_ms: now_ms,
+                    connections: 0,
+                    workspaces: 0,
+                },
+            );
+        }
+        self.announce(DirectoryChange::CellChanged { cell: id });
+        Ok(())
+    }
+
+    async fn heartbeat_cell(
+        &self,
+        id: &CellId,
+        load: CellLoad,
+        now_ms: u64,
+    ) -> Result<(), EngineError> {
+        let mut state = self.state.lock();
+        match state.cells.get_mut(id) {
+            Some(cell) => {
+                cell.last_heartbeat_ms = now_ms;
+                cell.connections = load.connections;
+                Ok(())
+            }
+            None => Err(EngineError(format!("cell {id} is not registered"))),
+        }
+    }
+
+    async fn cells(&self) -> Result<Vec<CellRecord>, EngineError> {
+        let state = self.state.lock();
+        let mut cells: Vec<CellRecord> = state.cells.values().cloned().collect();
+        for cell in &mut cells {
+            cell.workspaces = state
+                .workspaces
+                .values()
+                .filter(|w| w.cell == cell.id)
+                .count() as u64;
+        }
+        cells.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(cells)
+    }
+
+    async fn drain_cell(&self, id: &CellId) -> Result<bool, EngineError> {
+        let found = match self.state.lock().cells.get_mut(id) {
+            Some(cell) => {
+                cell.draining = true;
+                true
+            }
+            None => false,
+        };
+        if found {
+            self.announce(DirectoryChange::CellChanged { cell: id.clone() });
+        }
+        Ok(found)
+    }
+
+    async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceRecord>, EngineError> {
+        Ok(self.state.lock().workspaces.get(id).cloned())
+    }
+
+    async fn create_workspace(&self, record: WorkspaceRecord) -> Result<(), CreateWorkspaceError> {
+        let mut state = self.state.lock();
+        if state.workspaces.contains_key(&record.id) {
+            return Err(CreateWorkspaceError::Exists(record.id));
+        }
+        state.workspaces.insert(record.id.clone(), record);
+        Ok(())
+    }
+
+    async fn delete_workspace(&self, id: &WorkspaceId) -> Result<(), EngineError> {
+        self.state.lock().workspaces.remove(id);
+        Ok(())
+    }
+
+    async fn move_workspace(
+        &self,
+        id: &WorkspaceId,
+        cell: &CellId,
+        region: &str,
+    ) -> Result<(), EngineError> {
+        {
+            let mut state = self.state.lock();
+            let Some(record) = state.workspaces.get_mut(id) else {
+                return Err(EngineError(format!("workspace {id} does not exist")));
+            };
+            record.cell = cell.clone();
+            record.region = region.to_string();
+        }
+        self.announce(DirectoryChange::WorkspaceMoved {
+            workspace: id.clone(),
+            cell: cell.clone(),
+        });
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<DirectoryChange> {
+        self.changes.subscribe()
+    }
+}
+
+/// The in-memory presence engine.
+pub struct MemoryPresence {
+    sessions: Mutex<HashMap<(WorkspaceId, UserId), HashSet<SessionId>>>,
+    changes: broadcast::Sender<PresenceChange>,
+}
+
+impl Default for MemoryPresence {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryPresence {
+    pub fn new() -> Self {
+        MemoryPresence {
+            sessions: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(CHANGES_CAPACITY).0,
+        }
+    }
+}
+
+#[async_trait]
+impl PresenceStore for MemoryPresence {
+    async fn session_up(&self, _gateway: &str, s: &PresenceSession) -> Result<(), EngineError> {
+        let came_online = {
+            let mut sessions = self.sessions.lock();
+            let set = sessions
+                .entry((s.workspace.clone(), s.user.clone()))
+                .or_default();
+            set.insert(s.session.clone()) && set.len() == 1
+        };
+        if came_online {
+            let _ = self.changes.send(PresenceChange {
+                workspace: s.workspace.clone(),
+                user: s.user.clone(),
+                status: Status::Online,
+            });
+        }
+        Ok(())
+    }
+
+    async fn session_down(&self, _gateway: &str, s: &PresenceSession) -> Result<(), EngineError> {
+        let went_offline = {
+            let mut sessions = self.sessions.lock();
+            let key = (s.workspace.clone(), s.user.clone());
+            let removed_last = sessions
+                .get_mut(&key)
+                .is_some_and(|set| set.remove(&s.session) && set.is_empty());
+            if removed_last {
+                sessions.remove(&key);
+            }
+            removed_last
+        };
+        if went_offline {
+            let _ = self.changes.send(PresenceChange {
+                workspace: s.workspace.clone(),
+                user: s.user.clone(),
+                status: Status::Offline,
+            });
+        }
+        Ok(())
+    }
+
+    async fn refresh(
+        &self,
+        _gateway: &str,
+        _sessions: &[PresenceSession],
+    ) -> Result<(), EngineError> {
+        // One process holds every session: they cannot outlive their gateway, so nothing expires.
+        Ok(())
+    }
+
+    async fn statuses(
+        &self,
+        workspace: &WorkspaceId,
+        users: &[UserId],
+    ) -> Result<Vec<Status>, EngineError> {
+        let sessions = self.sessions.lock();
+        Ok(users
+            .iter()
+            .map(|u| {
+                if sessions.contains_key(&(workspace.clone(), u.clone())) {
+                    Status::Online
+                } else {
+                    Status::Offline
+                }
+            })
+            .collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(user: &str, session: &str) -> PresenceSession {
+        PresenceSession {
+            workspace: WorkspaceId::new("w").unwrap_or_else(|e| panic!("{e}")),
+            user: UserId::new(user).unwrap_or_else(|e| panic!("{e}")),
+            session: SessionId::new(session).unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_user_is_online_while_any_session_is_up_and_changes_are_announced_once() {
+        let presence = MemoryPresence::new();
+        let mut changes = presence.subscribe();
+        let (a1, a2) = (session("alice", "s1"), session("alice", "s2"));
+        presence
+            .session_up("g", &a1)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        presence
+            .session_up("g", &a2)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        presence
+            .session_down("g", &a1)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let statuses = presence
+            .statuses(&a1.workspace, std::slice::from_ref(&a1.user))
+            .await
+            .unwrap_or_default();
+        assert_eq!(statuses, vec![Status::Online]);
+        presence
+            .session_down("g", &a2)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            changes.try_recv().map(|c| c.status).ok(),
+            Some(Status::Online)
+        );
+        assert_eq!(
+            changes.try_recv().map(|c| c.status).ok(),
+            Some(Status::Offline)
+        );
+        assert!(changes.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn workspaces_are_created_once_and_counted_per_cell() {
+        let dir = MemoryDirectory::new();
+        let cell = CellId::new("c1").unwrap_or_else(|e| panic!("{e}"));
+        dir.register_cell(
+            CellRegistration {
+                id: cell.clone(),
+                region: "local".into(),
+                url: "inproc".into(),
+            },
+            1,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let record = WorkspaceRecord {
+            id: WorkspaceId::new("demo").unwrap_or_else(|e| panic!("{e}")),
+            cell: cell.clone(),
+            region: "local".into(),
+            name: None,
+        };
+        assert!(dir.create_workspace(record.clone()).await.is_ok());
+        assert!(matches!(
+            dir.create_workspace(record).await,
+            Err(CreateWorkspaceError::Exists(_))
+        ));
+        let cells = dir.cells().await.unwrap_or_default();
+        assert_eq!(cells.first().map(|c| c.workspaces), Some(1));
+    }
+}

@@ -1,0 +1,215 @@
+//! The admin API (SPEC §7), authenticated with the admin token: cells, workspaces, tokens.
+
+use std::future::{ready, Ready};
+use std::sync::Arc;
+
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use confab_directory::{choose_cell, CreateWorkspaceError, WorkspaceRecord};
+use confab_shared::link::AdminOp;
+use confab_shared::{CellId, ErrorCode, UserId, WorkspaceId};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api_error::ApiError;
+use crate::auth::{bearer, secrets_match};
+use crate::server::Gateway;
+
+/// Longest token lifetime `POST /admin/v1/tokens` mints: one year.
+const MAX_TOKEN_TTL_S: u64 = 365 * 24 * 3600;
+/// Token lifetime when none is asked: one day.
+const DEFAULT_TOKEN_TTL_S: u64 = 24 * 3600;
+
+/// Routes of the admin API.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/admin/v1")
+            .route("/cells", web::get().to(list_cells))
+            .route("/cells/{id}/drain", web::post().to(drain_cell))
+            .route("/workspaces", web::post().to(create_workspace))
+            .route("/workspaces/{id}", web::get().to(get_workspace))
+            .route("/workspaces/{id}/move", web::post().to(move_workspace))
+            .route("/tokens", web::post().to(mint_token)),
+    );
+}
+
+/// Proof that the request carries the admin token.
+pub struct AdminAuth(Arc<Gateway>);
+
+impl FromRequest for AdminAuth {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        ready(authenticate(req))
+    }
+}
+
+fn authenticate(req: &HttpRequest) -> Result<AdminAuth, ApiError> {
+    let gateway = req
+        .app_data::<web::Data<Gateway>>()
+        .map(|g| g.clone().into_inner())
+        .ok_or_else(|| ApiError::unavailable("gateway not configured"))?;
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok());
+    match bearer(header) {
+        Some(token) if secrets_match(token, &gateway.config.admin_token) => Ok(AdminAuth(gateway)),
+        _ => Err(ApiError::unauthorized("admin token required")),
+    }
+}
+
+async fn list_cells(AdminAuth(gateway): AdminAuth) -> Result<HttpResponse, ApiError> {
+    let now = confab_shared::now_ms();
+    let cells: Vec<_> = gateway
+        .directory
+        .cells()
+        .await?
+        .into_iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "region": c.region,
+                "url": c.url,
+                "status": c.status(now),
+                "workspaces": c.workspaces,
+                "connections": c.connections,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "cells": cells })))
+}
+
+async fn drain_cell(
+    AdminAuth(gateway): AdminAuth,
+    id: web::Path<CellId>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    if !gateway.directory.drain_cell(&id).await? {
+        return Err(ApiError::not_found(format!("cell {id} not found")));
+    }
+    Ok(HttpResponse::Ok().json(json!({"id": id, "status": "draining"})))
+}
+
+#[derive(Deserialize)]
+struct CreateWorkspaceBody {
+    id: Option<WorkspaceId>,
+    name: Option<String>,
+    region: String,
+}
+
+async fn create_workspace(
+    AdminAuth(gateway): AdminAuth,
+    body: web::Json<CreateWorkspaceBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if body.region.trim().is_empty() || body.region.len() > 64 {
+        return Err(ApiError::bad_request("region must be 1 to 64 characters"));
+    }
+    if body.name.as_ref().is_some_and(|n| n.len() > 200) {
+        return Err(ApiError::bad_request("name is longer than 200 bytes"));
+    }
+    let id = match body.id {
+        Some(id) => id,
+        None => generated_workspace_id(),
+    };
+    let cells = gateway.directory.cells().await?;
+    let cell = choose_cell(&cells, &body.region, confab_shared::now_ms())
+        .ok_or_else(|| {
+            ApiError::unavailable(format!("region {:?} has no healthy cell", body.region))
+        })?
+        .id
+        .clone();
+    let record = WorkspaceRecord {
+        id: id.clone(),
+        cell: cell.clone(),
+        region: body.region.clone(),
+        name: body.name.clone(),
+    };
+    match gateway.directory.create_workspace(record).await {
+        Ok(()) => {}
+        Err(CreateWorkspaceError::Exists(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("workspace {id} already exists"),
+            ))
+        }
+        Err(CreateWorkspaceError::Engine(e)) => return Err(e.into()),
+    }
+    let op = AdminOp::CreateWorkspace {
+        workspace: id.clone(),
+        name: body.name,
+    };
+    if let Err(e) = gateway.links.admin(&cell, op).await {
+        // The cell did not take the workspace: undo the directory entry so the id stays free.
+        let _ = gateway.directory.delete_workspace(&id).await;
+        return Err(ApiError::unavailable(format!(
+            "cell {cell} could not create the workspace: {}",
+            e.message
+        )));
+    }
+    Ok(HttpResponse::Created().json(json!({"id": id, "cell": cell, "region": body.region})))
+}
+
+fn generated_workspace_id() -> WorkspaceId {
+    let id = format!("w{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    WorkspaceId::new(&id).unwrap_or_else(|_| unreachable!("hex is a valid id"))
+}
+
+async fn get_workspace(
+    AdminAuth(gateway): AdminAuth,
+    id: web::Path<WorkspaceId>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let record = gateway
+        .directory
+        .workspace(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("workspace {id} not found")))?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"id": record.id, "cell": record.cell, "region": record.region})))
+}
+
+async fn move_workspace(AdminAuth(_gateway): AdminAuth) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::unavailable(
+        "workspace move is not available in this version",
+    ))
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    workspace: WorkspaceId,
+    user: UserId,
+    #[serde(default)]
+    bot: bool,
+    ttl_s: Option<u64>,
+}
+
+async fn mint_token(
+    AdminAuth(gateway): AdminAuth,
+    body: web::Json<TokenBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let ttl_s = body.ttl_s.unwrap_or(DEFAULT_TOKEN_TTL_S);
+    if !(1..=MAX_TOKEN_TTL_S).contains(&ttl_s) {
+        return Err(ApiError::bad_request(
+            "ttl_s must be between 1 and 31536000",
+        ));
+    }
+    if gateway
+        .directory
+        .workspace(&body.workspace)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found(format!(
+            "workspace {} not found",
+            body.workspace
+        )));
+    }
+    let token = gateway
+        .tokens
+        .mint(&body.workspace, &body.user, body.bot, ttl_s)
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(HttpResponse::Created().json(json!({ "token": token })))
+}

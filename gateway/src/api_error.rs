@@ -1,0 +1,94 @@
+//! The HTTP face of errors: `{"error":{"code","message"}}` with the status of SPEC §5, and
+//! `Retry-After` on `429`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use confab_shared::link::CellError;
+use confab_shared::ErrorCode;
+use serde_json::json;
+
+/// An error answered over HTTP.
+#[derive(Debug, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthorized, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
+    }
+}
+
+impl From<CellError> for ApiError {
+    fn from(e: CellError) -> Self {
+        ApiError::new(e.code, e.message)
+    }
+}
+
+impl From<confab_directory::EngineError> for ApiError {
+    fn from(e: confab_directory::EngineError) -> Self {
+        ApiError::unavailable(e.to_string())
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        metrics::counter!(crate::metrics::ERRORS, "code" => self.code.as_str()).increment(1);
+        let mut response = HttpResponse::build(self.status_code());
+        if let Some(ms) = self.retry_after_ms {
+            response.insert_header(("Retry-After", ms.div_ceil(1000).max(1).to_string()));
+        }
+        let mut error = json!({"code": self.code.as_str(), "message": self.message});
+        if let Some(ms) = self.retry_after_ms {
+            error["retry_after_ms"] = json!(ms);
+        }
+        response.json(json!({ "error": error }))
+    }
+}
+
+/// Turns actix-web's own extraction failures (bad JSON, oversize body, bad query) into SPEC
+/// errors.
+pub fn json_error(err: actix_web::error::JsonPayloadError) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as E;
+    let api = match &err {
+        E::Overflow { .. } | E::OverflowKnownLength { .. } => {
+            ApiError::new(ErrorCode::TooLarge, "request body is too large")
+        }
+        E::ContentType => ApiError::bad_request("expected Content-Type: application/json"),
+        other => ApiError::bad_request(format!("invalid JSON body: {other}")),
+    };
+    api.into()
+}
+
+/// Query-string extraction failures.
+pub fn query_error(err: actix_web::error::QueryPayloadError) -> actix_web::Error {
+    ApiError::bad_request(format!("invalid query: {err}")).into()
+}
+
+/// Path extraction failures (e.g. an id with forbidden characters).
+pub fn path_error(err: actix_web::error::PathError) -> actix_web::Error {
+    ApiError::bad_request(format!("invalid path: {err}")).into()
+}

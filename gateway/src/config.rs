@@ -1,0 +1,61 @@
+//! Gateway configuration: secrets and the protocol limits of SPEC §4, all injectable so tests
+//! never depend on the process environment.
+
+use std::time::Duration;
+
+use confab_shared::limits;
+
+/// The per-connection limits of SPEC §4 (flags of `confab dev` and `confab gateway`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_text_bytes: usize,
+    /// Client frames per second per connection; bursts of twice this.
+    pub client_rate: u32,
+    pub queue_events: usize,
+    pub queue_bytes: usize,
+    pub heartbeat_ms: u64,
+    pub hello_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: limits::MAX_FRAME_BYTES,
+            max_text_bytes: limits::MAX_TEXT_BYTES,
+            client_rate: limits::CLIENT_RATE,
+            queue_events: limits::QUEUE_EVENTS,
+            queue_bytes: limits::QUEUE_BYTES,
+            heartbeat_ms: limits::HEARTBEAT_MS,
+            hello_timeout_ms: limits::HELLO_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Everything a gateway needs to know at start-up.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Identifies this gateway process in presence and in links.
+    pub gateway_id: String,
+    pub jwt_secret: String,
+    pub admin_token: String,
+    pub limits: Limits,
+    /// How long a request may wait for its cell before answering `unavailable`.
+    pub request_timeout: Duration,
+    /// How long shutdown waits for sessions to close after sending them `1001`.
+    pub drain_timeout: Duration,
+}
+
+impl GatewayConfig {
+    /// A configuration with default limits.
+    pub fn new(gateway_id: String, jwt_secret: String, admin_token: String) -> Self {
+        GatewayConfig {
+            gateway_id,
+            jwt_secret,
+            admin_token,
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The HTTP API for bots and apps (SPEC §5), authenticated with a user or bot JWT.
+//!
+//! Each endpoint is a thin translation to a [`CellOp`] performed by the workspace's cell, the
+//! same op a WebSocket request becomes, so both paths share one set of rules. Requests are
+//! rate-limited per user with the client rate of SPEC §4.
+
+use std::future::{ready, Ready};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use confab_shared::client::check_text;
+use confab_shared::limits::{
+    HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, MAX_CLIENT_MSG_ID_BYTES, MAX_PRESENCE_USERS,
+};
+use confab_shared::link::{Caller, CellOp, CellReply};
+use confab_shared::server::{ChannelInfo, ChannelKind, Status};
+use confab_shared::{ChannelId, ErrorCode, UserId};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api_error::ApiError;
+use crate::auth::bearer;
+use crate::server::Gateway;
+
+/// Routes of the HTTP API.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/v1")
+            .route("/channels", web::post().to(create_channel))
+            .route("/channels", web::get().to(list_channels))
+            .route("/channels/{id}", web::get().to(get_channel))
+            .route("/channels/{id}/messages", web::post().to(post_message))
+            .route("/channels/{id}/messages", web::get().to(get_messages))
+            .route("/channels/{id}/members", web::post().to(add_member))
+            .route("/channels/{id}/members", web::get().to(list_members))
+            .route(
+                "/channels/{id}/members/{user}",
+                web::delete().to(remove_member),
+            )
+            .route("/dms", web::post().to(open_dm))
+            .route("/presence", web::get().to(presence)),
+    );
+}
+
+/// The authenticated caller of an HTTP request.
+pub struct UserAuth {
+    gateway: Arc<Gateway>,
+    caller: Caller,
+}
+
+impl FromRequest for UserAuth {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        ready(authenticate(req))
+    }
+}
+
+fn authenticate(req: &HttpRequest) -> Result<UserAuth, ApiError> {
+    let gateway = req
+        .app_data::<web::Data<Gateway>>()
+        .map(|g| g.clone().into_inner())
+        .ok_or_else(|| ApiError::unavailable("gateway not configured"))?;
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok());
+    let token = bearer(header).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let claims = gateway
+        .tokens
+        .verify(token)
+        .map_err(|_| ApiError::unauthorized("bad or expired token"))?;
+    if let Err(retry_after_ms) = gateway.http_rate(&claims.wsp, &claims.sub, Instant::now()) {
+        let mut e = ApiError::new(ErrorCode::RateLimited, "too many requests");
+        e.retry_after_ms = Some(retry_after_ms);
+        return Err(e);
+    }
+    Ok(UserAuth {
+        gateway,
+        caller: Caller {
+            workspace: claims.wsp,
+            user: claims.sub,
+            session: None,
+        },
+    })
+}
+
+impl UserAuth {
+    async fn perform(&self, op: CellOp) -> Result<CellReply, ApiError> {
+        Ok(self.gateway.links.request(self.caller.clone(), op).await?)
+    }
+}
+
+fn unexpected(reply: &CellReply) -> ApiError {
+    tracing::error!(?reply, "cell sent a reply of the wrong kind");
+    ApiError::unavailable("unexpected reply from the cell")
+}
+
+#[derive(Deserialize)]
+struct CreateChannelBody {
+    name: String,
+    kind: ChannelKind,
+    #[serde(default)]
+    members: Vec<UserId>,
+}
+
+async fn create_channel(
+    auth: UserAuth,
+    body: web::Json<CreateChannelBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if body.kind == ChannelKind::Dm {
+        return Err(ApiError::bad_request(
+            "use POST /v1/dms for direct messages",
+        ));
+    }
+    let op = CellOp::CreateChannel {
+        name: body.name,
+        kind: body.kind,
+        members: body.members,
+    };
+    match auth.perform(op).await? {
+        CellReply::Channel(info) => Ok(HttpResponse::Created().json(info)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    scope: Option<String>,
+}
+
+async fn list_channels(
+    auth: UserAuth,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let public = match query.scope.as_deref() {
+        None | Some("member") | Some("mine") => false,
+        Some("public") => true,
+        Some(other) => return Err(ApiError::bad_request(format!("unknown scope {other:?}"))),
+    };
+    let channels = channels(&auth, public).await?;
+    Ok(HttpResponse::Ok().json(json!({ "channels": channels })))
+}
+
+async fn channels(auth: &UserAuth, public: bool) -> Result<Vec<ChannelInfo>, ApiError> {
+    match auth.perform(CellOp::ListChannels { public }).await? {
+        CellReply::Channels(channels) => Ok(channels),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn get_channel(auth: UserAuth, id: web::Path<ChannelId>) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    for public in [false, true] {
+        if let Some(info) = channels(&auth, public)
+            .await?
+            .into_iter()
+            .find(|c| c.id == id)
+        {
+            return Ok(HttpResponse::Ok().json(info));
+        }
+    }
+    Err(ApiError::not_found("channel not found"))
+}
+
+#[derive(Deserialize)]
+struct PostMessageBody {
+    text: String,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+    #[serde(default)]
+    thread: Option<u64>,
+}
+
+async fn post_message(
+    auth: UserAuth,
+    id: web::Path<ChannelId>,
+    body: web::Json<PostMessageBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    check_text(&body.text, auth.gateway.config.limits.max_text_bytes)
+        .map_err(|(code, message)| ApiError::new(code, message))?;
+    if body
+        .client_msg_id
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_MSG_ID_BYTES)
+    {
+        return Err(ApiError::bad_request("client_msg_id must be 1 to 64 bytes"));
+    }
+    let op = CellOp::Send {
+        channel: id.into_inner(),
+        text: body.text,
+        client_msg_id: body.client_msg_id,
+        thread: body.thread,
+    };
+    match auth.perform(op).await? {
+        CellReply::Ack { channel, seq, ts } => {
+            Ok(HttpResponse::Created().json(json!({"channel": channel, "seq": seq, "ts": ts})))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn get_messages(
+    auth: UserAuth,
+    id: web::Path<ChannelId>,
+    query: web::Query<HistoryQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
+    if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 200"));
+    }
+    let op = CellOp::History {
+        channel: id.into_inner(),
+        before: query.before,
+        after: query.after,
+        limit,
+    };
+    match auth.perform(op).await? {
+        CellReply::History {
+            messages, has_more, ..
+        } => Ok(HttpResponse::Ok().json(json!({"messages": messages, "has_more": has_more}))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+struct UserBody {
+    user: UserId,
+}
+
+async fn add_member(
+    auth: UserAuth,
+    id: web::Path<ChannelId>,
+    body: web::Json<UserBody>,
+) -> Result<HttpResponse, ApiError> {
+    let op = CellOp::AddMember {
+        channel: id.into_inner(),
+        user: body.into_inner().user,
+    };
+    seq_reply(auth.perform(op).await?)
+}
+
+async fn remove_member(
+    auth: UserAuth,
+    path: web::Path<(ChannelId, UserId)>,
+) -> Result<HttpResponse, ApiError> {
+    let (channel, user) = path.into_inner();
+    seq_reply(auth.perform(CellOp::RemoveMember { channel, user }).await?)
+}
+
+fn seq_reply(reply: CellReply) -> Result<HttpResponse, ApiError> {
+    match reply {
+        CellReply::Ack { seq, .. } => Ok(HttpResponse::Ok().json(json!({ "seq": seq }))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn list_members(auth: UserAuth, id: web::Path<ChannelId>) -> Result<HttpResponse, ApiError> {
+    let op = CellOp::ListMembers {
+        channel: id.into_inner(),
+    };
+    match auth.perform(op).await? {
+        CellReply::Members(members) => Ok(HttpResponse::Ok().json(json!({ "members": members }))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn open_dm(auth: UserAuth, body: web::Json<UserBody>) -> Result<HttpResponse, ApiError> {
+    let op = CellOp::OpenDm {
+        user: body.into_inner().user,
+    };
+    match auth.perform(op).await? {
+        CellReply::Channel(info) => Ok(HttpResponse::Ok().json(info)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+struct PresenceQuery {
+    users: Option<String>,
+}
+
+async fn presence(
+    auth: UserAuth,
+    query: web::Query<PresenceQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let raw = query.users.as_deref().unwrap_or("");
+    let users = raw
+        .split(',')
+        .filter(|u| !u.is_empty())
+        .map(|u| UserId::new(u).map_err(|e| ApiError::bad_request(format!("user {u:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if users.len() > MAX_PRESENCE_USERS {
+        return Err(ApiError::bad_request("at most 500 users"));
+    }
+    let statuses = auth
+        .gateway
+        .presence
+        .store()
+        .statuses(&auth.caller.workspace, &users)
+        .await?;
+    let users: std::collections::BTreeMap<UserId, Status> =
+        users.into_iter().zip(statuses).collect();
+    Ok(HttpResponse::Ok().json(json!({ "users": users })))
+}

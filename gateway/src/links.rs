@@ -1,0 +1,340 @@
+//! Links to cells: routing a workspace to its cell, request/reply correlation, and the delivery
+//! of what cells send to local sessions.
+//!
+//! A link is opened lazily, once per cell, through a [`CellConnector`] — in-process for
+//! `confab dev`, a WebSocket to the cell's `/v1/link` otherwise — and one task per link reads
+//! the cell's messages in order. When a link is lost its pending requests fail with
+//! `unavailable` and its sessions are told to reconnect (`4010`); the next use opens a new link.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_directory::{CellRecord, Directory, DirectoryChange};
+use confab_shared::link::{
+    AdminOp, Attach, Caller, CellError, CellOp, CellReply, RequestKey, ToCell, ToGateway,
+};
+use confab_shared::server::ChannelInfo;
+use confab_shared::{CellId, CloseCode, ErrorCode, SessionId, WorkspaceId};
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::sessions::SessionRegistry;
+
+/// The link to a cell is closed or could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("link to cell unavailable: {0}")]
+pub struct LinkError(pub String);
+
+/// The sending side of a link.
+pub trait LinkSink: Send + Sync + 'static {
+    /// Queues a message for the cell without blocking.
+    fn send(&self, message: ToCell) -> Result<(), LinkError>;
+}
+
+/// An open link: where to send, what arrives, and a token the transport fires when the link
+/// is lost.
+pub struct CellConnection {
+    pub sink: Box<dyn LinkSink>,
+    pub inbound: mpsc::Receiver<ToGateway>,
+    pub lost: CancellationToken,
+}
+
+/// Opens links to cells.
+#[async_trait]
+pub trait CellConnector: Send + Sync + 'static {
+    async fn connect(&self, cell: &CellRecord) -> Result<CellConnection, LinkError>;
+}
+
+/// Where a workspace is served, or why it cannot be.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("unknown workspace {0}")]
+    UnknownWorkspace(WorkspaceId),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<RouteError> for CellError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::UnknownWorkspace(_) => CellError::new(ErrorCode::NotFound, e.to_string()),
+            RouteError::Unavailable(m) => CellError::unavailable(m),
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<CellReply, CellError>>;
+type AttachWaiter = oneshot::Sender<Result<Vec<ChannelInfo>, CellError>>;
+
+/// One open link to a cell.
+pub struct CellLink {
+    pub cell: CellId,
+    sink: Box<dyn LinkSink>,
+    next_request: AtomicU64,
+    pending: DashMap<RequestKey, Waiter>,
+    attaching: DashMap<SessionId, AttachWaiter>,
+    lost: CancellationToken,
+}
+
+impl CellLink {
+    fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Sends a request and waits for its reply, at most `timeout`.
+    async fn request(
+        &self,
+        caller: Caller,
+        op: CellOp,
+        timeout: Duration,
+    ) -> Result<CellReply, CellError> {
+        let req = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.call(req, ToCell::Request { req, caller, op }, timeout)
+            .await
+    }
+
+    async fn admin(&self, op: AdminOp, timeout: Duration) -> Result<CellReply, CellError> {
+        let req = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.call(req, ToCell::Admin { req, op }, timeout).await
+    }
+
+    async fn call(
+        &self,
+        req: RequestKey,
+        message: ToCell,
+        timeout: Duration,
+    ) -> Result<CellReply, CellError> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.insert(req, tx);
+        if let Err(e) = self.sink.send(message) {
+            self.pending.remove(&req);
+            return Err(CellError::unavailable(e.to_string()));
+        }
+        let outcome = tokio::time::timeout(timeout, rx).await;
+        self.pending.remove(&req);
+        match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CellError::unavailable("the cell link was lost")),
+            Err(_) => Err(CellError::unavailable("the cell did not answer in time")),
+        }
+    }
+
+    fn fail_pending(&self) {
+        // Dropping the waiters wakes each caller with "link lost".
+        self.pending.clear();
+        self.attaching.clear();
+    }
+}
+
+/// The gateway's links, by cell, and its routing of workspaces to cells.
+pub struct Links {
+    directory: Arc<dyn Directory>,
+    connector: Arc<dyn CellConnector>,
+    sessions: Arc<SessionRegistry>,
+    links: DashMap<CellId, Arc<CellLink>>,
+    routes: DashMap<WorkspaceId, CellId>,
+    /// Serialises link opening so that concurrent first uses open one link.
+    connecting: tokio::sync::Mutex<()>,
+    request_timeout: Duration,
+}
+
+impl Links {
+    pub fn new(
+        directory: Arc<dyn Directory>,
+        connector: Arc<dyn CellConnector>,
+        sessions: Arc<SessionRegistry>,
+        request_timeout: Duration,
+    ) -> Arc<Links> {
+        Arc::new(Links {
+            directory,
+            connector,
+            sessions,
+            links: DashMap::new(),
+            routes: DashMap::new(),
+            connecting: tokio::sync::Mutex::new(()),
+            request_timeout,
+        })
+    }
+
+    /// Follows directory changes (workspace moves) so routes never go stale; runs until the
+    /// directory's change stream ends.
+    pub async fn follow_directory(self: Arc<Self>) {
+        let mut changes = self.directory.subscribe();
+        loop {
+            match changes.recv().await {
+                Ok(DirectoryChange::WorkspaceMoved { workspace, .. }) => {
+                    self.routes.remove(&workspace);
+                }
+                Ok(DirectoryChange::CellChanged { .. }) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.routes.clear(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+
+    /// The cell serving `workspace`.
+    pub async fn route(&self, workspace: &WorkspaceId) -> Result<CellId, RouteError> {
+        if let Some(cell) = self.routes.get(workspace) {
+            return Ok(cell.clone());
+        }
+        let record = self
+            .directory
+            .workspace(workspace)
+            .await
+            .map_err(|e| RouteError::Unavailable(e.to_string()))?
+            .ok_or_else(|| RouteError::UnknownWorkspace(workspace.clone()))?;
+        self.routes.insert(workspace.clone(), record.cell.clone());
+        Ok(record.cell)
+    }
+
+    /// The open link to `cell`, opening it if needed.
+    pub async fn link(self: &Arc<Self>, cell: &CellId) -> Result<Arc<CellLink>, RouteError> {
+        if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
+            return Ok(Arc::clone(&link));
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
+            return Ok(Arc::clone(&link));
+        }
+        let record = self
+            .directory
+            .cells()
+            .await
+            .map_err(|e| RouteError::Unavailable(e.to_string()))?
+            .into_iter()
+            .find(|c| &c.id == cell)
+            .ok_or_else(|| RouteError::Unavailable(format!("cell {cell} is not registered")))?;
+        let connection = self
+            .connector
+            .connect(&record)
+            .await
+            .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+        let link = Arc::new(CellLink {
+            cell: cell.clone(),
+            sink: connection.sink,
+            next_request: AtomicU64::new(1),
+            pending: DashMap::new(),
+            attaching: DashMap::new(),
+            lost: connection.lost,
+        });
+        self.links.insert(cell.clone(), Arc::clone(&link));
+        tokio::spawn(Arc::clone(self).read_link(Arc::clone(&link), connection.inbound));
+        tracing::info!(cell = %cell, "link to cell opened");
+        Ok(link)
+    }
+
+    /// The link serving `workspace`.
+    pub async fn link_for(
+        self: &Arc<Self>,
+        workspace: &WorkspaceId,
+    ) -> Result<Arc<CellLink>, RouteError> {
+        let cell = self.route(workspace).await?;
+        self.link(&cell).await
+    }
+
+    /// Performs `op` for `caller` in the cell of the caller's workspace.
+    pub async fn request(
+        self: &Arc<Self>,
+        caller: Caller,
+        op: CellOp,
+    ) -> Result<CellReply, CellError> {
+        let link = self.link_for(&caller.workspace).await?;
+        link.request(caller, op, self.request_timeout).await
+    }
+
+    /// Sends an operator request to `cell`.
+    pub async fn admin(
+        self: &Arc<Self>,
+        cell: &CellId,
+        op: AdminOp,
+    ) -> Result<CellReply, CellError> {
+        let link = self.link(cell).await?;
+        link.admin(op, self.request_timeout).await
+    }
+
+    /// Attaches a session (already in the registry) to its workspace's cell and waits for the
+    /// user's channels.
+    pub async fn attach(
+        self: &Arc<Self>,
+        link: &CellLink,
+        attach: Attach,
+    ) -> Result<Vec<ChannelInfo>, CellError> {
+        let session = attach.session.clone();
+        let (tx, rx) = oneshot::channel();
+        link.attaching.insert(session.clone(), tx);
+        if let Err(e) = link.sink.send(ToCell::Attach(attach)) {
+            link.attaching.remove(&session);
+            return Err(CellError::unavailable(e.to_string()));
+        }
+        let outcome = tokio::time::timeout(self.request_timeout, rx).await;
+        link.attaching.remove(&session);
+        match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CellError::unavailable("the cell link was lost")),
+            Err(_) => Err(CellError::unavailable("the cell did not answer in time")),
+        }
+    }
+
+    /// Tells the session's cell that the session is gone.
+    pub fn detach(&self, cell: &CellId, session: &SessionId) {
+        if let Some(link) = self.links.get(cell) {
+            let _ = link.sink.send(ToCell::Detach {
+                session: session.clone(),
+            });
+        }
+    }
+
+    /// Reads one link's messages in order until it is lost.
+    async fn read_link(
+        self: Arc<Self>,
+        link: Arc<CellLink>,
+        mut inbound: mpsc::Receiver<ToGateway>,
+    ) {
+        loop {
+            let message = tokio::select! {
+                biased;
+                message = inbound.recv() => message,
+                () = link.lost.cancelled() => None,
+            };
+            let Some(message) = message else { break };
+            self.dispatch(&link, message);
+        }
+        link.lost.cancel();
+        self.links
+            .remove_if(&link.cell, |_, l| Arc::ptr_eq(l, &link));
+        link.fail_pending();
+        let cell = link.cell.clone();
+        self.sessions
+            .close_where(CloseCode::ReconnectNow, |s| s.cell == cell);
+        tracing::warn!(cell = %link.cell, "link to cell lost; its sessions were told to reconnect");
+    }
+
+    fn dispatch(&self, link: &CellLink, message: ToGateway) {
+        match message {
+            ToGateway::Deliver { sessions, frame } => self.sessions.deliver(&sessions, &frame),
+            ToGateway::Reply { req, result } => {
+                if let Some((_, waiter)) = link.pending.remove(&req) {
+                    let _ = waiter.send(result);
+                }
+            }
+            ToGateway::Ready { session, channels } => {
+                if let Some((_, waiter)) = link.attaching.remove(&session) {
+                    let _ = waiter.send(Ok(channels));
+                }
+            }
+            ToGateway::AttachFailed { session, error } => {
+                if let Some((_, waiter)) = link.attaching.remove(&session) {
+                    let _ = waiter.send(Err(error));
+                }
+            }
+            ToGateway::Close { session, code } => {
+                if let Some(handle) = self.sessions.get(&session) {
+                    handle.close(code);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Metric names (all `confab_*`) and the Prometheus exporter.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Gauge: open client WebSockets on this gateway.
+pub const CONNECTIONS: &str = "confab_connections";
+/// Counter: frames received from clients.
+pub const FRAMES_IN: &str = "confab_frames_in_total";
+/// Counter: frames written to client sockets.
+pub const FRAMES_OUT: &str = "confab_frames_out_total";
+/// Histogram: seconds from an event's creation in its cell to its write on a client socket.
+pub const DELIVERY_LATENCY: &str = "confab_delivery_latency_seconds";
+/// Counter: sessions closed with `4008`.
+pub const SLOW_CONSUMER_CLOSES: &str = "confab_slow_consumer_closes_total";
+/// Counter: error replies sent, by `code`.
+pub const ERRORS: &str = "confab_errors_total";
+/// Counter: sessions closed, by close `code`.
+pub const CLOSES: &str = "confab_closes_total";
+
+/// Installs the process-wide Prometheus recorder; call once, at start-up.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.to_string()), &buckets)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    metrics::describe_gauge!(CONNECTIONS, "open client websockets on this gateway");
+    metrics::describe_counter!(FRAMES_IN, "frames received from clients");
+    metrics::describe_counter!(FRAMES_OUT, "frames written to client sockets");
+    metrics::describe_histogram!(
+        DELIVERY_LATENCY,
+        metrics::Unit::Seconds,
+        "from an event's creation in its cell to its write on a client socket"
+    );
+    metrics::describe_counter!(SLOW_CONSUMER_CLOSES, "sessions closed as slow consumers");
+    metrics::describe_counter!(ERRORS, "error replies sent to clients, by code");
+    metrics::describe_counter!(CLOSES, "client sessions closed, by close code");
+    // Zero-valued series exist from the start, so dashboards and scrapers see them.
+    metrics::gauge!(CONNECTIONS).set(0.0);
+    metrics::counter!(FRAMES_IN).absolute(0);
+    metrics::counter!(FRAMES_OUT).absolute(0);
+    metrics::counter!(SLOW_CONSUMER_CLOSES).absolute(0);
+}

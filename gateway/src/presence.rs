@@ -1,0 +1,133 @@
+//! Presence subscriptions of this gateway's sessions (`presence_sub`), fed by the presence
+//! engine's change stream: each change is encoded once and queued to every local session that
+//! subscribed to that user.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use confab_directory::{EngineError, PresenceChange, PresenceSession, PresenceStore};
+use confab_shared::link::Frame;
+use confab_shared::server::{encode_event, Event, Status};
+use confab_shared::{SessionId, UserId, WorkspaceId};
+use dashmap::DashMap;
+
+use crate::sessions::SessionRegistry;
+
+/// Local presence subscriptions.
+pub struct PresenceHub {
+    store: Arc<dyn PresenceStore>,
+    sessions: Arc<SessionRegistry>,
+    gateway_id: String,
+    /// (workspace, user) -> the local sessions watching that user.
+    watchers: DashMap<(WorkspaceId, UserId), HashSet<SessionId>>,
+    /// session -> (its workspace, the users it watches), to replace or drop the set.
+    subscriptions: DashMap<SessionId, (WorkspaceId, Vec<UserId>)>,
+}
+
+impl PresenceHub {
+    pub fn new(
+        store: Arc<dyn PresenceStore>,
+        sessions: Arc<SessionRegistry>,
+        gateway_id: String,
+    ) -> Arc<PresenceHub> {
+        Arc::new(PresenceHub {
+            store,
+            sessions,
+            gateway_id,
+            watchers: DashMap::new(),
+            subscriptions: DashMap::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn PresenceStore> {
+        &self.store
+    }
+
+    /// Forwards the engine's changes to watching sessions; runs until the stream ends.
+    pub async fn follow_changes(self: Arc<Self>) {
+        let mut changes = self.store.subscribe();
+        loop {
+            match changes.recv().await {
+                Ok(change) => self.announce(&change),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "presence changes lagged");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+
+    fn announce(&self, change: &PresenceChange) {
+        let key = (change.workspace.clone(), change.user.clone());
+        let Some(watchers) = self.watchers.get(&key) else {
+            return;
+        };
+        let frame = Frame {
+            text: encode_event(&Event::Presence {
+                user: change.user.clone(),
+                status: change.status,
+            }),
+            created_us: confab_shared::now_us(),
+        };
+        for session in watchers.iter() {
+            if let Some(handle) = self.sessions.get(session) {
+                handle.push(frame.clone());
+            }
+        }
+    }
+
+    /// A session became ready: it counts as online.
+    pub async fn session_up(&self, session: &PresenceSession) -> Result<(), EngineError> {
+        self.store.session_up(&self.gateway_id, session).await
+    }
+
+    /// A session closed: drop its subscriptions and its presence.
+    pub async fn session_down(&self, session: &PresenceSession) -> Result<(), EngineError> {
+        self.unsubscribe(&session.session);
+        self.store.session_down(&self.gateway_id, session).await
+    }
+
+    /// Replaces the set of users `session` watches and returns their current statuses.
+    pub async fn subscribe(
+        &self,
+        session: &SessionId,
+        workspace: &WorkspaceId,
+        users: Vec<UserId>,
+    ) -> Result<BTreeMap<UserId, Status>, EngineError> {
+        let mut users = users;
+        users.sort();
+        users.dedup();
+        self.unsubscribe(session);
+        for user in &users {
+            self.watchers
+                .entry((workspace.clone(), user.clone()))
+                .or_default()
+                .insert(session.clone());
+        }
+        self.subscriptions
+            .insert(session.clone(), (workspace.clone(), users.clone()));
+        let statuses = self.store.statuses(workspace, &users).await?;
+        Ok(users.into_iter().zip(statuses).collect())
+    }
+
+    fn unsubscribe(&self, session: &SessionId) {
+        let Some((_, (workspace, users))) = self.subscriptions.remove(session) else {
+            return;
+        };
+        for user in users {
+            let key = (workspace.clone(), user);
+            let now_empty = self.watchers.get_mut(&key).is_some_and(|mut set| {
+                set.remove(session);
+                set.is_empty()
+            });
+            if now_empty {
+                self.watchers.remove_if(&key, |_, set| set.is_empty());
+            }
+        }
+    }
+
+    /// Keeps this gateway's sessions alive in the engine (for engines that expire them).
+    pub async fn refresh(&self, sessions: &[PresenceSession]) -> Result<(), EngineError> {
+        self.store.refresh(&self.gateway_id, sessions).await
+    }
+}

@@ -1,0 +1,216 @@
+//! The gateway process: its shared state ([`Gateway`]), the actix-web application, and one
+//! shutdown path (stop accepting, close sessions with `1001`, drain under a deadline).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use confab_directory::{CellStatus, Directory, PresenceSession, PresenceStore};
+use confab_shared::{CloseCode, UserId, WorkspaceId};
+use dashmap::DashMap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::api_error::{json_error, path_error, query_error, ApiError};
+use crate::auth::TokenKeys;
+use crate::config::GatewayConfig;
+use crate::links::{CellConnector, Links};
+use crate::presence::PresenceHub;
+use crate::rate::TokenBucket;
+use crate::sessions::SessionRegistry;
+use crate::{admin, http_api, web as web_client, ws};
+
+/// How often the gateway tells the presence engine its sessions are alive.
+const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
+/// HTTP rate buckets idle this long are forgotten, so the map stays bounded by active users.
+const HTTP_BUCKET_IDLE: Duration = Duration::from_secs(60);
+
+/// Everything the gateway's handlers share.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub tokens: TokenKeys,
+    pub directory: Arc<dyn Directory>,
+    pub presence: Arc<PresenceHub>,
+    pub links: Arc<Links>,
+    pub sessions: Arc<SessionRegistry>,
+    pub metrics: Option<PrometheusHandle>,
+    pub shutdown: CancellationToken,
+    http_buckets: DashMap<(WorkspaceId, UserId), Mutex<(TokenBucket, Instant)>>,
+}
+
+impl Gateway {
+    pub fn new(
+        config: GatewayConfig,
+        directory: Arc<dyn Directory>,
+        presence: Arc<dyn PresenceStore>,
+        connector: Arc<dyn CellConnector>,
+        metrics: Option<PrometheusHandle>,
+        shutdown: CancellationToken,
+    ) -> Arc<Gateway> {
+        let sessions = Arc::new(SessionRegistry::default());
+        let links = Links::new(
+            Arc::clone(&directory),
+            connector,
+            Arc::clone(&sessions),
+            config.request_timeout,
+        );
+        let presence = PresenceHub::new(presence, Arc::clone(&sessions), config.gateway_id.clone());
+        Arc::new(Gateway {
+            tokens: TokenKeys::new(&config.jwt_secret),
+            config,
+            directory,
+            presence,
+            links,
+            sessions,
+            metrics,
+            shutdown,
+            http_buckets: DashMap::new(),
+        })
+    }
+
+    /// Takes one token from the HTTP bucket of a user.
+    pub fn http_rate(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+        now: Instant,
+    ) -> Result<(), u64> {
+        let entry = self
+            .http_buckets
+            .entry((workspace.clone(), user.clone()))
+            .or_insert_with(|| {
+                Mutex::new((TokenBucket::per_second(self.config.limits.client_rate), now))
+            });
+        let mut bucket = entry.lock();
+        bucket.1 = now;
+        bucket.0.take(now)
+    }
+
+    fn prune_http_buckets(&self) {
+        let now = Instant::now();
+        self.http_buckets
+            .retain(|_, b| now.duration_since(b.lock().1) < HTTP_BUCKET_IDLE);
+    }
+
+    /// Ready to serve: the directory answers and knows at least one healthy cell.
+    async fn is_ready(&self) -> Result<(), String> {
+        let cells = self.directory.cells().await.map_err(|e| e.to_string())?;
+        let now = confab_shared::now_ms();
+        if cells.iter().any(|c| c.status(now) != CellStatus::Down) {
+            Ok(())
+        } else {
+            Err("no healthy cell is known".into())
+        }
+    }
+
+    /// Background duties: follow directory and presence changes, refresh presence, prune.
+    fn spawn_background(self: &Arc<Self>) {
+        actix_rt::spawn(Arc::clone(&self.links).follow_directory());
+        actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
+        let gateway = Arc::clone(self);
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(PRESENCE_REFRESH);
+            loop {
+                tokio::select! {
+                    () = gateway.shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                gateway.prune_http_buckets();
+                let sessions = gateway.sessions.snapshot(|s| PresenceSession {
+                    workspace: s.workspace.clone(),
+                    user: s.user.clone(),
+                    session: s.id.clone(),
+                });
+                if let Err(e) = gateway.presence.refresh(&sessions).await {
+                    tracing::warn!(error = %e, "presence refresh failed");
+                }
+            }
+        });
+    }
+}
+
+/// A running gateway's HTTP server.
+pub struct GatewayHandle {
+    pub server: actix_web::dev::Server,
+    pub gateway: Arc<Gateway>,
+}
+
+impl GatewayHandle {
+    /// Serves until the shutdown token fires, then closes sessions with `1001`, waits for
+    /// them under the drain deadline, and stops the server.
+    pub async fn run(self) -> std::io::Result<()> {
+        let server_handle = self.server.handle();
+        let gateway = Arc::clone(&self.gateway);
+        actix_rt::spawn(async move {
+            gateway.shutdown.cancelled().await;
+            tracing::info!(sessions = gateway.sessions.len(), "shutting down");
+            gateway.sessions.close_where(CloseCode::GoingAway, |_| true);
+            let deadline = Instant::now() + gateway.config.drain_timeout;
+            while !gateway.sessions.is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            server_handle.stop(true).await;
+        });
+        self.server.await
+    }
+}
+
+/// Builds the gateway's HTTP server on `listener`. Call from within an actix System.
+pub fn start(gateway: Arc<Gateway>, listener: TcpListener) -> std::io::Result<GatewayHandle> {
+    gateway.spawn_background();
+    let data = web::Data::from(Arc::clone(&gateway));
+    let body_limit = gateway.config.limits.max_frame_bytes;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(body_limit)
+                    .error_handler(|e, _| json_error(e)),
+            )
+            .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e)))
+            .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e)))
+            .route("/v1/ws", web::get().to(ws::route))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
+            .configure(http_api::configure)
+            .configure(admin::configure)
+            .configure(web_client::configure)
+            .default_service(web::to(not_found))
+    })
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)?
+    .run();
+    Ok(GatewayHandle { server, gateway })
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(gateway: web::Data<Gateway>) -> HttpResponse {
+    match gateway.is_ready().await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Err(reason) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"status": "not ready", "reason": reason})),
+    }
+}
+
+async fn metrics(gateway: web::Data<Gateway>) -> HttpResponse {
+    let body = gateway
+        .metrics
+        .as_ref()
+        .map(|m| m.render())
+        .unwrap_or_default();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(body)
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found("no such endpoint"))
+}
