@@ -13,6 +13,7 @@
 pub mod directory;
 pub mod memory;
 pub mod presence;
+pub mod redis_engine;
 
 pub use directory::{
     choose_cell, CellLoad, CellRecord, CellRegistration, CellStatus, CreateWorkspaceError,
@@ -20,6 +21,7 @@ pub use directory::{
 };
 pub use memory::{MemoryDirectory, MemoryPresence};
 pub use presence::{PresenceChange, PresenceSession, PresenceStore};
+pub use redis_engine::{RedisDirectory, RedisPresence};
 
 /// An engine could not do what was asked (its backing service is unreachable or answered
 /// something unexpected). Callers answer `unavailable`.

@@ -1,0 +1,597 @@
+//! Redis engines for presence and the directory, shared by every gateway and cell of a
+//! deployment.
+//!
+//! Keys (all under `confab:`):
+//! - `presence:{ws}/{user}`: sorted set of the user's sessions, scored by expiry (Unix ms).
+//!   Gateways refresh their sessions every few seconds; a dead gateway's sessions simply stop
+//!   being refreshed and expire.
+//! - `presence:users`: sorted set of `{ws}/{user}` with at least one session, scored by the
+//!   latest expiry, so a sweep finds users whose sessions all expired and announces them
+//!   offline.
+//! - `cells` (set of ids) and `cell:{id}` (hash: region, url, draining, heartbeat, connections).
+//! - `ws:{id}`: a workspace's record (JSON); `cellws`: workspaces per cell (hash).
+//! - Pub/sub channels `presence` and `directory` carry changes to every process.
+//!
+//! Every status transition is decided inside a Lua script, so exactly one process announces
+//! it. Commands time out quickly (`unavailable`, never a hang) and the connection manager
+//! reconnects by itself when Redis is back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_shared::server::Status;
+use confab_shared::{CellId, UserId, WorkspaceId};
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::directory::{
+    CellLoad, CellRecord, CellRegistration, CreateWorkspaceError, Directory, DirectoryChange,
+    WorkspaceRecord,
+};
+use crate::presence::{PresenceChange, PresenceSession, PresenceStore};
+use crate::EngineError;
+
+/// A session not refreshed for this long counts as gone.
+pub const SESSION_TTL: Duration = Duration::from_secs(30);
+/// How often each process sweeps for users whose sessions all expired.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const PRESENCE_CHANNEL: &str = "confab:presence";
+const DIRECTORY_CHANNEL: &str = "confab:directory";
+const USERS_KEY: &str = "confab:presence:users";
+const CELLS_KEY: &str = "confab:cells";
+const CELL_WORKSPACES_KEY: &str = "confab:cellws";
+
+fn engine_error(e: redis::RedisError) -> EngineError {
+    EngineError(format!("redis: {e}"))
+}
+
+/// Opens a connection manager that fails requests fast while Redis is unreachable and
+/// reconnects in the background.
+pub fn connect(url: &str) -> Result<ConnectionManager, EngineError> {
+    let client = redis::Client::open(url).map_err(engine_error)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, config).map_err(engine_error)
+}
+
+/// Forwards the messages of a pub/sub channel into `sink`, reconnecting forever.
+fn spawn_subscriber<T, F>(url: String, channel: &'static str, sink: broadcast::Sender<T>, parse: F)
+where
+    T: Clone + Send + 'static,
+    F: Fn(&[u8]) -> Option<T> + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match subscribe_once(&url, channel, &sink, &parse).await {
+                Ok(()) => delay = Duration::from_millis(100),
+                Err(e) => tracing::warn!(channel, error = %e, "redis subscription lost"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    });
+}
+
+async fn subscribe_once<T, F>(
+    url: &str,
+    channel: &str,
+    sink: &broadcast::Sender<T>,
+    parse: &F,
+) -> Result<(), redis::RedisError>
+where
+    F: Fn(&[u8]) -> Option<T>,
+{
+    let client = redis::Client::open(url)?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        if let Some(change) = parse(message.get_payload_bytes()) {
+            let _ = sink.send(change);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Presence
+
+#[derive(Serialize, Deserialize)]
+struct PresenceWire {
+    workspace: WorkspaceId,
+    user: UserId,
+    status: Status,
+}
+
+/// Adds a session; announces `online` when it is the user's first live one.
+const SESSION_UP: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local before = redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2] + 60000)
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('ZADD', KEYS[2], top[2], ARGV[4])
+if before == 0 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return before
+";
+
+/// Removes a session (or sweeps expired ones when ARGV[1] is empty); announces `offline` when
+/// the user has no live session left and this call is the one that removed the user.
+const SESSION_DOWN: &str = r"
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local count = redis.call('ZCARD', KEYS[1])
+if count == 0 then
+  redis.call('DEL', KEYS[1])
+  if redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+else
+  local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('ZADD', KEYS[2], top[2], ARGV[3])
+end
+return count
+";
+
+/// The Redis presence engine.
+pub struct RedisPresence {
+    conn: ConnectionManager,
+    ttl_ms: u64,
+    changes: broadcast::Sender<PresenceChange>,
+    up: Script,
+    down: Script,
+}
+
+fn user_member(workspace: &WorkspaceId, user: &UserId) -> String {
+    format!("{workspace}/{user}")
+}
+
+fn user_key(member: &str) -> String {
+    format!("confab:presence:{member}")
+}
+
+impl RedisPresence {
+    /// Connects and starts the change subscriber and the expiry sweeper.
+    pub fn start(url: &str) -> Result<Arc<RedisPresence>, EngineError> {
+        Self::start_with_ttl(url, SESSION_TTL)
+    }
+
+    /// As [`start`](Self::start), with sessions expiring `ttl` after their last refresh.
+    pub fn start_with_ttl(url: &str, ttl: Duration) -> Result<Arc<RedisPresence>, EngineError> {
+        let (changes, _) = broadcast::channel(4096);
+        let presence = Arc::new(RedisPresence {
+            conn: connect(url)?,
+            ttl_ms: ttl.as_millis() as u64,
+            changes: changes.clone(),
+            up: Script::new(SESSION_UP),
+            down: Script::new(SESSION_DOWN),
+        });
+        spawn_subscriber(url.to_string(), PRESENCE_CHANNEL, changes, |bytes| {
+            let wire: PresenceWire = serde_json::from_slice(bytes).ok()?;
+            Some(PresenceChange {
+                workspace: wire.workspace,
+                user: wire.user,
+                status: wire.status,
+            })
+        });
+        let sweeper = Arc::clone(&presence);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                if let Err(e) = sweeper.sweep().await {
+                    tracing::debug!(error = %e, "presence sweep failed");
+                }
+            }
+        });
+        Ok(presence)
+    }
+
+    fn payload(workspace: &WorkspaceId, user: &UserId, status: Status) -> String {
+        serde_json::to_string(&PresenceWire {
+            workspace: workspace.clone(),
+            user: user.clone(),
+            status,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Announces `offline` for users whose sessions all expired (their gateway died).
+    pub async fn sweep(&self) -> Result<(), EngineError> {
+        let now = confab_shared::now_ms();
+        let mut conn = self.conn.clone();
+        let expired: Vec<String> = conn
+            .zrangebyscore_limit(USERS_KEY, "-inf", now, 0, 500)
+            .await
+            .map_err(engine_error)?;
+        for member in expired {
+            let Some((ws, user)) = member.split_once('/') else {
+                let _: Result<(), _> = conn.zrem(USERS_KEY, &member).await;
+                continue;
+            };
+            let (Ok(ws), Ok(user)) = (WorkspaceId::new(ws), UserId::new(user)) else {
+                let _: Result<(), _> = conn.zrem(USERS_KEY, &member).await;
+                continue;
+            };
+            self.down
+                .key(user_key(&member))
+                .key(USERS_KEY)
+                .arg("")
+                .arg(now)
+                .arg(&member)
+                .arg(PRESENCE_CHANNEL)
+                .arg(Self::payload(&ws, &user, Status::Offline))
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(engine_error)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PresenceStore for RedisPresence {
+    async fn session_up(&self, _gateway: &str, s: &PresenceSession) -> Result<(), EngineError> {
+        let now = confab_shared::now_ms();
+        let member = user_member(&s.workspace, &s.user);
+        self.up
+            .key(user_key(&member))
+            .key(USERS_KEY)
+            .arg(s.session.as_str())
+            .arg(now + self.ttl_ms)
+            .arg(now)
+            .arg(&member)
+            .arg(PRESENCE_CHANNEL)
+            .arg(Self::payload(&s.workspace, &s.user, Status::Online))
+            .invoke_async::<i64>(&mut self.conn.clone())
+            .await
+            .map_err(engine_error)?;
+        Ok(())
+    }
+
+    async fn session_down(&self, _gateway: &str, s: &PresenceSession) -> Result<(), EngineError> {
+        let member = user_member(&s.workspace, &s.user);
+        self.down
+            .key(user_key(&member))
+            .key(USERS_KEY)
+            .arg(s.session.as_str())
+            .arg(confab_shared::now_ms())
+            .arg(&member)
+            .arg(PRESENCE_CHANNEL)
+            .arg(Self::payload(&s.workspace, &s.user, Status::Offline))
+            .invoke_async::<i64>(&mut self.conn.clone())
+            .await
+            .map_err(engine_error)?;
+        Ok(())
+    }
+
+    async fn refresh(
+        &self,
+        _gateway: &str,
+        sessions: &[PresenceSession],
+    ) -> Result<(), EngineError> {
+        let expiry = confab_shared::now_ms() + self.ttl_ms;
+        // One pipeline per batch: a refresh is a few round trips, not one per session.
+        for batch in sessions.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for s in batch {
+                let member = user_member(&s.workspace, &s.user);
+                let key = user_key(&member);
+                pipe.zadd(&key, s.session.as_str(), expiry).ignore();
+                pipe.cmd("PEXPIREAT")
+                    .arg(&key)
+                    .arg(expiry + 60_000)
+                    .ignore();
+                pipe.cmd("ZADD")
+                    .arg(USERS_KEY)
+                    .arg("GT")
+                    .arg(expiry)
+                    .arg(&member)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut self.conn.clone())
+                .await
+                .map_err(engine_error)?;
+        }
+        Ok(())
+    }
+
+    async fn statuses(
+        &self,
+        workspace: &WorkspaceId,
+        users: &[UserId],
+    ) -> Result<Vec<Status>, EngineError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = confab_shared::now_ms();
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.zcount(user_key(&user_member(workspace, user)), now, "+inf");
+        }
+        let counts: Vec<u64> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(engine_error)?;
+        Ok(counts
+            .into_iter()
+            .map(|c| {
+                if c > 0 {
+                    Status::Online
+                } else {
+                    Status::Offline
+                }
+            })
+            .collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
+        self.changes.subscribe()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Directory
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum DirectoryWire {
+    Moved {
+        workspace: WorkspaceId,
+        cell: CellId,
+    },
+    Cell {
+        cell: CellId,
+    },
+}
+
+/// Points a workspace at another cell and moves its count, atomically.
+const MOVE_WORKSPACE: &str = r"
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local record = cjson.decode(raw)
+redis.call('HINCRBY', KEYS[2], record['cell'], -1)
+record['cell'] = ARGV[1]
+record['region'] = ARGV[2]
+redis.call('SET', KEYS[1], cjson.encode(record))
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+";
+
+/// The Redis directory engine.
+pub struct RedisDirectory {
+    conn: ConnectionManager,
+    changes: broadcast::Sender<DirectoryChange>,
+    move_script: Script,
+}
+
+fn cell_key(id: &CellId) -> String {
+    format!("confab:cell:{id}")
+}
+
+fn workspace_key(id: &WorkspaceId) -> String {
+    format!("confab:ws:{id}")
+}
+
+impl RedisDirectory {
+    /// Connects and starts the change subscriber.
+    pub fn start(url: &str) -> Result<Arc<RedisDirectory>, EngineError> {
+        let (changes, _) = broadcast::channel(4096);
+        let directory = Arc::new(RedisDirectory {
+            conn: connect(url)?,
+            changes: changes.clone(),
+            move_script: Script::new(MOVE_WORKSPACE),
+        });
+        spawn_subscriber(url.to_string(), DIRECTORY_CHANNEL, changes, |bytes| {
+            Some(match serde_json::from_slice(bytes).ok()? {
+                DirectoryWire::Moved { workspace, cell } => {
+                    DirectoryChange::WorkspaceMoved { workspace, cell }
+                }
+                DirectoryWire::Cell { cell } => DirectoryChange::CellChanged { cell },
+            })
+        });
+        Ok(directory)
+    }
+
+    async fn publish(&self, wire: &DirectoryWire) -> Result<(), EngineError> {
+        let payload = serde_json::to_string(wire).unwrap_or_default();
+        self.conn
+            .clone()
+            .publish::<_, _, ()>(DIRECTORY_CHANNEL, payload)
+            .await
+            .map_err(engine_error)
+    }
+}
+
+fn cell_from_hash(id: &str, hash: &HashMap<String, String>) -> Option<CellRecord> {
+    Some(CellRecord {
+        id: CellId::new(id).ok()?,
+        region: hash.get("region")?.clone(),
+        url: hash.get("url")?.clone(),
+        draining: hash.get("draining").is_some_and(|d| d == "1"),
+        last_heartbeat_ms: hash.get("heartbeat")?.parse().ok()?,
+        connections: hash
+            .get("connections")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        workspaces: 0,
+    })
+}
+
+#[async_trait]
+impl Directory for RedisDirectory {
+    async fn register_cell(&self, cell: CellRegistration, now_ms: u64) -> Result<(), EngineError> {
+        let key = cell_key(&cell.id);
+        redis::pipe()
+            .atomic()
+            .sadd(CELLS_KEY, cell.id.as_str())
+            .ignore()
+            .hset_multiple(
+                &key,
+                &[
+                    ("region", cell.region.clone()),
+                    ("url", cell.url.clone()),
+                    ("heartbeat", now_ms.to_string()),
+                ],
+            )
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(engine_error)?;
+        self.publish(&DirectoryWire::Cell { cell: cell.id }).await
+    }
+
+    async fn heartbeat_cell(
+        &self,
+        id: &CellId,
+        load: CellLoad,
+        now_ms: u64,
+    ) -> Result<(), EngineError> {
+        self.conn
+            .clone()
+            .hset_multiple::<_, _, _, ()>(
+                cell_key(id),
+                &[
+                    ("heartbeat", now_ms.to_string()),
+                    ("connections", load.connections.to_string()),
+                ],
+            )
+            .await
+            .map_err(engine_error)
+    }
+
+    async fn cells(&self) -> Result<Vec<CellRecord>, EngineError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.smembers(CELLS_KEY).await.map_err(engine_error)?;
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hgetall(format!("confab:cell:{id}"));
+        }
+        pipe.hgetall(CELL_WORKSPACES_KEY);
+        let mut hashes: Vec<HashMap<String, String>> =
+            pipe.query_async(&mut conn).await.map_err(engine_error)?;
+        let counts = hashes.pop().unwrap_or_default();
+        let mut cells: Vec<CellRecord> = ids
+            .iter()
+            .zip(&hashes)
+            .filter_map(|(id, hash)| cell_from_hash(id, hash))
+            .map(|mut cell| {
+                cell.workspaces = counts
+                    .get(cell.id.as_str())
+                    .and_then(|c| c.parse::<i64>().ok())
+                    .unwrap_or(0)
+                    .max(0) as u64;
+                cell
+            })
+            .collect();
+        cells.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(cells)
+    }
+
+    async fn drain_cell(&self, id: &CellId) -> Result<bool, EngineError> {
+        let mut conn = self.conn.clone();
+        let known: bool = conn
+            .sismember(CELLS_KEY, id.as_str())
+            .await
+            .map_err(engine_error)?;
+        if !known {
+            return Ok(false);
+        }
+        conn.hset::<_, _, _, ()>(cell_key(id), "draining", "1")
+            .await
+            .map_err(engine_error)?;
+        self.publish(&DirectoryWire::Cell { cell: id.clone() })
+            .await?;
+        Ok(true)
+    }
+
+    async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceRecord>, EngineError> {
+        let raw: Option<String> = self
+            .conn
+            .clone()
+            .get(workspace_key(id))
+            .await
+            .map_err(engine_error)?;
+        raw.map(|raw| {
+            serde_json::from_str(&raw)
+                .map_err(|e| EngineError(format!("bad workspace record: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn create_workspace(&self, record: WorkspaceRecord) -> Result<(), CreateWorkspaceError> {
+        let raw = serde_json::to_string(&record).unwrap_or_default();
+        let mut conn = self.conn.clone();
+        let created: bool = redis::cmd("SET")
+            .arg(workspace_key(&record.id))
+            .arg(raw)
+            .arg("NX")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .map_err(engine_error)?
+            .is_some();
+        if !created {
+            return Err(CreateWorkspaceError::Exists(record.id));
+        }
+        conn.hincr::<_, _, _, ()>(CELL_WORKSPACES_KEY, record.cell.as_str(), 1)
+            .await
+            .map_err(engine_error)?;
+        Ok(())
+    }
+
+    async fn delete_workspace(&self, id: &WorkspaceId) -> Result<(), EngineError> {
+        if let Some(record) = self.workspace(id).await? {
+            let mut conn = self.conn.clone();
+            redis::pipe()
+                .atomic()
+                .del(workspace_key(id))
+                .ignore()
+                .hincr(CELL_WORKSPACES_KEY, record.cell.as_str(), -1)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(engine_error)?;
+        }
+        Ok(())
+    }
+
+    async fn move_workspace(
+        &self,
+        id: &WorkspaceId,
+        cell: &CellId,
+        region: &str,
+    ) -> Result<(), EngineError> {
+        let payload = serde_json::to_string(&DirectoryWire::Moved {
+            workspace: id.clone(),
+            cell: cell.clone(),
+        })
+        .unwrap_or_default();
+        let moved: i64 = self
+            .move_script
+            .key(workspace_key(id))
+            .key(CELL_WORKSPACES_KEY)
+            .arg(cell.as_str())
+            .arg(region)
+            .arg(DIRECTORY_CHANNEL)
+            .arg(payload)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(engine_error)?;
+        if moved == 0 {
+            return Err(EngineError(format!("workspace {id} does not exist")));
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<DirectoryChange> {
+        self.changes.subscribe()
+    }
+}

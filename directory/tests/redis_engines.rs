@@ -1,0 +1,226 @@
+//! The Redis presence and directory engines against a real `redis-server`.
+
+use std::time::Duration;
+
+use confab_directory::{
+    CellLoad, CellRegistration, CreateWorkspaceError, Directory, DirectoryChange, PresenceSession,
+    PresenceStore, RedisDirectory, RedisPresence, WorkspaceRecord,
+};
+use confab_shared::server::Status;
+use confab_shared::{CellId, SessionId, UserId, WorkspaceId};
+use confab_testkit::RedisServer;
+use tokio::sync::broadcast;
+
+fn session(ws: &str, user: &str, id: &str) -> PresenceSession {
+    PresenceSession {
+        workspace: WorkspaceId::new(ws).unwrap(),
+        user: UserId::new(user).unwrap(),
+        session: SessionId::new(id).unwrap(),
+    }
+}
+
+async fn next_change<T: Clone>(rx: &mut broadcast::Receiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no change within 10 s")
+        .expect("change stream closed")
+}
+
+/// Waits until the pub/sub subscriber is connected, by publishing until a change arrives.
+async fn wait_subscribed(
+    presence: &RedisPresence,
+    rx: &mut broadcast::Receiver<confab_directory::PresenceChange>,
+) {
+    let probe = session("probe", "probe", "probe");
+    for _ in 0..100 {
+        presence.session_up("g", &probe).await.unwrap();
+        presence.session_down("g", &probe).await.unwrap();
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            while rx.try_recv().is_ok() {}
+            return;
+        }
+    }
+    panic!("presence subscriber never connected");
+}
+
+#[tokio::test]
+async fn presence_is_online_while_a_session_lives_and_changes_reach_subscribers() {
+    let redis = RedisServer::start();
+    let presence = RedisPresence::start(&redis.url()).unwrap();
+    let mut changes = presence.subscribe();
+    wait_subscribed(&presence, &mut changes).await;
+
+    let (s1, s2) = (session("w", "alice", "s1"), session("w", "alice", "s2"));
+    presence.session_up("g1", &s1).await.unwrap();
+    presence.session_up("g2", &s2).await.unwrap();
+    let change = next_change(&mut changes).await;
+    assert_eq!(
+        (change.user.as_str(), change.status),
+        ("alice", Status::Online)
+    );
+
+    presence.session_down("g1", &s1).await.unwrap();
+    let statuses = presence
+        .statuses(
+            &s1.workspace,
+            &[s1.user.clone(), UserId::new("bob").unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec![Status::Online, Status::Offline]);
+
+    presence.session_down("g2", &s2).await.unwrap();
+    let change = next_change(&mut changes).await;
+    assert_eq!(
+        (change.user.as_str(), change.status),
+        ("alice", Status::Offline)
+    );
+    // The second session's up did not announce a second "online".
+    assert!(changes.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn sessions_of_a_dead_gateway_expire_and_the_user_is_announced_offline() {
+    let redis = RedisServer::start();
+    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
+    let mut changes = presence.subscribe();
+    wait_subscribed(&presence, &mut changes).await;
+
+    let s = session("w", "carol", "s1");
+    presence.session_up("dead-gateway", &s).await.unwrap();
+    assert_eq!(next_change(&mut changes).await.status, Status::Online);
+    // Nobody refreshes the session: it expires, and a sweep announces it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    presence.sweep().await.unwrap();
+    let change = next_change(&mut changes).await;
+    assert_eq!(
+        (change.user.as_str(), change.status),
+        ("carol", Status::Offline)
+    );
+    let statuses = presence
+        .statuses(&s.workspace, &[s.user.clone()])
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec![Status::Offline]);
+}
+
+#[tokio::test]
+async fn refreshed_sessions_do_not_expire() {
+    let redis = RedisServer::start();
+    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
+    let s = session("w", "dave", "s1");
+    presence.session_up("g", &s).await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        presence
+            .refresh("g", std::slice::from_ref(&s))
+            .await
+            .unwrap();
+    }
+    presence.sweep().await.unwrap();
+    let statuses = presence
+        .statuses(&s.workspace, &[s.user.clone()])
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec![Status::Online]);
+}
+
+#[tokio::test]
+async fn directory_registers_cells_places_workspaces_and_announces_moves() {
+    let redis = RedisServer::start();
+    let directory = RedisDirectory::start(&redis.url()).unwrap();
+    let mut changes = directory.subscribe();
+    let c1 = CellId::new("c1").unwrap();
+    let c2 = CellId::new("c2").unwrap();
+    for (id, region) in [(&c1, "us-east"), (&c2, "eu-west")] {
+        directory
+            .register_cell(
+                CellRegistration {
+                    id: id.clone(),
+                    region: region.into(),
+                    url: format!("http://{id}"),
+                },
+                confab_shared::now_ms(),
+            )
+            .await
+            .unwrap();
+    }
+    directory
+        .heartbeat_cell(&c1, CellLoad { connections: 7 }, confab_shared::now_ms())
+        .await
+        .unwrap();
+    let ws = WorkspaceId::new("acme").unwrap();
+    let record = WorkspaceRecord {
+        id: ws.clone(),
+        cell: c1.clone(),
+        region: "us-east".into(),
+        name: None,
+    };
+    directory.create_workspace(record.clone()).await.unwrap();
+    assert!(matches!(
+        directory.create_workspace(record).await,
+        Err(CreateWorkspaceError::Exists(_))
+    ));
+    let cells = directory.cells().await.unwrap();
+    let first = cells.iter().find(|c| c.id == c1).unwrap();
+    assert_eq!((first.workspaces, first.connections), (1, 7));
+
+    assert!(directory.drain_cell(&c2).await.unwrap());
+    assert!(!directory
+        .drain_cell(&CellId::new("nope").unwrap())
+        .await
+        .unwrap());
+    assert!(directory
+        .cells()
+        .await
+        .unwrap()
+        .iter()
+        .any(|c| c.id == c2 && c.draining));
+
+    // The subscriber may connect after the first publishes; keep moving until one is seen.
+    let mut seen = false;
+    for _ in 0..50 {
+        directory.move_workspace(&ws, &c2, "eu-west").await.unwrap();
+        directory.move_workspace(&ws, &c1, "us-east").await.unwrap();
+        if let Ok(Ok(change)) =
+            tokio::time::timeout(Duration::from_millis(100), changes.recv()).await
+        {
+            if matches!(change, DirectoryChange::WorkspaceMoved { .. }) {
+                seen = true;
+                break;
+            }
+        }
+    }
+    assert!(seen, "no move was announced");
+    let record = directory.workspace(&ws).await.unwrap().unwrap();
+    assert_eq!(record.cell, c1);
+    let cells = directory.cells().await.unwrap();
+    assert_eq!(cells.iter().map(|c| c.workspaces).sum::<u64>(), 1);
+}
+
+#[tokio::test]
+async fn engines_answer_unavailable_quickly_while_redis_is_down_and_recover() {
+    let mut redis = RedisServer::start();
+    let directory = RedisDirectory::start(&redis.url()).unwrap();
+    assert!(directory.cells().await.is_ok());
+    redis.kill();
+    let started = std::time::Instant::now();
+    assert!(directory.cells().await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "a request hung while redis was down"
+    );
+    redis.restart();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if directory.cells().await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "the engine did not recover after redis came back"
+    );
+}
