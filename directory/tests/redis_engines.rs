@@ -1,5 +1,7 @@
 //! The Redis presence and directory engines against a real `redis-server`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use confab_directory::{
