@@ -100,7 +100,7 @@ async fn sessions_of_a_dead_gateway_expire_and_the_user_is_announced_offline() {
         ("carol", Status::Offline)
     );
     let statuses = presence
-        .statuses(&s.workspace, &[s.user.clone()])
+        .statuses(&s.workspace, std::slice::from_ref(&s.user))
         .await
         .unwrap();
     assert_eq!(statuses, vec![Status::Offline]);
@@ -121,7 +121,7 @@ async fn refreshed_sessions_do_not_expire() {
     }
     presence.sweep().await.unwrap();
     let statuses = presence
-        .statuses(&s.workspace, &[s.user.clone()])
+        .statuses(&s.workspace, std::slice::from_ref(&s.user))
         .await
         .unwrap();
     assert_eq!(statuses, vec![Status::Online]);
