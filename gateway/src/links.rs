@@ -18,10 +18,20 @@ use confab_shared::link::{
 use confab_shared::server::ChannelInfo;
 use confab_shared::{CellId, CloseCode, ErrorCode, SessionId, WorkspaceId};
 use dashmap::DashMap;
+use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::sessions::SessionRegistry;
+
+/// `delay` plus up to half of it again, so that gateways do not retry in lockstep.
+fn jitter(delay: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    delay + delay.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
 
 /// The link to a cell is closed or could not be opened.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -136,8 +146,9 @@ pub struct Links {
     sessions: Arc<SessionRegistry>,
     links: DashMap<CellId, Arc<CellLink>>,
     routes: DashMap<WorkspaceId, CellId>,
-    /// Serialises link opening so that concurrent first uses open one link.
-    connecting: tokio::sync::Mutex<()>,
+    /// Serialises link opening per cell, so that concurrent first uses open one link and a
+    /// cell that is down delays no other cell's link.
+    connecting: DashMap<CellId, Arc<tokio::sync::Mutex<()>>>,
     request_timeout: Duration,
 }
 
@@ -154,7 +165,7 @@ impl Links {
             sessions,
             links: DashMap::new(),
             routes: DashMap::new(),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: DashMap::new(),
             request_timeout,
         })
     }
@@ -190,40 +201,47 @@ impl Links {
         Ok(record.cell)
     }
 
-    /// The open link to `cell`, opening it if needed.
-    pub async fn link(self: &Arc<Self>, cell: &CellId) -> Result<Arc<CellLink>, RouteError> {
-        if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
-            return Ok(Arc::clone(&link));
-        }
-        let _guard = self.connecting.lock().await;
-        if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
-            return Ok(Arc::clone(&link));
-        }
-        let record = self
-            .directory
-            .cells()
-            .await
-            .map_err(|e| RouteError::Unavailable(e.to_string()))?
-            .into_iter()
-            .find(|c| &c.id == cell)
-            .ok_or_else(|| RouteError::Unavailable(format!("cell {cell} is not registered")))?;
-        let connection = self
-            .connector
-            .connect(&record)
-            .await
-            .map_err(|e| RouteError::Unavailable(e.to_string()))?;
-        let link = Arc::new(CellLink {
-            cell: cell.clone(),
-            sink: connection.sink,
-            next_request: AtomicU64::new(1),
-            pending: DashMap::new(),
-            attaching: DashMap::new(),
-            lost: connection.lost,
-        });
-        self.links.insert(cell.clone(), Arc::clone(&link));
-        tokio::spawn(Arc::clone(self).read_link(Arc::clone(&link), connection.inbound));
-        tracing::info!(cell = %cell, "link to cell opened");
-        Ok(link)
+    /// The open link to `cell`, opening it if needed. (Boxed: the link's reader task calls it
+    /// again to reconnect, and a named future type breaks that cycle for the compiler.)
+    pub fn link<'a>(
+        self: &'a Arc<Self>,
+        cell: &'a CellId,
+    ) -> BoxFuture<'a, Result<Arc<CellLink>, RouteError>> {
+        Box::pin(async move {
+            if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
+                return Ok(Arc::clone(&link));
+            }
+            let gate = Arc::clone(&self.connecting.entry(cell.clone()).or_default());
+            let _guard = gate.lock().await;
+            if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
+                return Ok(Arc::clone(&link));
+            }
+            let record = self
+                .directory
+                .cells()
+                .await
+                .map_err(|e| RouteError::Unavailable(e.to_string()))?
+                .into_iter()
+                .find(|c| &c.id == cell)
+                .ok_or_else(|| RouteError::Unavailable(format!("cell {cell} is not registered")))?;
+            let connection = self
+                .connector
+                .connect(&record)
+                .await
+                .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+            let link = Arc::new(CellLink {
+                cell: cell.clone(),
+                sink: connection.sink,
+                next_request: AtomicU64::new(1),
+                pending: DashMap::new(),
+                attaching: DashMap::new(),
+                lost: connection.lost,
+            });
+            self.links.insert(cell.clone(), Arc::clone(&link));
+            tokio::spawn(Arc::clone(self).read_link(Arc::clone(&link), connection.inbound));
+            tracing::info!(cell = %cell, "link to cell opened");
+            Ok(link)
+        })
     }
 
     /// The link serving `workspace`.
@@ -306,10 +324,29 @@ impl Links {
         self.links
             .remove_if(&link.cell, |_, l| Arc::ptr_eq(l, &link));
         link.fail_pending();
-        let cell = link.cell.clone();
+        tracing::warn!(cell = %link.cell, "link to cell lost");
+        self.reattach_when_back(link.cell.clone()).await;
+    }
+
+    /// While a cell is unreachable its sessions stay open and their requests answer
+    /// `unavailable`. Once a link is open again, they are told to reconnect (`4010`) and
+    /// resume, which replays whatever they missed meanwhile.
+    async fn reattach_when_back(self: Arc<Self>, cell: CellId) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if self.sessions.count_where(|s| s.cell == cell) == 0 {
+                return;
+            }
+            match self.link(&cell).await {
+                Ok(_) => break,
+                Err(e) => tracing::debug!(cell = %cell, error = %e, "cell still unreachable"),
+            }
+            tokio::time::sleep(jitter(delay)).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        tracing::info!(cell = %cell, "cell reachable again; its sessions reconnect");
         self.sessions
             .close_where(CloseCode::ReconnectNow, |s| s.cell == cell);
-        tracing::warn!(cell = %link.cell, "link to cell lost; its sessions were told to reconnect");
     }
 
     fn dispatch(&self, link: &CellLink, message: ToGateway) {

@@ -172,6 +172,11 @@ impl SessionRegistry {
         }
     }
 
+    /// How many sessions match `filter`.
+    pub fn count_where(&self, filter: impl Fn(&SessionHandle) -> bool) -> usize {
+        self.sessions.iter().filter(|s| filter(s)).count()
+    }
+
     /// Maps every session through `f`.
     pub fn snapshot<T>(&self, f: impl Fn(&SessionHandle) -> T) -> Vec<T> {
         self.sessions.iter().map(|s| f(&s)).collect()

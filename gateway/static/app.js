@@ -87,7 +87,9 @@ async function api(method, path, body, token) {
   const data = await res.json().catch(() => ({}));
   if (!res.ok) {
     const err = data.error || {};
-    throw new Error(`${method} ${path}: ${res.status} ${err.code || ""} ${err.message || ""}`.trim());
+    const e = new Error(`${method} ${path}: ${res.status} ${err.code || ""} ${err.message || ""}`.trim());
+    e.status = res.status;
+    throw e;
   }
   return data;
 }
@@ -119,6 +121,8 @@ async function connect() {
     state.token = minted.token;
   } catch (e) {
     showError(e.message);
+    // A refused admin token or a bad user id will not get better by retrying.
+    if (e.status === 400 || e.status === 401 || e.status === 404) state.wanted = false;
     return scheduleReconnect();
   }
   if (!state.wanted) return;
@@ -183,6 +187,7 @@ function failPending(reason) {
 function setFormConnected(on) {
   for (const id of ["#workspace", "#user", "#admin-token", "#connect"]) $(id).disabled = on;
   document.querySelectorAll("[data-quick-user]").forEach((b) => (b.disabled = on));
+  $("#connect").hidden = on;
   $("#disconnect").hidden = !on;
   if (!on) setStatus("disconnected", "");
 }
@@ -363,7 +368,14 @@ function loadHistory(channel, before) {
   });
 }
 
+// Debounced, so a burst of messages on screen costs one `read` frame, not one each.
+let readTimer = null;
 function markRead() {
+  clearTimeout(readTimer);
+  readTimer = setTimeout(sendRead, 300);
+}
+
+function sendRead() {
   const ch = state.channels.get(state.selected);
   if (!ch || document.visibilityState !== "visible" || ch.last_seq <= ch.read_seq) return;
   ch.read_seq = ch.last_seq;

@@ -270,6 +270,24 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError>
     Ok(postcard::from_bytes(bytes)?)
 }
 
+/// Appends one message to a batch: several link messages travel in one WebSocket frame, each
+/// right after the other (postcard is self-delimiting).
+pub fn encode_into<T: Serialize>(message: &T, batch: &mut Vec<u8>) {
+    // postcard only fails on types it cannot express, which this module avoids.
+    *batch = postcard::to_extend(message, std::mem::take(batch)).unwrap_or_default();
+}
+
+/// Decodes every message of a batch, in order.
+pub fn decode_batch<'a, T: Deserialize<'a>>(mut bytes: &'a [u8]) -> Result<Vec<T>, DecodeError> {
+    let mut messages = Vec::new();
+    while !bytes.is_empty() {
+        let (message, rest) = postcard::take_from_bytes(bytes)?;
+        messages.push(message);
+        bytes = rest;
+    }
+    Ok(messages)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +355,20 @@ mod tests {
         };
         let back: ToCell = decode(&encode(&to_cell)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, to_cell);
+    }
+
+    #[test]
+    fn a_batch_carries_several_messages_in_order() {
+        let mut batch = Vec::new();
+        for session in ["a", "b", "c"] {
+            let message = ToCell::Detach {
+                session: SessionId::new(session).unwrap_or_else(|e| panic!("{e}")),
+            };
+            encode_into(&message, &mut batch);
+        }
+        let back: Vec<ToCell> = decode_batch(&batch).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.len(), 3);
+        assert!(matches!(&back[2], ToCell::Detach { session } if session.as_str() == "c"));
     }
 
     #[test]
