@@ -1,0 +1,229 @@
+//! The cell's public face: [`Cell::start`], [`Cell::connect`] and the [`LinkHandle`] a gateway
+//! pushes [`ToCell`] messages into.
+//!
+//! [`LinkHandle::send`] never blocks and never waits for an actor: it routes each message by
+//! registry lookup to the actor that owns it (`do_send`) and returns. Requests are counted per
+//! link and refused as `unavailable` beyond a bound, so a flooding gateway cannot grow the
+//! actors' mailboxes without limit.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::Arbiter;
+use confab_shared::link::{Caller, CellOp, ToCell, ToGateway};
+use confab_shared::{limits, CellId};
+use tokio::sync::mpsc;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::link::{AttachReply, Link, Reply};
+use crate::messages::{AttachSession, ChannelRequest, UserRequest};
+use crate::registry::{Registry, Settings};
+use crate::store::CellStore;
+use crate::workspace;
+
+/// How a cell is set up.
+#[derive(Debug, Clone)]
+pub struct CellConfig {
+    pub id: CellId,
+    /// Events kept per channel for `resume` and `client_msg_id` de-duplication.
+    pub retention_events: u64,
+}
+
+impl CellConfig {
+    /// A config with the protocol's default retention.
+    pub fn new(id: CellId) -> Self {
+        CellConfig {
+            id,
+            retention_events: limits::RETENTION_EVENTS,
+        }
+    }
+}
+
+/// What a cell reports to the directory and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellStats {
+    /// Workspaces held by the cell's store.
+    pub workspaces: u64,
+    /// Sessions attached right now.
+    pub connections: u64,
+}
+
+/// A running cell; cheap to clone.
+#[derive(Clone)]
+pub struct Cell {
+    id: CellId,
+    reg: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cell").field("id", &self.id).finish()
+    }
+}
+
+impl Cell {
+    /// Starts the cell's actors on the current actix arbiter.
+    ///
+    /// # Panics
+    /// Outside a running actix `System` (call it inside `actix_rt::System`, an actix-web
+    /// server or `#[actix_rt::test]`).
+    pub fn start(config: CellConfig, store: Arc<dyn CellStore>) -> Cell {
+        let settings = Settings {
+            retention_events: config.retention_events.max(1),
+        };
+        let reg = Arc::new(Registry::new(store, settings, Arbiter::current()));
+        let counting = reg.clone();
+        reg.arbiter
+            .spawn(async move { workspace::refresh_workspace_count(&counting).await });
+        tracing::info!(cell = %config.id, retention = config.retention_events, "cell started");
+        Cell { id: config.id, reg }
+    }
+
+    /// The cell's id.
+    pub fn id(&self) -> &CellId {
+        &self.id
+    }
+
+    /// A gateway connects: messages for it go into `outbound`. Returns the handle the
+    /// gateway pushes [`ToCell`] messages into.
+    pub fn connect(&self, gateway: String, outbound: mpsc::Sender<ToGateway>) -> LinkHandle {
+        let link = Arc::new(Link::new(self.reg.next_link_id(), gateway, outbound));
+        tracing::info!(gateway = %link.gateway, link = link.id, "gateway linked");
+        // Whoever gives the link up (overflow, closed queue, dropped handle), its sessions are
+        // detached here, outside of any actor.
+        let (reg, watched) = (self.reg.clone(), link.clone());
+        self.reg.arbiter.spawn(async move {
+            watched.lost_token().cancelled().await;
+            reg.detach_link(&watched);
+        });
+        LinkHandle {
+            reg: self.reg.clone(),
+            link,
+        }
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> CellStats {
+        CellStats {
+            workspaces: self.reg.workspaces.load(Ordering::Relaxed),
+            connections: self.reg.session_count() as u64,
+        }
+    }
+}
+
+/// A gateway's end of its link to this cell. Dropping it detaches every session of the link.
+pub struct LinkHandle {
+    reg: Arc<Registry>,
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("gateway", &self.link.gateway)
+            .field("link", &self.link.id)
+            .finish()
+    }
+}
+
+impl LinkHandle {
+    /// Hands a message to the cell. Never blocks and never panics; callable from any thread.
+    /// Ignored once the link is lost.
+    pub fn send(&self, message: ToCell) {
+        if self.link.is_lost() {
+            return;
+        }
+        match message {
+            ToCell::Attach(attach) => {
+                let session = self.reg.register_session(&attach, &self.link);
+                let reply = AttachReply::new(self.reg.clone(), session.clone());
+                self.reg
+                    .user(&attach.workspace, &attach.user)
+                    .do_send(AttachSession {
+                        session,
+                        resume: attach.resume,
+                        replay_limit: attach.replay_limit,
+                        reply,
+                    });
+            }
+            ToCell::Detach { session } => self.reg.detach_from_link(&session, &self.link),
+            ToCell::Request { req, caller, op } => {
+                if let Some(reply) = Reply::admit(&self.link, req) {
+                    self.route(caller, op, reply);
+                }
+            }
+            ToCell::Admin { req, op } => {
+                if let Some(reply) = Reply::admit(&self.link, req) {
+                    let reg = self.reg.clone();
+                    self.reg.arbiter.spawn(async move {
+                        reply.send(workspace::admin(&reg, op).await);
+                    });
+                }
+            }
+        }
+    }
+
+    fn route(&self, caller: Caller, op: CellOp, reply: Reply) {
+        let channel = match &op {
+            CellOp::Send { channel, .. }
+            | CellOp::Edit { channel, .. }
+            | CellOp::Delete { channel, .. }
+            | CellOp::Typing { channel }
+            | CellOp::History { channel, .. }
+            | CellOp::AddMember { channel, .. }
+            | CellOp::RemoveMember { channel, .. }
+            | CellOp::ListMembers { channel } => Some(channel.clone()),
+            CellOp::Read { .. }
+            | CellOp::CreateChannel { .. }
+            | CellOp::ListChannels { .. }
+            | CellOp::OpenDm { .. } => None,
+        };
+        match channel {
+            Some(channel) => self
+                .reg
+                .channel(&caller.workspace, &channel)
+                .do_send(ChannelRequest { caller, op, reply }),
+            None => self
+                .reg
+                .user(&caller.workspace, &caller.user)
+                .do_send(UserRequest { caller, op, reply }),
+        }
+    }
+
+    /// Resolves when the cell gave up on this link (its queue overflowed or was closed) or
+    /// the handle was dropped; the gateway then closes the link's sessions.
+    pub fn lost(&self) -> WaitForCancellationFutureOwned {
+        self.link.lost_token().clone().cancelled_owned()
+    }
+
+    /// A token cancelled when the link is lost (see [`LinkHandle::lost`]). It is a child
+    /// token: cancelling it stops only its holder's use of the link.
+    pub fn lost_token(&self) -> tokio_util::sync::CancellationToken {
+        self.link.lost_token().child_token()
+    }
+
+    /// Whether the cell gave up on this link.
+    pub fn is_lost(&self) -> bool {
+        self.link.is_lost()
+    }
+}
+
+impl Drop for LinkHandle {
+    fn drop(&mut self) {
+        // The watcher started in `connect` detaches the sessions.
+        self.link.lost_token().cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn handles_can_be_shared_across_threads() {
+        assert_send_sync::<Cell>();
+        assert_send_sync::<LinkHandle>();
+    }
+}

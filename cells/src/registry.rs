@@ -1,0 +1,309 @@
+//! The cell's shared directory of live things: channel and user actors by key, and attached
+//! sessions by id and by user.
+//!
+//! It is a set of `DashMap`s rather than an actor on purpose: it is consulted on the hot path
+//! (routing every request, and by a channel's actor when it adds a member and must find that
+//! user's sessions right away), and a synchronous lookup costs no mailbox hop. No map
+//! reference is ever held across an await or while another map of the registry is locked.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+use actix_rt::ArbiterHandle;
+use confab_shared::link::Attach;
+use confab_shared::{ChannelId, SessionId, UserId, WorkspaceId};
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use crate::channel::ChannelActor;
+use crate::link::Link;
+use crate::messages::Unsubscribe;
+use crate::store::CellStore;
+use crate::user::UserActor;
+
+/// A channel's key: channels are always named within their workspace.
+pub(crate) type ChannelKey = (WorkspaceId, ChannelId);
+/// A user's key: users are always named within their workspace.
+pub(crate) type UserKey = (WorkspaceId, UserId);
+
+/// One attached client session.
+pub(crate) struct SessionEntry {
+    pub(crate) id: SessionId,
+    pub(crate) workspace: WorkspaceId,
+    pub(crate) user: UserId,
+    pub(crate) link: Arc<Link>,
+    subscriptions: Mutex<Subscriptions>,
+}
+
+#[derive(Default)]
+struct Subscriptions {
+    detached: bool,
+    channels: HashSet<ChannelId>,
+}
+
+impl SessionEntry {
+    pub(crate) fn new(
+        id: SessionId,
+        workspace: WorkspaceId,
+        user: UserId,
+        link: Arc<Link>,
+    ) -> Self {
+        SessionEntry {
+            id,
+            workspace,
+            user,
+            link,
+            subscriptions: Mutex::new(Subscriptions::default()),
+        }
+    }
+
+    /// Records that a channel's actor subscribes this session; `false` once the session is
+    /// detached, so a detach never misses a subscription made concurrently with it.
+    pub(crate) fn track(&self, channel: &ChannelId) -> bool {
+        let mut subs = self.subscriptions.lock();
+        if subs.detached {
+            return false;
+        }
+        subs.channels.insert(channel.clone());
+        true
+    }
+
+    /// Records that a channel's actor dropped this session.
+    pub(crate) fn untrack(&self, channel: &ChannelId) {
+        self.subscriptions.lock().channels.remove(channel);
+    }
+
+    fn close(&self) -> HashSet<ChannelId> {
+        let mut subs = self.subscriptions.lock();
+        subs.detached = true;
+        std::mem::take(&mut subs.channels)
+    }
+}
+
+/// Cell-wide settings the actors read.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) retention_events: u64,
+}
+
+/// Shared state of one cell.
+pub(crate) struct Registry {
+    pub(crate) store: Arc<dyn CellStore>,
+    pub(crate) settings: Settings,
+    pub(crate) arbiter: ArbiterHandle,
+    channels: DashMap<ChannelKey, Addr<ChannelActor>>,
+    users: DashMap<UserKey, Addr<UserActor>>,
+    sessions: DashMap<SessionId, Arc<SessionEntry>>,
+    user_sessions: DashMap<UserKey, Vec<Arc<SessionEntry>>>,
+    pub(crate) workspaces: AtomicU64,
+    next_link: AtomicU64,
+}
+
+impl Registry {
+    pub(crate) fn new(
+        store: Arc<dyn CellStore>,
+        settings: Settings,
+        arbiter: ArbiterHandle,
+    ) -> Self {
+        Registry {
+            store,
+            settings,
+            arbiter,
+            channels: DashMap::new(),
+            users: DashMap::new(),
+            sessions: DashMap::new(),
+            user_sessions: DashMap::new(),
+            workspaces: AtomicU64::new(0),
+            next_link: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn next_link_id(&self) -> u64 {
+        self.next_link.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The actor of a channel, started (on the cell's arbiter) if none is running.
+    pub(crate) fn channel(
+        self: &Arc<Self>,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+    ) -> Addr<ChannelActor> {
+        let key = (workspace.clone(), channel.clone());
+        if let Some(addr) = self.channels.get(&key) {
+            if addr.connected() {
+                return addr.clone();
+            }
+        }
+        let start = |key: &ChannelKey| {
+            let (reg, ws, ch) = (self.clone(), key.0.clone(), key.1.clone());
+            ChannelActor::start_in_arbiter(&self.arbiter, move |_| ChannelActor::new(reg, ws, ch))
+        };
+        match self.channels.entry(key) {
+            Entry::Occupied(mut e) => {
+                if !e.get().connected() {
+                    let addr = start(e.key());
+                    e.insert(addr);
+                }
+                e.get().clone()
+            }
+            Entry::Vacant(e) => {
+                let addr = start(e.key());
+                e.insert(addr).clone()
+            }
+        }
+    }
+
+    /// The channel's actor if one is running; never starts one.
+    pub(crate) fn live_channel(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+    ) -> Option<Addr<ChannelActor>> {
+        self.channels
+            .get(&(workspace.clone(), channel.clone()))
+            .map(|a| a.clone())
+    }
+
+    /// Forgets a stopping channel actor, unless another one already replaced it.
+    pub(crate) fn forget_channel(&self, key: &ChannelKey, addr: &Addr<ChannelActor>) {
+        self.channels.remove_if(key, |_, a| a == addr);
+    }
+
+    /// The actor of a user, started if none is running.
+    pub(crate) fn user(
+        self: &Arc<Self>,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> Addr<UserActor> {
+        let key = (workspace.clone(), user.clone());
+        if let Some(addr) = self.users.get(&key) {
+            if addr.connected() {
+                return addr.clone();
+            }
+        }
+        let start = |key: &UserKey| {
+            let (reg, ws, u) = (self.clone(), key.0.clone(), key.1.clone());
+            UserActor::start_in_arbiter(&self.arbiter, move |_| UserActor::new(reg, ws, u))
+        };
+        match self.users.entry(key) {
+            Entry::Occupied(mut e) => {
+                if !e.get().connected() {
+                    let addr = start(e.key());
+                    e.insert(addr);
+                }
+                e.get().clone()
+            }
+            Entry::Vacant(e) => {
+                let addr = start(e.key());
+                e.insert(addr).clone()
+            }
+        }
+    }
+
+    /// Forgets a stopping user actor, unless another one already replaced it.
+    pub(crate) fn forget_user(&self, key: &UserKey, addr: &Addr<UserActor>) {
+        self.users.remove_if(key, |_, a| a == addr);
+    }
+
+    /// Registers a session before its attach is processed, so that a detach arriving at any
+    /// later point finds it. A session id attached again first loses its old registration.
+    pub(crate) fn register_session(&self, attach: &Attach, link: &Arc<Link>) -> Arc<SessionEntry> {
+        self.detach_session(&attach.session);
+        let entry = Arc::new(SessionEntry::new(
+            attach.session.clone(),
+            attach.workspace.clone(),
+            attach.user.clone(),
+            link.clone(),
+        ));
+        self.sessions.insert(entry.id.clone(), entry.clone());
+        self.user_sessions
+            .entry((entry.workspace.clone(), entry.user.clone()))
+            .or_default()
+            .push(entry.clone());
+        link.sessions.lock().insert(entry.id.clone());
+        entry
+    }
+
+    /// The attached sessions of a user.
+    pub(crate) fn sessions_of(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> Vec<Arc<SessionEntry>> {
+        self.user_sessions
+            .get(&(workspace.clone(), user.clone()))
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn has_sessions(&self, workspace: &WorkspaceId, user: &UserId) -> bool {
+        self.user_sessions
+            .contains_key(&(workspace.clone(), user.clone()))
+    }
+
+    /// Detaches a session if `link` is the one it is attached through: a gateway may only
+    /// detach its own sessions.
+    pub(crate) fn detach_from_link(&self, session: &SessionId, link: &Link) {
+        let owned = self
+            .sessions
+            .get(session)
+            .is_some_and(|e| e.link.id == link.id);
+        if owned {
+            self.detach_session(session);
+        }
+    }
+
+    /// Removes a session everywhere: registry, link, and every channel actor it was
+    /// subscribed to.
+    pub(crate) fn detach_session(&self, session: &SessionId) {
+        if let Some((_, entry)) = self.sessions.remove(session) {
+            self.finish_detach(entry);
+        }
+    }
+
+    /// Detaches this registration of a session, not a newer one under the same id.
+    pub(crate) fn detach_entry(&self, entry: &Arc<SessionEntry>) {
+        if let Some((_, entry)) = self
+            .sessions
+            .remove_if(&entry.id, |_, e| Arc::ptr_eq(e, entry))
+        {
+            self.finish_detach(entry);
+        }
+    }
+
+    fn finish_detach(&self, entry: Arc<SessionEntry>) {
+        let session = &entry.id;
+        let key = (entry.workspace.clone(), entry.user.clone());
+        if let Entry::Occupied(mut e) = self.user_sessions.entry(key) {
+            e.get_mut().retain(|s| !Arc::ptr_eq(s, &entry));
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+        entry.link.sessions.lock().remove(session);
+        for channel in entry.close() {
+            if let Some(addr) = self.live_channel(&entry.workspace, &channel) {
+                addr.do_send(Unsubscribe {
+                    session: session.clone(),
+                });
+            }
+        }
+        tracing::debug!(session = %session, user = %entry.user, "session detached");
+    }
+
+    /// Detaches every session of a link the cell gave up on or the gateway dropped.
+    pub(crate) fn detach_link(&self, link: &Link) {
+        let sessions: Vec<SessionId> = link.sessions.lock().drain().collect();
+        tracing::info!(gateway = %link.gateway, link = link.id, sessions = sessions.len(), "link lost, detaching its sessions");
+        for session in sessions {
+            self.detach_session(&session);
+        }
+    }
+}

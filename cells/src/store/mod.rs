@@ -1,0 +1,294 @@
+//! The cell's storage seam: the [`CellStore`] trait every engine implements, and the record
+//! types it speaks in.
+//!
+//! The trait is shaped for Redis (the production engine) and implemented in memory by
+//! [`MemoryStore`] for `confab dev` and tests. The actors above it never learn which engine runs:
+//! it is chosen once, when the [`crate::Cell`] starts.
+//!
+//! Contract shared by every engine:
+//! - Everything is keyed by workspace first; no call ever reads or writes another workspace.
+//! - [`CellStore::append`] is the only write of the channel log, and it writes the event *and*
+//!   its side effects ([`SideEffect`]) in one step (one `MULTI`/pipeline or script in Redis),
+//!   so a crash never leaves a logged join without its membership or a message without its
+//!   idempotency key. The caller acks and delivers an event only after `append` returned `Ok`.
+//! - Seqs are assigned by the channel's actor; `append` refuses any seq other than
+//!   `last_seq + 1` ([`StoreError::SeqConflict`]), which turns a second writer into an error
+//!   instead of a fork of the log.
+
+mod memory;
+mod redis;
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use confab_shared::server::{ChannelKind, Event, MessageView};
+use confab_shared::{ChannelId, UserId, WorkspaceId};
+
+pub use self::redis::RedisStore;
+pub use memory::MemoryStore;
+
+/// Why a store call failed. Every variant reaches clients as `unavailable`: they are the
+/// store's problems, not the request's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The engine cannot be reached or timed out; retrying later may work.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// `append` got a seq that is not the channel's next one (another writer, or a stale actor).
+    #[error("seq conflict in channel {channel}: next seq is {expected}, got {got}")]
+    SeqConflict {
+        channel: ChannelId,
+        expected: u64,
+        got: u64,
+    },
+    /// A write named a channel that does not exist.
+    #[error("channel {0} does not exist")]
+    NoSuchChannel(ChannelId),
+    /// `append` was given an ephemeral event (typing, read, ...), which has no place in a log.
+    #[error("{0} events are not logged")]
+    NotLoggable(&'static str),
+    /// Stored data could not be read back (a bug or a foreign writer).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// Shorthand for store results.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// What a channel is, apart from its log and members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelMeta {
+    pub id: ChannelId,
+    pub name: String,
+    pub kind: ChannelKind,
+}
+
+/// A channel to create, with the unique claims it makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewChannel {
+    pub meta: ChannelMeta,
+    /// For a DM: the two users, sorted; the pair may own at most one channel.
+    pub dm_pair: Option<(UserId, UserId)>,
+}
+
+/// The outcome of [`CellStore::create_channel`]; nothing is written unless `Created`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    /// The workspace was never created on this cell.
+    UnknownWorkspace,
+    /// A channel with this id exists.
+    IdTaken,
+    /// A public or private channel of the workspace already has this name.
+    NameTaken,
+    /// The DM pair already has its channel, this one.
+    DmExists(ChannelId),
+}
+
+/// Everything a channel's actor loads when it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSnapshot {
+    pub meta: ChannelMeta,
+    /// Seq of the latest event (0 when the log is empty).
+    pub last_seq: u64,
+    /// Seq of the oldest event still in the log (`last_seq + 1` when the log is empty).
+    pub first_seq: u64,
+    pub members: Vec<UserId>,
+}
+
+/// A channel as listings need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSummary {
+    pub meta: ChannelMeta,
+    pub last_seq: u64,
+}
+
+/// A page request over a channel's messages (not its other events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageQuery {
+    /// Only messages with seq > `after`.
+    pub after: u64,
+    /// Only messages with seq < `before` (`u64::MAX` for no bound).
+    pub before: u64,
+    /// At most this many messages.
+    pub limit: usize,
+    /// Take the newest `limit` of the range (else the oldest). The result is ascending anyway.
+    pub newest_first: bool,
+}
+
+/// A read marker after [`CellStore::advance_read_marker`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadMarker {
+    pub previous: u64,
+    pub current: u64,
+}
+
+/// The state change an appended event implies, besides its place in the log. Engines apply
+/// it in the same atomic step as the append; [`side_effect`] is the one interpretation both
+/// engines share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SideEffect<'a> {
+    /// Store the message's current state (for history) and, when it has a `client_msg_id`,
+    /// the idempotency key `(channel, user, client_msg_id) -> (seq, ts)`.
+    NewMessage(MessageView),
+    /// Replace the text of message `target` and mark it edited.
+    Edited { target: u64, text: &'a str },
+    /// Mark message `target` deleted and clear its text.
+    Deleted { target: u64 },
+    /// Add `user` to the channel's members and the channel to the user's channel list.
+    Joined(&'a UserId),
+    /// The reverse of `Joined`.
+    Left(&'a UserId),
+}
+
+/// The side effect of a log event; `None` for events that are not logged.
+pub fn side_effect(event: &Event) -> Option<SideEffect<'_>> {
+    Some(match event {
+        Event::Message {
+            seq,
+            ts,
+            user,
+            text,
+            client_msg_id,
+            thread,
+            ..
+        } => SideEffect::NewMessage(MessageView {
+            seq: *seq,
+            ts: *ts,
+            user: user.clone(),
+            text: text.clone(),
+            client_msg_id: client_msg_id.clone(),
+            thread: *thread,
+            edited: false,
+            deleted: false,
+        }),
+        Event::MessageEdited { target, text, .. } => SideEffect::Edited {
+            target: *target,
+            text,
+        },
+        Event::MessageDeleted { target, .. } => SideEffect::Deleted { target: *target },
+        Event::MemberJoined { user, .. } => SideEffect::Joined(user),
+        Event::MemberLeft { user, .. } => SideEffect::Left(user),
+        _ => return None,
+    })
+}
+
+/// A cell's durable state. Object-safe; every method is one round trip (or one pipeline) in a
+/// Redis engine.
+#[async_trait]
+pub trait CellStore: Send + Sync + 'static {
+    /// Creates the workspace; `false` when it already existed (nothing changes then).
+    async fn create_workspace(
+        &self,
+        workspace: &WorkspaceId,
+        name: Option<&str>,
+    ) -> StoreResult<bool>;
+
+    /// Whether the workspace was created on this cell.
+    async fn workspace_exists(&self, workspace: &WorkspaceId) -> StoreResult<bool>;
+
+    /// How many workspaces this cell holds.
+    async fn workspace_count(&self) -> StoreResult<u64>;
+
+    /// Creates an empty channel (no members, no events), claiming its id, its name (public and
+    /// private channels) or its DM pair atomically.
+    async fn create_channel(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &NewChannel,
+    ) -> StoreResult<CreateOutcome>;
+
+    /// The channel's metadata, seq window and members; `None` when it does not exist.
+    async fn load_channel(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+    ) -> StoreResult<Option<ChannelSnapshot>>;
+
+    /// Summaries of the named channels that exist, in the order given.
+    async fn channel_summaries(
+        &self,
+        workspace: &WorkspaceId,
+        channels: &[ChannelId],
+    ) -> StoreResult<Vec<ChannelSummary>>;
+
+    /// Every public channel of the workspace, ordered by id.
+    async fn public_channels(&self, workspace: &WorkspaceId) -> StoreResult<Vec<ChannelSummary>>;
+
+    /// The DM channel of a user pair (sorted), if it was created.
+    async fn dm_channel(
+        &self,
+        workspace: &WorkspaceId,
+        pair: (&UserId, &UserId),
+    ) -> StoreResult<Option<ChannelId>>;
+
+    /// Appends a log event at its seq (must be `last_seq + 1`), applies its [`SideEffect`] and
+    /// trims the log to its newest `retention` events, dropping the idempotency keys of the
+    /// trimmed messages (message states stay, for history), all in one atomic step.
+    async fn append(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        event: &Event,
+        retention: u64,
+    ) -> StoreResult<()>;
+
+    /// Up to `max` logged events with seq > `after`, ascending. Events trimmed away are
+    /// missing: the caller checks that the first one is `after + 1`.
+    async fn events_after(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        after: u64,
+        max: usize,
+    ) -> StoreResult<Vec<Event>>;
+
+    /// The `(seq, ts)` of the message `user` sent with `client_msg_id` in the channel, while
+    /// that message is still within retention.
+    async fn find_client_msg(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        user: &UserId,
+        client_msg_id: &str,
+    ) -> StoreResult<Option<(u64, u64)>>;
+
+    /// A message as it stands now (kept beyond retention).
+    async fn message(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<Option<MessageView>>;
+
+    /// A page of messages as they stand now, ascending by seq.
+    async fn messages(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        query: MessageQuery,
+    ) -> StoreResult<Vec<MessageView>>;
+
+    /// The channels `user` is a member of, ordered by id.
+    async fn user_channels(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> StoreResult<Vec<ChannelId>>;
+
+    /// The user's read markers, by channel (channels without a marker are absent).
+    async fn read_markers(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> StoreResult<HashMap<ChannelId, u64>>;
+
+    /// Moves the user's marker in the channel to `max(marker, seq)` atomically.
+    async fn advance_read_marker(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<ReadMarker>;
+}

@@ -1,0 +1,629 @@
+//! The Redis engine of [`CellStore`]: a cell's durable state in its own Redis.
+//!
+//! Keys (prefix `confab:cs:`), per workspace `{ws}`:
+//! - `workspaces` (set) and `ws:{ws}` (hash: name);
+//! - `{ws}:ch:{ch}` (hash: name, kind, last_seq, first_seq) — channel metadata and seq window;
+//! - `{ws}:names` (hash name → id), `{ws}:dms` (hash "a/b" → id), `{ws}:public` (set of ids);
+//! - `{ws}:ch:{ch}:log` (sorted set, score = seq, member = the event's JSON) — the channel log,
+//!   trimmed to the retention window;
+//! - `{ws}:ch:{ch}:msgs` (sorted set, score = seq, member = the message as it stands now) —
+//!   history, kept beyond retention;
+//! - `{ws}:ch:{ch}:idem` (hash "user/client_msg_id" → "seq:ts") and `{ws}:ch:{ch}:idemseq`
+//!   (sorted set of those keys by seq, to drop them when their message leaves retention);
+//! - `{ws}:ch:{ch}:members` (set), `{ws}:u:{user}:channels` (set), `{ws}:u:{user}:read` (hash).
+//!
+//! [`CellStore::append`] is one Lua script: it checks the seq, writes the event, applies its
+//! side effect and trims, atomically; with `appendonly yes` the write is on disk before the
+//! script returns, so before the cell acks. Every command times out quickly (`unavailable`) and
+//! the connection manager reconnects by itself.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_shared::server::{ChannelKind, Event, MessageView};
+use confab_shared::{ChannelId, UserId, WorkspaceId};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::{
+    side_effect, CellStore, ChannelMeta, ChannelSnapshot, ChannelSummary, CreateOutcome,
+    MessageQuery, NewChannel, ReadMarker, SideEffect, StoreError, StoreResult,
+};
+
+const WORKSPACES: &str = "confab:cs:workspaces";
+
+/// Appends one event: KEYS = meta, log, msgs, idem, idemseq, members, user channels;
+/// ARGV = seq, event JSON, retention, effect, then the effect's arguments.
+/// Effects: `msg` (message JSON, idem key or "", idem value), `edit`/`del` (target, new message
+/// JSON), `join`/`leave` (user, channel id).
+const APPEND: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local seq = tonumber(ARGV[1])
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+if seq ~= last + 1 then return last end
+redis.call('ZADD', KEYS[2], seq, ARGV[2])
+redis.call('HSET', KEYS[1], 'last_seq', seq)
+local effect = ARGV[4]
+if effect == 'msg' then
+  redis.call('ZADD', KEYS[3], seq, ARGV[5])
+  if ARGV[6] ~= '' then
+    redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
+    redis.call('ZADD', KEYS[5], seq, ARGV[6])
+  end
+elseif effect == 'edit' or effect == 'del' then
+  local target = tonumber(ARGV[5])
+  if redis.call('ZCOUNT', KEYS[3], target, target) > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], target, target)
+    redis.call('ZADD', KEYS[3], target, ARGV[6])
+  end
+elseif effect == 'join' then
+  redis.call('SADD', KEYS[6], ARGV[5])
+  redis.call('SADD', KEYS[7], ARGV[6])
+elseif effect == 'leave' then
+  redis.call('SREM', KEYS[6], ARGV[5])
+  redis.call('SREM', KEYS[7], ARGV[6])
+end
+local retention = tonumber(ARGV[3])
+local cutoff = seq - retention
+if cutoff > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', cutoff)
+  for _, key in ipairs(gone) do
+    local value = redis.call('HGET', KEYS[4], key)
+    if value and tonumber(string.match(value, '^(%d+)')) <= cutoff then
+      redis.call('HDEL', KEYS[4], key)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', cutoff)
+  local first = tonumber(redis.call('HGET', KEYS[1], 'first_seq') or '1')
+  if cutoff + 1 > first then redis.call('HSET', KEYS[1], 'first_seq', cutoff + 1) end
+end
+return -2
+";
+
+/// Creates a channel, claiming its id and its name or DM pair: KEYS = meta, names, dms,
+/// public, workspaces; ARGV = workspace, id, name, kind, dm pair or "".
+const CREATE_CHANNEL: &str = r"
+if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then return {'unknown_workspace'} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'id_taken'} end
+if ARGV[5] ~= '' then
+  local existing = redis.call('HGET', KEYS[3], ARGV[5])
+  if existing then return {'dm_exists', existing} end
+  redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
+elseif ARGV[4] ~= 'dm' then
+  if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return {'name_taken'} end
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'name', ARGV[3], 'kind', ARGV[4], 'last_seq', 0, 'first_seq', 1)
+if ARGV[4] == 'public' then redis.call('SADD', KEYS[4], ARGV[2]) end
+return {'created'}
+";
+
+/// Moves a read marker forward only: KEYS = read hash; ARGV = channel, seq.
+const ADVANCE_READ: &str = r"
+local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local seq = tonumber(ARGV[2])
+if seq > previous then redis.call('HSET', KEYS[1], ARGV[1], seq) return {previous, seq} end
+return {previous, previous}
+";
+
+/// The Redis cell store.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    append: Script,
+    create_channel: Script,
+    advance_read: Script,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn channel_key(ws: &WorkspaceId, ch: &ChannelId) -> String {
+    format!("confab:cs:{ws}:ch:{ch}")
+}
+
+fn user_key(ws: &WorkspaceId, user: &UserId, what: &str) -> String {
+    format!("confab:cs:{ws}:u:{user}:{what}")
+}
+
+fn ws_key(ws: &WorkspaceId, what: &str) -> String {
+    format!("confab:cs:{ws}:{what}")
+}
+
+fn pair_field(pair: (&UserId, &UserId)) -> String {
+    format!("{}/{}", pair.0, pair.1)
+}
+
+fn kind_name(kind: ChannelKind) -> &'static str {
+    kind.as_str()
+}
+
+fn parse_kind(s: &str) -> StoreResult<ChannelKind> {
+    match s {
+        "public" => Ok(ChannelKind::Public),
+        "private" => Ok(ChannelKind::Private),
+        "dm" => Ok(ChannelKind::Dm),
+        other => Err(corrupt("channel kind", other)),
+    }
+}
+
+impl RedisStore {
+    /// Connects lazily: the cell starts even while Redis is down and serves `unavailable`
+    /// until it is back.
+    pub fn connect(url: &str) -> StoreResult<RedisStore> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        Ok(RedisStore {
+            conn,
+            append: Script::new(APPEND),
+            create_channel: Script::new(CREATE_CHANNEL),
+            advance_read: Script::new(ADVANCE_READ),
+        })
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The message JSON to store after an edit or delete of `target`.
+    async fn changed_message(
+        &self,
+        ws: &WorkspaceId,
+        ch: &ChannelId,
+        effect: &SideEffect<'_>,
+    ) -> StoreResult<Option<(u64, String)>> {
+        let (target, text, deleted) = match effect {
+            SideEffect::Edited { target, text } => (*target, Some(*text), false),
+            SideEffect::Deleted { target } => (*target, None, true),
+            _ => return Ok(None),
+        };
+        let Some(mut message) = self.message(ws, ch, target).await? else {
+            return Ok(None);
+        };
+        match text {
+            Some(text) => {
+                message.text = text.to_string();
+                message.edited = true;
+            }
+            None => message.text.clear(),
+        }
+        message.deleted |= deleted;
+        let json = serde_json::to_string(&message).map_err(|e| corrupt("message", e))?;
+        Ok(Some((target, json)))
+    }
+}
+
+fn decode_messages(raw: Vec<String>) -> StoreResult<Vec<MessageView>> {
+    raw.iter()
+        .map(|m| serde_json::from_str(m).map_err(|e| corrupt("message", e)))
+        .collect()
+}
+
+fn parse_u64(hash: &HashMap<String, String>, field: &str) -> StoreResult<u64> {
+    hash.get(field)
+        .map(|v| v.parse::<u64>())
+        .transpose()
+        .map_err(|e| corrupt(field, e))
+        .map(|v| v.unwrap_or(0))
+}
+
+fn meta_from_hash(ch: &ChannelId, hash: &HashMap<String, String>) -> StoreResult<ChannelMeta> {
+    Ok(ChannelMeta {
+        id: ch.clone(),
+        name: hash.get("name").cloned().unwrap_or_default(),
+        kind: parse_kind(hash.get("kind").map(String::as_str).unwrap_or(""))?,
+    })
+}
+
+fn parse_ids<T: std::str::FromStr>(raw: Vec<String>) -> Vec<T> {
+    raw.into_iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+#[async_trait]
+impl CellStore for RedisStore {
+    async fn create_workspace(
+        &self,
+        workspace: &WorkspaceId,
+        name: Option<&str>,
+    ) -> StoreResult<bool> {
+        let mut conn = self.conn();
+        let added: u64 = conn
+            .sadd(WORKSPACES, workspace.as_str())
+            .await
+            .map_err(unavailable)?;
+        if added == 1 {
+            conn.hset::<_, _, _, ()>(
+                format!("confab:cs:ws:{workspace}"),
+                "name",
+                name.unwrap_or(""),
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        Ok(added == 1)
+    }
+
+    async fn workspace_exists(&self, workspace: &WorkspaceId) -> StoreResult<bool> {
+        self.conn()
+            .sismember(WORKSPACES, workspace.as_str())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn workspace_count(&self) -> StoreResult<u64> {
+        self.conn().scard(WORKSPACES).await.map_err(unavailable)
+    }
+
+    async fn create_channel(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &NewChannel,
+    ) -> StoreResult<CreateOutcome> {
+        let meta = &channel.meta;
+        let pair = channel
+            .dm_pair
+            .as_ref()
+            .map(|(a, b)| pair_field((a, b)))
+            .unwrap_or_default();
+        let outcome: Vec<String> = self
+            .create_channel
+            .key(channel_key(workspace, &meta.id))
+            .key(ws_key(workspace, "names"))
+            .key(ws_key(workspace, "dms"))
+            .key(ws_key(workspace, "public"))
+            .key(WORKSPACES)
+            .arg(workspace.as_str())
+            .arg(meta.id.as_str())
+            .arg(&meta.name)
+            .arg(kind_name(meta.kind))
+            .arg(pair)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(match outcome.first().map(String::as_str) {
+            Some("created") => CreateOutcome::Created,
+            Some("unknown_workspace") => CreateOutcome::UnknownWorkspace,
+            Some("id_taken") => CreateOutcome::IdTaken,
+            Some("name_taken") => CreateOutcome::NameTaken,
+            Some("dm_exists") => {
+                let id = outcome.get(1).map(String::as_str).unwrap_or("");
+                CreateOutcome::DmExists(
+                    ChannelId::new(id).map_err(|e| corrupt("dm channel id", e))?,
+                )
+            }
+            other => return Err(corrupt("create_channel outcome", format!("{other:?}"))),
+        })
+    }
+
+    async fn load_channel(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+    ) -> StoreResult<Option<ChannelSnapshot>> {
+        let key = channel_key(workspace, channel);
+        let (hash, members): (HashMap<String, String>, Vec<String>) = redis::pipe()
+            .hgetall(&key)
+            .smembers(format!("{key}:members"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        let mut members: Vec<UserId> = parse_ids(members);
+        members.sort();
+        Ok(Some(ChannelSnapshot {
+            meta: meta_from_hash(channel, &hash)?,
+            last_seq: parse_u64(&hash, "last_seq")?,
+            first_seq: parse_u64(&hash, "first_seq")?.max(1),
+            members,
+        }))
+    }
+
+    async fn channel_summaries(
+        &self,
+        workspace: &WorkspaceId,
+        channels: &[ChannelId],
+    ) -> StoreResult<Vec<ChannelSummary>> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.hgetall(channel_key(workspace, channel));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        channels
+            .iter()
+            .zip(hashes)
+            .filter(|(_, hash)| !hash.is_empty())
+            .map(|(id, hash)| {
+                Ok(ChannelSummary {
+                    meta: meta_from_hash(id, &hash)?,
+                    last_seq: parse_u64(&hash, "last_seq")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn public_channels(&self, workspace: &WorkspaceId) -> StoreResult<Vec<ChannelSummary>> {
+        let ids: Vec<String> = self
+            .conn()
+            .smembers(ws_key(workspace, "public"))
+            .await
+            .map_err(unavailable)?;
+        let mut ids: Vec<ChannelId> = parse_ids(ids);
+        ids.sort();
+        self.channel_summaries(workspace, &ids).await
+    }
+
+    async fn dm_channel(
+        &self,
+        workspace: &WorkspaceId,
+        pair: (&UserId, &UserId),
+    ) -> StoreResult<Option<ChannelId>> {
+        let id: Option<String> = self
+            .conn()
+            .hget(ws_key(workspace, "dms"), pair_field(pair))
+            .await
+            .map_err(unavailable)?;
+        Ok(id.and_then(|id| id.parse().ok()))
+    }
+
+    async fn append(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        event: &Event,
+        retention: u64,
+    ) -> StoreResult<()> {
+        let (Some(seq), Some(effect)) = (event.seq(), side_effect(event)) else {
+            return Err(StoreError::NotLoggable(event.type_name()));
+        };
+        let event_json = serde_json::to_string(event).map_err(|e| corrupt("event", e))?;
+        let key = channel_key(workspace, channel);
+        let mut invocation = self.append.prepare_invoke();
+        invocation
+            .key(&key)
+            .key(format!("{key}:log"))
+            .key(format!("{key}:msgs"))
+            .key(format!("{key}:idem"))
+            .key(format!("{key}:idemseq"))
+            .key(format!("{key}:members"));
+        let user_channels = match &effect {
+            SideEffect::Joined(user) | SideEffect::Left(user) => {
+                user_key(workspace, user, "channels")
+            }
+            _ => format!("{key}:unused"),
+        };
+        invocation
+            .key(user_channels)
+            .arg(seq)
+            .arg(event_json)
+            .arg(retention.max(1));
+        match &effect {
+            SideEffect::NewMessage(view) => {
+                let json = serde_json::to_string(view).map_err(|e| corrupt("message", e))?;
+                let idem_key = view
+                    .client_msg_id
+                    .as_ref()
+                    .map(|c| format!("{}/{c}", view.user))
+                    .unwrap_or_default();
+                invocation
+                    .arg("msg")
+                    .arg(json)
+                    .arg(idem_key)
+                    .arg(format!("{}:{}", view.seq, view.ts));
+            }
+            SideEffect::Edited { .. } | SideEffect::Deleted { .. } => {
+                let name = if matches!(effect, SideEffect::Edited { .. }) {
+                    "edit"
+                } else {
+                    "del"
+                };
+                match self.changed_message(workspace, channel, &effect).await? {
+                    Some((target, json)) => invocation.arg(name).arg(target).arg(json),
+                    None => invocation.arg("none"),
+                };
+            }
+            SideEffect::Joined(user) => {
+                invocation
+                    .arg("join")
+                    .arg(user.as_str())
+                    .arg(channel.as_str());
+            }
+            SideEffect::Left(user) => {
+                invocation
+                    .arg("leave")
+                    .arg(user.as_str())
+                    .arg(channel.as_str());
+            }
+        }
+        let outcome: i64 = invocation
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        match outcome {
+            -2 => Ok(()),
+            -1 => Err(StoreError::NoSuchChannel(channel.clone())),
+            last => Err(StoreError::SeqConflict {
+                channel: channel.clone(),
+                expected: last.max(0) as u64 + 1,
+                got: seq,
+            }),
+        }
+    }
+
+    async fn events_after(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        after: u64,
+        max: usize,
+    ) -> StoreResult<Vec<Event>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<String> = self
+            .conn()
+            .zrangebyscore_limit(
+                format!("{}:log", channel_key(workspace, channel)),
+                format!("({after}"),
+                "+inf",
+                0,
+                max as isize,
+            )
+            .await
+            .map_err(unavailable)?;
+        raw.iter()
+            .map(|e| serde_json::from_str(e).map_err(|e| corrupt("event", e)))
+            .collect()
+    }
+
+    async fn find_client_msg(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        user: &UserId,
+        client_msg_id: &str,
+    ) -> StoreResult<Option<(u64, u64)>> {
+        let value: Option<String> = self
+            .conn()
+            .hget(
+                format!("{}:idem", channel_key(workspace, channel)),
+                format!("{user}/{client_msg_id}"),
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some(value) = value else { return Ok(None) };
+        let (seq, ts) = value
+            .split_once(':')
+            .ok_or_else(|| corrupt("idempotency key", &value))?;
+        let seq = seq.parse().map_err(|e| corrupt("idempotency seq", e))?;
+        let ts = ts.parse().map_err(|e| corrupt("idempotency ts", e))?;
+        Ok(Some((seq, ts)))
+    }
+
+    async fn message(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<Option<MessageView>> {
+        let raw: Vec<String> = self
+            .conn()
+            .zrangebyscore(
+                format!("{}:msgs", channel_key(workspace, channel)),
+                seq,
+                seq,
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(decode_messages(raw)?.into_iter().next())
+    }
+
+    async fn messages(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        query: MessageQuery,
+    ) -> StoreResult<Vec<MessageView>> {
+        if query.after.saturating_add(1) >= query.before || query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = format!("{}:msgs", channel_key(workspace, channel));
+        let low = format!("({}", query.after);
+        let high = if query.before == u64::MAX {
+            "+inf".to_string()
+        } else {
+            format!("({}", query.before)
+        };
+        let mut conn = self.conn();
+        let limit = isize::try_from(query.limit).unwrap_or(isize::MAX);
+        let raw: Vec<String> = if query.newest_first {
+            let mut newest: Vec<String> = conn
+                .zrevrangebyscore_limit(&key, &high, &low, 0, limit)
+                .await
+                .map_err(unavailable)?;
+            newest.reverse();
+            newest
+        } else {
+            conn.zrangebyscore_limit(&key, &low, &high, 0, limit)
+                .await
+                .map_err(unavailable)?
+        };
+        decode_messages(raw)
+    }
+
+    async fn user_channels(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> StoreResult<Vec<ChannelId>> {
+        let raw: Vec<String> = self
+            .conn()
+            .smembers(user_key(workspace, user, "channels"))
+            .await
+            .map_err(unavailable)?;
+        let mut ids: Vec<ChannelId> = parse_ids(raw);
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn read_markers(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> StoreResult<HashMap<ChannelId, u64>> {
+        let raw: HashMap<String, u64> = self
+            .conn()
+            .hgetall(user_key(workspace, user, "read"))
+            .await
+            .map_err(unavailable)?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
+            .collect())
+    }
+
+    async fn advance_read_marker(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<ReadMarker> {
+        let (previous, current): (u64, u64) = self
+            .advance_read
+            .key(user_key(workspace, user, "read"))
+            .arg(channel.as_str())
+            .arg(seq)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        Ok(ReadMarker { previous, current })
+    }
+}

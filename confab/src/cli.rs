@@ -1,0 +1,196 @@
+//! The command line of SPEC §1. Every flag also reads `CONFAB_<FLAG>` from the environment.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+use confab_gateway::Limits;
+use confab_shared::limits;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "confab",
+    version,
+    about = "Self-hostable real-time messaging backend"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Everything in one process with in-memory engines: a gateway and one cell.
+    Dev(DevArgs),
+    /// A stateless gateway: client WebSockets, HTTP and admin APIs.
+    Gateway(GatewayArgs),
+    /// A cell: owns workspaces, registers in the directory.
+    Cell(CellArgs),
+    /// Operator commands over the admin API.
+    Ctl(CtlArgs),
+}
+
+/// The limits of SPEC §4, flags of `dev` and `gateway`.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest client frame in bytes (close 1009 beyond).
+    #[arg(long, env = "CONFAB_MAX_FRAME_BYTES", default_value_t = limits::MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Largest message text in bytes of UTF-8 (`too_large` beyond).
+    #[arg(long, env = "CONFAB_MAX_TEXT_BYTES", default_value_t = limits::MAX_TEXT_BYTES)]
+    pub max_text_bytes: usize,
+    /// Client frames per second per connection; bursts of twice this.
+    #[arg(long, env = "CONFAB_CLIENT_RATE", default_value_t = limits::CLIENT_RATE)]
+    pub client_rate: u32,
+    /// Outbound queue per session, in events (4 MiB is the byte bound).
+    #[arg(long, env = "CONFAB_QUEUE_EVENTS", default_value_t = limits::QUEUE_EVENTS)]
+    pub queue_events: usize,
+    /// Heartbeat interval announced in `ready`; silence for twice this closes with 4000.
+    #[arg(long, env = "CONFAB_HEARTBEAT_MS", default_value_t = limits::HEARTBEAT_MS)]
+    pub heartbeat_ms: u64,
+    /// Time allowed between connecting and `hello` (4002 beyond).
+    #[arg(long, env = "CONFAB_HELLO_TIMEOUT_MS", default_value_t = limits::HELLO_TIMEOUT_MS)]
+    pub hello_timeout_ms: u64,
+}
+
+impl LimitArgs {
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes.max(1),
+            max_text_bytes: self.max_text_bytes.max(1),
+            client_rate: self.client_rate.max(1),
+            queue_events: self.queue_events.max(1),
+            queue_bytes: limits::QUEUE_BYTES,
+            heartbeat_ms: self.heartbeat_ms.max(1),
+            hello_timeout_ms: self.hello_timeout_ms.max(1),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Address to serve HTTP and WebSockets on (port 0 picks a free port).
+    #[arg(long, env = "CONFAB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Secret of the HS256 client and bot tokens.
+    #[arg(long, env = "CONFAB_JWT_SECRET", default_value = "dev-secret")]
+    pub jwt_secret: String,
+    /// Bearer token of the admin API.
+    #[arg(long, env = "CONFAB_ADMIN_TOKEN", default_value = "dev-admin")]
+    pub admin_token: String,
+    /// Events kept per channel for `resume` and `client_msg_id` de-duplication.
+    #[arg(long, env = "CONFAB_RETENTION_EVENTS", default_value_t = limits::RETENTION_EVENTS)]
+    pub retention_events: u64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[arg(long, env = "CONFAB_LISTEN")]
+    pub listen: SocketAddr,
+    /// The presence + directory Redis.
+    #[arg(long, env = "CONFAB_REDIS")]
+    pub redis: String,
+    #[arg(long, env = "CONFAB_JWT_SECRET")]
+    pub jwt_secret: String,
+    #[arg(long, env = "CONFAB_ADMIN_TOKEN")]
+    pub admin_token: String,
+    /// Authenticates links to cells when set.
+    #[arg(long, env = "CONFAB_CLUSTER_SECRET")]
+    pub cluster_secret: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CellArgs {
+    #[arg(long, env = "CONFAB_ID")]
+    pub id: String,
+    #[arg(long, env = "CONFAB_REGION")]
+    pub region: String,
+    #[arg(long, env = "CONFAB_LISTEN")]
+    pub listen: SocketAddr,
+    /// Base URL gateways use to reach this cell (its `/v1/link`).
+    #[arg(long, env = "CONFAB_ADVERTISE")]
+    pub advertise: String,
+    /// The cell's own store.
+    #[arg(long, env = "CONFAB_REDIS")]
+    pub redis: String,
+    /// The shared presence + directory Redis.
+    #[arg(long, env = "CONFAB_DIRECTORY")]
+    pub directory: String,
+    #[arg(long, env = "CONFAB_CLUSTER_SECRET")]
+    pub cluster_secret: Option<String>,
+    /// Events kept per channel for `resume` and `client_msg_id` de-duplication.
+    #[arg(long, env = "CONFAB_RETENTION_EVENTS", default_value_t = limits::RETENTION_EVENTS)]
+    pub retention_events: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Base URL of any gateway, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "CONFAB_GATEWAY")]
+    pub gateway: String,
+    #[arg(long, env = "CONFAB_ADMIN_TOKEN")]
+    pub admin_token: String,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// List cells with their region, status and load.
+    Cells,
+    /// Operate on one cell.
+    Cell {
+        #[command(subcommand)]
+        command: CellCommand,
+    },
+    /// Create, show or move workspaces.
+    Workspace {
+        #[command(subcommand)]
+        command: WorkspaceCommand,
+    },
+    /// Mint a client or bot token.
+    Token {
+        #[arg(long)]
+        workspace: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        bot: bool,
+        /// Lifetime in seconds (default: one day).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CellCommand {
+    /// Place no new workspace on the cell.
+    Drain { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Create a workspace in a region (placed on its least loaded healthy cell).
+    Create {
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show where a workspace lives.
+    Show { id: String },
+    /// Move a workspace to another cell.
+    Move {
+        id: String,
+        #[arg(long)]
+        to: String,
+    },
+}
