@@ -98,6 +98,9 @@ pub struct GatewayArgs {
     /// Authenticates links to cells when set.
     #[arg(long, env = "CONFAB_CLUSTER_SECRET")]
     pub cluster_secret: Option<String>,
+    /// A session whose gateway stopped refreshing it counts as gone after this long.
+    #[arg(long, env = "CONFAB_PRESENCE_TTL_MS", default_value_t = 30_000)]
+    pub presence_ttl_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

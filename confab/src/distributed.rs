@@ -27,9 +27,11 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     actix_rt::System::new().block_on(async move {
         let gateway_id = format!("gw-{}", &uuid_like()[..12]);
         let directory = RedisDirectory::start(&args.redis)?;
-        let presence = RedisPresence::start(&args.redis)?;
+        let ttl = Duration::from_millis(args.presence_ttl_ms.max(300));
+        let presence = RedisPresence::start_with_ttl(&args.redis, ttl)?;
         let mut config = GatewayConfig::new(gateway_id.clone(), args.jwt_secret, args.admin_token);
         config.limits = args.limits.to_limits();
+        config.presence_refresh = ttl / 3;
         let connector = Arc::new(WsConnector {
             gateway: gateway_id.clone(),
             secret: args.cluster_secret,

@@ -44,6 +44,9 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// How long shutdown waits for sessions to close after sending them `1001`.
     pub drain_timeout: Duration,
+    /// How often the gateway tells the presence engine its sessions are alive (well within
+    /// the engine's session lifetime).
+    pub presence_refresh: Duration,
 }
 
 impl GatewayConfig {
@@ -56,6 +59,7 @@ impl GatewayConfig {
             limits: Limits::default(),
             request_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            presence_refresh: Duration::from_secs(10),
         }
     }
 }

@@ -22,8 +22,6 @@ use crate::rate::TokenBucket;
 use crate::sessions::SessionRegistry;
 use crate::{admin, http_api, web as web_client, ws};
 
-/// How often the gateway tells the presence engine its sessions are alive.
-const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
 /// HTTP rate buckets idle this long are forgotten, so the map stays bounded by active users.
 const HTTP_BUCKET_IDLE: Duration = Duration::from_secs(60);
 
@@ -111,7 +109,7 @@ impl Gateway {
         actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
         let gateway = Arc::clone(self);
         actix_rt::spawn(async move {
-            let mut tick = tokio::time::interval(PRESENCE_REFRESH);
+            let mut tick = tokio::time::interval(gateway.config.presence_refresh);
             loop {
                 tokio::select! {
                     () = gateway.shutdown.cancelled() => break,
