@@ -38,20 +38,36 @@ impl RedisServer {
     }
 
     fn start_with(appendonly: bool) -> RedisServer {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("confab-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
-        let mut server = RedisServer {
-            port,
-            dir,
-            appendonly,
-            child: None,
-        };
-        server.spawn();
-        server
+        // A free port can be taken by another test between our probe and redis binding it;
+        // then redis exits at once and we try another port.
+        for _ in 0..10 {
+            let port = free_port();
+            let dir =
+                std::env::temp_dir().join(format!("confab-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
+            let mut server = RedisServer {
+                port,
+                dir,
+                appendonly,
+                child: None,
+            };
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server on any free port");
     }
 
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server did not come up again on port {}",
+            self.port
+        );
+    }
+
+    /// Starts the process and waits until it answers; `false` if it exited or never did.
+    fn try_spawn(&mut self) -> bool {
         let mut command = Command::new("redis-server");
         command
             .arg("--port")
@@ -79,18 +95,23 @@ impl RedisServer {
             panic!("cannot start redis-server ({e}); install it: apt-get install redis-server")
         });
         self.child = Some(child);
-        self.wait_until_up();
-    }
-
-    fn wait_until_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.ping() {
-                return;
+                return true;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                self.child = None;
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not come up", self.port);
+        self.kill();
+        false
     }
 
     /// Whether the server answers `PING`.

@@ -1,0 +1,458 @@
+//! A local confab cluster for end-to-end tests: real `redis-server`s (one shared presence +
+//! directory Redis, one durable store per cell), real `confab cell` and `confab gateway`
+//! processes on free loopback ports, and a small WebSocket client.
+//!
+//! `Cluster::new().cell("c1", "us-east").gateways(2).start().await` — every process can be
+//! killed with SIGKILL and restarted on the same port with the same data.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use confab_testkit::{free_port, RedisServer};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const JWT_SECRET: &str = "dev-secret";
+pub const ADMIN_TOKEN: &str = "dev-admin";
+const CLUSTER_SECRET: &str = "test-cluster-secret";
+/// Generous bound for anything a test waits for; never a pass/fail timing assertion.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_confab")
+}
+
+/// A child process killed when dropped.
+struct Proc(Option<Child>);
+
+impl Proc {
+    /// Whether the process exits within `wait` (e.g. because its port was taken).
+    fn exited_within(&mut self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Some(child) = self.0.as_mut() {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    self.0 = None;
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `confab cell` process with its own durable Redis.
+pub struct CellProc {
+    pub id: String,
+    pub region: String,
+    pub port: u16,
+    pub store: RedisServer,
+    directory_url: String,
+    retention: u64,
+    proc: Proc,
+}
+
+impl CellProc {
+    fn spawn(&mut self) {
+        let child = Command::new(binary())
+            .args(["cell", "--id", &self.id, "--region", &self.region])
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--advertise", &format!("http://127.0.0.1:{}", self.port)])
+            .args([
+                "--redis",
+                &self.store.url(),
+                "--directory",
+                &self.directory_url,
+            ])
+            .args(["--cluster-secret", CLUSTER_SECRET])
+            .args(["--retention-events", &self.retention.to_string()])
+            .env("CONFAB_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start confab cell");
+        self.proc = Proc(Some(child));
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts the cell again on the same port and store.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+        wait_http_ok(&format!("http://127.0.0.1:{}/readyz", self.port)).await;
+    }
+}
+
+/// A `confab gateway` process.
+pub struct GatewayProc {
+    pub port: u16,
+    directory_url: String,
+    presence_ttl_ms: u64,
+    proc: Proc,
+}
+
+impl GatewayProc {
+    fn spawn(&mut self) {
+        let child = Command::new(binary())
+            .args(["gateway", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--redis", &self.directory_url])
+            .args(["--jwt-secret", JWT_SECRET, "--admin-token", ADMIN_TOKEN])
+            .args(["--cluster-secret", CLUSTER_SECRET])
+            .args(["--presence-ttl-ms", &self.presence_ttl_ms.to_string()])
+            .args(["--client-rate", "1000"])
+            .env("CONFAB_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start confab gateway");
+        let mut child = child;
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+        }
+        self.proc = Proc(Some(child));
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/ws", self.port)
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+}
+
+/// Builder of a cluster.
+pub struct Cluster {
+    cells: Vec<(String, String)>,
+    gateways: usize,
+    presence_ttl_ms: u64,
+    retention: u64,
+}
+
+/// A running cluster.
+pub struct Running {
+    pub directory: RedisServer,
+    pub cells: Vec<CellProc>,
+    pub gateways: Vec<GatewayProc>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    pub fn new() -> Cluster {
+        Cluster {
+            cells: Vec::new(),
+            gateways: 1,
+            presence_ttl_ms: 30_000,
+            retention: 10_000,
+        }
+    }
+
+    pub fn cell(mut self, id: &str, region: &str) -> Cluster {
+        self.cells.push((id.into(), region.into()));
+        self
+    }
+
+    pub fn gateways(mut self, n: usize) -> Cluster {
+        self.gateways = n;
+        self
+    }
+
+    pub fn presence_ttl_ms(mut self, ms: u64) -> Cluster {
+        self.presence_ttl_ms = ms;
+        self
+    }
+
+    pub async fn start(self) -> Running {
+        let directory = RedisServer::start();
+        let mut cells = Vec::new();
+        for (id, region) in self.cells {
+            let mut cell = CellProc {
+                id,
+                region,
+                port: free_port(),
+                store: RedisServer::start_durable(),
+                directory_url: directory.url(),
+                retention: self.retention,
+                proc: Proc(None),
+            };
+            cell.spawn();
+            // Another test may have taken the probed port first: the cell then exits at once.
+            while cell.proc.exited_within(Duration::from_millis(300)) {
+                cell.port = free_port();
+                cell.spawn();
+            }
+            cells.push(cell);
+        }
+        for cell in &cells {
+            wait_http_ok(&format!("http://127.0.0.1:{}/readyz", cell.port)).await;
+        }
+        let mut gateways = Vec::new();
+        for _ in 0..self.gateways {
+            let mut gateway = GatewayProc {
+                port: free_port(),
+                directory_url: directory.url(),
+                presence_ttl_ms: self.presence_ttl_ms,
+                proc: Proc(None),
+            };
+            gateway.spawn();
+            while gateway.proc.exited_within(Duration::from_millis(300)) {
+                gateway.port = free_port();
+                gateway.spawn();
+            }
+            gateways.push(gateway);
+        }
+        for gateway in &gateways {
+            wait_http_ok(&format!("{}/readyz", gateway.url())).await;
+        }
+        Running {
+            directory,
+            cells,
+            gateways,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+/// Polls `url` until it answers 200.
+pub async fn wait_http_ok(url: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(url).send().await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never answered 200");
+}
+
+impl Running {
+    pub fn gateway(&self, i: usize) -> &GatewayProc {
+        &self.gateways[i]
+    }
+
+    /// An admin API call on gateway `i`: (status, body).
+    pub async fn admin(
+        &self,
+        i: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.gateway(i).url()))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("admin request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a workspace in `region`; returns the cell it was placed on.
+    pub async fn create_workspace(&self, id: &str, region: &str) -> String {
+        let (status, body) = self
+            .admin(
+                0,
+                reqwest::Method::POST,
+                "/admin/v1/workspaces",
+                Some(json!({"id": id, "region": region})),
+            )
+            .await;
+        assert_eq!(status, 201, "creating workspace {id}: {body}");
+        body["cell"].as_str().expect("cell").to_string()
+    }
+
+    /// A token for `user` of `workspace`, minted by the admin API.
+    pub async fn token(&self, workspace: &str, user: &str) -> String {
+        let (status, body) = self
+            .admin(
+                0,
+                reqwest::Method::POST,
+                "/admin/v1/tokens",
+                Some(json!({"workspace": workspace, "user": user})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().expect("token").to_string()
+    }
+
+    /// An HTTP API call on gateway `i` with a user token: (status, body).
+    pub async fn api(
+        &self,
+        i: usize,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.gateway(i).url()))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("api request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// What arrived on a client socket.
+#[derive(Debug)]
+pub enum Incoming {
+    Frame(Value),
+    Closed(Option<u16>),
+    Timeout,
+}
+
+/// A minimal protocol client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pending: VecDeque<Value>,
+    next_id: u64,
+    pub ready: Value,
+}
+
+impl Client {
+    /// Connects to `ws_url`, says hello (with `resume`) and waits for `ready`.
+    pub async fn connect(ws_url: &str, token: &str, resume: Option<Value>) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(ws_url))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        let mut client = Client {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 1,
+            ready: Value::Null,
+        };
+        let mut hello = json!({"op": "hello", "token": token});
+        if let Some(resume) = resume {
+            hello["resume"] = resume;
+        }
+        client.send(&hello).await;
+        match client.read(WAIT).await {
+            Incoming::Frame(frame) if frame["op"] == "ready" => client.ready = frame,
+            other => panic!("expected ready, got {other:?}"),
+        }
+        client
+    }
+
+    pub async fn send(&mut self, frame: &Value) {
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send");
+    }
+
+    /// Reads one frame (or the close) within `timeout`.
+    pub async fn read(&mut self, timeout: Duration) -> Incoming {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await;
+            match next {
+                Err(_) => return Incoming::Timeout,
+                Ok(None) | Ok(Some(Err(_))) => return Incoming::Closed(None),
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    return Incoming::Frame(serde_json::from_str(&text).expect("json frame"))
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Incoming::Closed(frame.map(|f| u16::from(f.code)))
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Sends a request with a fresh id and returns its reply (ack, history, error…),
+    /// keeping events that arrive meanwhile for `next_event`.
+    pub async fn request(&mut self, mut request: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        request["id"] = json!(id);
+        self.send(&request).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left).await {
+                Incoming::Frame(frame) if frame["id"] == json!(id) => return frame,
+                Incoming::Frame(frame) => self.pending.push_back(frame),
+                other => panic!("no reply to {request}: {other:?}"),
+            }
+        }
+    }
+
+    /// The next event of type `ty` (earlier frames of other kinds are dropped).
+    pub async fn next_event(&mut self, ty: &str) -> Value {
+        while let Some(frame) = self.pending.pop_front() {
+            if frame["op"] == "event" && frame["type"] == ty {
+                return frame;
+            }
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left).await {
+                Incoming::Frame(frame) if frame["op"] == "event" && frame["type"] == ty => {
+                    return frame
+                }
+                Incoming::Frame(_) => {}
+                other => panic!("waiting for a {ty} event: {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the server to close the socket; returns the close code.
+    pub async fn closed(&mut self, timeout: Duration) -> Option<u16> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left).await {
+                Incoming::Closed(code) => return code,
+                Incoming::Frame(frame) => self.pending.push_back(frame),
+                Incoming::Timeout => panic!("the socket was not closed in time"),
+            }
+        }
+    }
+
+    /// Frames received but not consumed yet.
+    pub fn take_pending(&mut self) -> Vec<Value> {
+        self.pending.drain(..).collect()
+    }
+}
