@@ -6,7 +6,8 @@ use std::sync::Arc;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use confab_directory::{choose_cell, CreateWorkspaceError, WorkspaceRecord};
 use confab_shared::link::AdminOp;
-use confab_shared::{CellId, ErrorCode, UserId, WorkspaceId};
+use confab_shared::server::ChannelKind;
+use confab_shared::{CellId, ChannelId, ErrorCode, UserId, WorkspaceId};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -28,6 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/workspaces", web::post().to(create_workspace))
             .route("/workspaces/{id}", web::get().to(get_workspace))
             .route("/workspaces/{id}/move", web::post().to(move_workspace))
+            .route("/workspaces/{id}/channels", web::post().to(seed_channel))
             .route("/tokens", web::post().to(mint_token)),
     );
 }
@@ -174,6 +176,42 @@ async fn move_workspace(AdminAuth(_gateway): AdminAuth) -> Result<HttpResponse, 
     Err(ApiError::unavailable(
         "workspace move is not available in this version",
     ))
+}
+
+#[derive(Deserialize)]
+struct SeedChannelBody {
+    id: ChannelId,
+    kind: ChannelKind,
+    #[serde(default)]
+    members: Vec<UserId>,
+}
+
+/// `POST /admin/v1/workspaces/{id}/channels`: creates a channel with a chosen id and members
+/// (as `confab dev` seeds `general`); a no-op when it exists. An addition to SPEC §7 for
+/// operators who provision workspaces.
+async fn seed_channel(
+    AdminAuth(gateway): AdminAuth,
+    workspace: web::Path<WorkspaceId>,
+    body: web::Json<SeedChannelBody>,
+) -> Result<HttpResponse, ApiError> {
+    let workspace = workspace.into_inner();
+    let body = body.into_inner();
+    if body.members.len() > confab_shared::limits::MAX_INITIAL_MEMBERS {
+        return Err(ApiError::bad_request("at most 1000 members"));
+    }
+    let record = gateway
+        .directory
+        .workspace(&workspace)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("workspace {workspace} not found")))?;
+    let op = AdminOp::SeedChannel {
+        workspace,
+        channel: body.id.clone(),
+        kind: body.kind,
+        members: body.members,
+    };
+    gateway.links.admin(&record.cell, op).await?;
+    Ok(HttpResponse::Created().json(json!({ "id": body.id })))
 }
 
 #[derive(Deserialize)]
