@@ -525,6 +525,9 @@ fn reply(text: ByteString) -> Frame {
 /// Drains the session's queue into the socket until the session closes, then sends the close
 /// frame with the session's close code.
 async fn write_loop(handle: Arc<SessionHandle>, mut queue: SessionQueue, mut socket: Session) {
+    // Metric handles are resolved once per session, not once per frame: this is the hot path.
+    let frames_out = metrics::counter!(m::FRAMES_OUT);
+    let latency = metrics::histogram!(m::DELIVERY_LATENCY);
     loop {
         let frame = tokio::select! {
             biased;
@@ -538,10 +541,10 @@ async fn write_loop(handle: Arc<SessionHandle>, mut queue: SessionQueue, mut soc
             handle.close(CloseCode::Normal);
             break;
         }
-        metrics::counter!(m::FRAMES_OUT).increment(1);
+        frames_out.increment(1);
         if created_us > 0 {
             let latency_us = confab_shared::now_us().saturating_sub(created_us);
-            metrics::histogram!(m::DELIVERY_LATENCY).record(latency_us as f64 / 1e6);
+            latency.record(latency_us as f64 / 1e6);
         }
     }
     let code = handle.close_code().unwrap_or(CloseCode::Normal);

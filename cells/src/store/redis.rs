@@ -1,7 +1,8 @@
 //! The Redis engine of [`CellStore`]: a cell's durable state in its own Redis.
 //!
-//! Keys (prefix `confab:cs:`), per workspace `{ws}`:
-//! - `workspaces` (set) and `ws:{ws}` (hash: name);
+//! Keys (prefix `confab:cs:`): `workspaces` (set of ids), then per workspace `{ws}`, every key
+//! under `{ws}:` so that no workspace id can name another workspace's key (ids never hold `:`):
+//! - `{ws}:meta` (hash: name);
 //! - `{ws}:ch:{ch}` (hash: name, kind, last_seq, first_seq) — channel metadata and seq window;
 //! - `{ws}:names` (hash name → id), `{ws}:dms` (hash "a/b" → id), `{ws}:public` (set of ids);
 //! - `{ws}:ch:{ch}:log` (sorted set, score = seq, member = the event's JSON) — the channel log,
@@ -12,10 +13,12 @@
 //!   (sorted set of those keys by seq, to drop them when their message leaves retention);
 //! - `{ws}:ch:{ch}:members` (set), `{ws}:u:{user}:channels` (set), `{ws}:u:{user}:read` (hash).
 //!
-//! [`CellStore::append`] is one Lua script: it checks the seq, writes the event, applies its
-//! side effect and trims, atomically; with `appendonly yes` the write is on disk before the
-//! script returns, so before the cell acks. Every command times out quickly (`unavailable`) and
-//! the connection manager reconnects by itself.
+//! Every write is one Lua script, so it is atomic. [`CellStore::append`] checks the seq, writes
+//! the event, applies its side effect and trims, in one script; with `appendonly yes` and
+//! `appendfsync always` the write is on disk before the script returns, so before the cell
+//! acks. Multi-key reads that must agree with each other (a channel's seq window and its
+//! members) run in one `MULTI`. Every command times out quickly (`unavailable`) and the
+//! connection manager reconnects by itself.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,6 +35,13 @@ use super::{
 };
 
 const WORKSPACES: &str = "confab:cs:workspaces";
+
+/// Creates a workspace once: KEYS = workspaces, workspace meta; ARGV = workspace, name.
+const CREATE_WORKSPACE: &str = r"
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'name', ARGV[2])
+return 1
+";
 
 /// Appends one event: KEYS = meta, log, msgs, idem, idemseq, members, user channels;
 /// ARGV = seq, event JSON, retention, effect, then the effect's arguments.
@@ -100,23 +110,36 @@ if ARGV[4] == 'public' then redis.call('SADD', KEYS[4], ARGV[2]) end
 return {'created'}
 ";
 
-/// Moves a read marker forward only: KEYS = read hash; ARGV = channel, seq.
+/// Moves a read marker forward only: KEYS = read hash, workspaces; ARGV = channel, seq,
+/// workspace. Returns `{previous, current}` as strings, or `{}` for an unknown workspace.
+/// Seqs are compared as decimal strings (length first), not as Lua numbers: those are doubles,
+/// which would round a marker above 2^53 and then store it in exponent form.
 const ADVANCE_READ: &str = r"
-local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local seq = tonumber(ARGV[2])
-if seq > previous then redis.call('HSET', KEYS[1], ARGV[1], seq) return {previous, seq} end
+if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then return {} end
+local previous = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+local seq = ARGV[2]
+if #seq > #previous or (#seq == #previous and seq > previous) then
+  redis.call('HSET', KEYS[1], ARGV[1], seq)
+  return {previous, seq}
+end
 return {previous, previous}
 ";
 
 /// The Redis cell store.
 pub struct RedisStore {
     conn: ConnectionManager,
+    create_workspace: Script,
     append: Script,
     create_channel: Script,
     advance_read: Script,
 }
 
+/// A failed command: Redis unreachable, timed out or refusing (`unavailable`), or a reply of
+/// the wrong shape, which only data written by something else can cause (`corrupt`).
 fn unavailable(e: redis::RedisError) -> StoreError {
+    if e.kind() == redis::ErrorKind::UnexpectedReturnType {
+        return StoreError::Corrupt(format!("redis reply: {e}"));
+    }
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
@@ -166,6 +189,7 @@ impl RedisStore {
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
         Ok(RedisStore {
             conn,
+            create_workspace: Script::new(CREATE_WORKSPACE),
             append: Script::new(APPEND),
             create_channel: Script::new(CREATE_CHANNEL),
             advance_read: Script::new(ADVANCE_READ),
@@ -186,6 +210,11 @@ impl RedisStore {
     }
 
     /// The message JSON to store after an edit or delete of `target`.
+    ///
+    /// It is read outside the append script, yet cannot be stale when the script runs: the
+    /// script refuses any seq but `last_seq + 1`, and every change of a message is an append
+    /// that moves `last_seq`, so a change landing between this read and the script makes the
+    /// script fail with a seq conflict instead of overwriting it.
     async fn changed_message(
         &self,
         ws: &WorkspaceId,
@@ -246,20 +275,15 @@ impl CellStore for RedisStore {
         workspace: &WorkspaceId,
         name: Option<&str>,
     ) -> StoreResult<bool> {
-        let mut conn = self.conn();
-        let added: u64 = conn
-            .sadd(WORKSPACES, workspace.as_str())
+        let added: u64 = self
+            .create_workspace
+            .key(WORKSPACES)
+            .key(ws_key(workspace, "meta"))
+            .arg(workspace.as_str())
+            .arg(name.unwrap_or(""))
+            .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        if added == 1 {
-            conn.hset::<_, _, _, ()>(
-                format!("confab:cs:ws:{workspace}"),
-                "name",
-                name.unwrap_or(""),
-            )
-            .await
-            .map_err(unavailable)?;
-        }
         Ok(added == 1)
     }
 
@@ -321,7 +345,10 @@ impl CellStore for RedisStore {
         channel: &ChannelId,
     ) -> StoreResult<Option<ChannelSnapshot>> {
         let key = channel_key(workspace, channel);
+        // One MULTI: a join landing between the two reads would otherwise show a member the
+        // snapshot's last_seq does not account for yet.
         let (hash, members): (HashMap<String, String>, Vec<String>) = redis::pipe()
+            .atomic()
             .hgetall(&key)
             .smembers(format!("{key}:members"))
             .query_async(&mut self.conn())
@@ -487,6 +514,8 @@ impl CellStore for RedisStore {
         if max == 0 {
             return Ok(Vec::new());
         }
+        // A count beyond isize (or any negative one) means "all" to Redis.
+        let count = isize::try_from(max).unwrap_or(-1);
         let raw: Vec<String> = self
             .conn()
             .zrangebyscore_limit(
@@ -494,7 +523,7 @@ impl CellStore for RedisStore {
                 format!("({after}"),
                 "+inf",
                 0,
-                max as isize,
+                count,
             )
             .await
             .map_err(unavailable)?;
@@ -616,14 +645,20 @@ impl CellStore for RedisStore {
         channel: &ChannelId,
         seq: u64,
     ) -> StoreResult<ReadMarker> {
-        let (previous, current): (u64, u64) = self
+        let marker: Vec<u64> = self
             .advance_read
             .key(user_key(workspace, user, "read"))
+            .key(WORKSPACES)
             .arg(channel.as_str())
             .arg(seq)
+            .arg(workspace.as_str())
             .invoke_async(&mut self.conn())
             .await
             .map_err(unavailable)?;
-        Ok(ReadMarker { previous, current })
+        match marker[..] {
+            [previous, current] => Ok(ReadMarker { previous, current }),
+            [] => Err(StoreError::NoSuchChannel(channel.clone())),
+            _ => Err(corrupt("read marker reply", format!("{marker:?}"))),
+        }
     }
 }
