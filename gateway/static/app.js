@@ -325,6 +325,7 @@ function renderChannels() {
 }
 
 function selectChannel(id) {
+  if (readTimer) flushRead();
   state.selected = id;
   state.hasMore = false;
   state.members = [];
@@ -368,16 +369,23 @@ function loadHistory(channel, before) {
   });
 }
 
-// Debounced, so a burst of messages on screen costs one `read` frame, not one each.
+// Debounced, so a burst of messages on screen costs one `read` frame, not one each; flushed
+// when the user switches channels so the one just viewed is still marked read.
 let readTimer = null;
+let readChannel = null;
 function markRead() {
+  if (document.visibilityState !== "visible") return;
+  if (readTimer && readChannel !== state.selected) flushRead();
+  readChannel = state.selected;
   clearTimeout(readTimer);
-  readTimer = setTimeout(sendRead, 300);
+  readTimer = setTimeout(flushRead, 300);
 }
 
-function sendRead() {
-  const ch = state.channels.get(state.selected);
-  if (!ch || document.visibilityState !== "visible" || ch.last_seq <= ch.read_seq) return;
+function flushRead() {
+  clearTimeout(readTimer);
+  readTimer = null;
+  const ch = state.channels.get(readChannel);
+  if (!ch || ch.last_seq <= ch.read_seq) return;
   ch.read_seq = ch.last_seq;
   send({ op: "read", channel: ch.id, seq: ch.last_seq }, (r) => {
     if (r.op === "error") showError(`read: ${r.code}: ${r.message}`);
