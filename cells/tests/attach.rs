@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
-use confab_cells::MemoryStore;
 use confab_shared::link::{CellOp, CellReply};
 use confab_shared::ErrorCode;
 use serde_json::Value;
@@ -19,9 +16,16 @@ fn seqs(events: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-#[actix_rt::test]
-async fn ready_lists_every_channel_of_the_user_with_last_and_read_seq() {
-    let (_cell, mut gw) = start().await;
+on_every_engine!(
+    ready_lists_every_channel_of_the_user_with_last_and_read_seq,
+    resume_replays_missed_events_in_order_from_memory_and_from_the_store,
+    replay_then_live_has_no_gap_and_no_duplicate_while_others_send,
+    resume_beyond_retention_gets_resync,
+    read_marker_never_moves_back_and_other_sessions_get_a_read_event,
+);
+
+async fn ready_lists_every_channel_of_the_user_with_last_and_read_seq(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.op("alice", None, send_op("general", "x")).await.unwrap();
     gw.op(
         "alice",
@@ -73,9 +77,8 @@ async fn stats_count_workspaces_and_attached_sessions() {
     assert_eq!(cell.stats().connections, 1);
 }
 
-#[actix_rt::test]
-async fn resume_replays_missed_events_in_order_from_memory_and_from_the_store() {
-    let (_cell, mut gw) = start().await;
+async fn resume_replays_missed_events_in_order_from_memory_and_from_the_store(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     for i in 0..300 {
         gw.op("bob", None, send_op("general", &format!("m{i}")))
             .await
@@ -94,9 +97,8 @@ async fn resume_replays_missed_events_in_order_from_memory_and_from_the_store() 
     assert_eq!(far[0]["text"], "m8");
 }
 
-#[actix_rt::test]
-async fn replay_then_live_has_no_gap_and_no_duplicate_while_others_send() {
-    let (_cell, mut gw) = start().await;
+async fn replay_then_live_has_no_gap_and_no_duplicate_while_others_send(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     for i in 0..20 {
         gw.op("bob", None, send_op("general", &format!("m{i}")))
             .await
@@ -119,9 +121,8 @@ async fn replay_then_live_has_no_gap_and_no_duplicate_while_others_send() {
     assert_eq!(seqs(&events), (6..=62).collect::<Vec<_>>());
 }
 
-#[actix_rt::test]
-async fn resume_beyond_retention_gets_resync() {
-    let (_cell, mut gw) = start_with(Arc::new(MemoryStore::new()), 5).await;
+async fn resume_beyond_retention_gets_resync(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 5).await;
     for i in 0..10 {
         gw.op("bob", None, send_op("general", &format!("m{i}")))
             .await
@@ -176,9 +177,8 @@ async fn resume_of_a_channel_the_user_is_not_in_replays_nothing() {
     assert!(gw.drain("c1").await.is_empty());
 }
 
-#[actix_rt::test]
-async fn read_marker_never_moves_back_and_other_sessions_get_a_read_event() {
-    let (_cell, mut gw) = start().await;
+async fn read_marker_never_moves_back_and_other_sessions_get_a_read_event(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     for i in 0..5 {
         gw.op("bob", None, send_op("general", &format!("m{i}")))
             .await

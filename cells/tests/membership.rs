@@ -35,6 +35,14 @@ fn channel_of(reply: Result<CellReply, CellError>) -> ChannelInfo {
     }
 }
 
+on_every_engine!(
+    joining_a_public_channel_subscribes_and_leaving_reaches_the_leaver_last,
+    create_channel_logs_the_creator_first_and_refuses_bad_names_and_duplicates,
+    open_dm_creates_once_and_returns_the_same_channel_to_both_users,
+    list_channels_gives_mine_with_markers_or_every_public_one,
+    another_workspace_never_sees_or_touches_this_one,
+);
+
 #[actix_rt::test]
 async fn join_and_leave_that_change_nothing_ack_the_current_last_seq_without_an_event() {
     let (_cell, mut gw) = start().await;
@@ -47,9 +55,8 @@ async fn join_and_leave_that_change_nothing_ack_the_current_last_seq_without_an_
     assert!(gw.drain("b1").await.is_empty());
 }
 
-#[actix_rt::test]
-async fn joining_a_public_channel_subscribes_and_leaving_reaches_the_leaver_last() {
-    let (_cell, mut gw) = start().await;
+async fn joining_a_public_channel_subscribes_and_leaving_reaches_the_leaver_last(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.attach("carol", "c1").await;
     gw.attach("bob", "b1").await;
     let joined = gw.op("carol", Some("c1"), add("general", "carol")).await;
@@ -197,9 +204,10 @@ async fn adding_others_needs_membership_and_dms_never_change() {
     );
 }
 
-#[actix_rt::test]
-async fn create_channel_logs_the_creator_first_and_refuses_bad_names_and_duplicates() {
-    let (_cell, mut gw) = start().await;
+async fn create_channel_logs_the_creator_first_and_refuses_bad_names_and_duplicates(
+    engine: Engine,
+) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.attach("bob", "b1").await;
     let info = channel_of(
         gw.op(
@@ -261,9 +269,8 @@ async fn create_channel_logs_the_creator_first_and_refuses_bad_names_and_duplica
     );
 }
 
-#[actix_rt::test]
-async fn open_dm_creates_once_and_returns_the_same_channel_to_both_users() {
-    let (_cell, mut gw) = start().await;
+async fn open_dm_creates_once_and_returns_the_same_channel_to_both_users(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.attach("bob", "b1").await;
     let first = channel_of(
         gw.op("alice", None, CellOp::OpenDm { user: user("bob") })
@@ -293,9 +300,8 @@ async fn open_dm_creates_once_and_returns_the_same_channel_to_both_users() {
     );
 }
 
-#[actix_rt::test]
-async fn list_channels_gives_mine_with_markers_or_every_public_one() {
-    let (_cell, mut gw) = start().await;
+async fn list_channels_gives_mine_with_markers_or_every_public_one(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     channel_of(
         gw.op("alice", None, create("zzz", ChannelKind::Private, &[]))
             .await,
@@ -336,9 +342,8 @@ async fn list_channels_gives_mine_with_markers_or_every_public_one() {
     assert!(none.is_empty());
 }
 
-#[actix_rt::test]
-async fn another_workspace_never_sees_or_touches_this_one() {
-    let (_cell, mut gw) = start().await;
+async fn another_workspace_never_sees_or_touches_this_one(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.admin(AdminOp::CreateWorkspace {
         workspace: ws("other"),
         name: None,

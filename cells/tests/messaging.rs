@@ -13,9 +13,15 @@ use confab_shared::link::{CellOp, CellReply, ToCell};
 use confab_shared::server::MessageView;
 use confab_shared::ErrorCode;
 
-#[actix_rt::test]
-async fn seqs_are_1_2_3_without_gaps_across_concurrent_senders_on_several_threads() {
-    let (cell, mut gw) = start().await;
+on_every_engine!(
+    seqs_are_1_2_3_without_gaps_across_concurrent_senders_on_several_threads,
+    a_reused_client_msg_id_returns_the_first_ack_without_a_new_event,
+    edit_and_delete_are_author_only_and_history_shows_messages_as_they_stand,
+    history_pages_both_ways_with_has_more,
+);
+
+async fn seqs_are_1_2_3_without_gaps_across_concurrent_senders_on_several_threads(engine: Engine) {
+    let (cell, mut gw, _store) = start_on(engine, 10_000).await;
     // general already has seq 1 and 2 (the seeded joins).
     let mut gateways: Vec<Gw> = (0..3)
         .map(|i| Gw::connect(&cell, &format!("t{i}"), 10_000))
@@ -150,9 +156,8 @@ async fn typing_by_a_non_member_of_a_public_channel_is_forbidden() {
     assert_eq!(code(&reply), ErrorCode::Forbidden);
 }
 
-#[actix_rt::test]
-async fn a_reused_client_msg_id_returns_the_first_ack_without_a_new_event() {
-    let (_cell, mut gw) = start().await;
+async fn a_reused_client_msg_id_returns_the_first_ack_without_a_new_event(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.attach("bob", "b1").await;
     gw.settle().await;
     let send = |text: &str| CellOp::Send {
@@ -230,9 +235,8 @@ fn page(
     }
 }
 
-#[actix_rt::test]
-async fn edit_and_delete_are_author_only_and_history_shows_messages_as_they_stand() {
-    let (_cell, mut gw) = start().await;
+async fn edit_and_delete_are_author_only_and_history_shows_messages_as_they_stand(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.attach("bob", "b1").await;
     let m1 = ack_seq(&gw.op("alice", None, send_op("general", "first")).await);
     let m2 = ack_seq(&gw.op("alice", None, send_op("general", "second")).await);
@@ -289,9 +293,8 @@ async fn edit_and_delete_are_author_only_and_history_shows_messages_as_they_stan
     assert!(messages[1].deleted);
 }
 
-#[actix_rt::test]
-async fn history_pages_both_ways_with_has_more() {
-    let (_cell, mut gw) = start().await;
+async fn history_pages_both_ways_with_has_more(engine: Engine) {
+    let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     // seqs 3..=12 are messages m0..m9.
     for i in 0..10 {
         gw.op("alice", None, send_op("general", &format!("m{i}")))

@@ -310,7 +310,7 @@ impl CellStore for MemoryStore {
             return Ok(Vec::new());
         };
         // Index of the first event with seq > after (0 when `after` predates the log).
-        let skip = (after + 1).saturating_sub(data.first_seq);
+        let skip = after.saturating_add(1).saturating_sub(data.first_seq);
         let skip = usize::try_from(skip).unwrap_or(usize::MAX);
         Ok(data.log.iter().skip(skip).take(max).cloned().collect())
     }

@@ -136,7 +136,7 @@ pub struct RedisStore {
 
 /// A failed command: Redis unreachable, timed out or refusing (`unavailable`), or a reply of
 /// the wrong shape, which only data written by something else can cause (`corrupt`).
-fn unavailable(e: redis::RedisError) -> StoreError {
+fn redis_error(e: redis::RedisError) -> StoreError {
     if e.kind() == redis::ErrorKind::UnexpectedReturnType {
         return StoreError::Corrupt(format!("redis reply: {e}"));
     }
@@ -180,13 +180,13 @@ impl RedisStore {
     /// Connects lazily: the cell starts even while Redis is down and serves `unavailable`
     /// until it is back.
     pub fn connect(url: &str) -> StoreResult<RedisStore> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_error)?;
         Ok(RedisStore {
             conn,
             create_workspace: Script::new(CREATE_WORKSPACE),
@@ -202,7 +202,7 @@ impl RedisStore {
             .query_async::<String>(&mut self.conn.clone())
             .await
             .map(|_| ())
-            .map_err(unavailable)
+            .map_err(redis_error)
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -283,7 +283,7 @@ impl CellStore for RedisStore {
             .arg(name.unwrap_or(""))
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         Ok(added == 1)
     }
 
@@ -291,11 +291,11 @@ impl CellStore for RedisStore {
         self.conn()
             .sismember(WORKSPACES, workspace.as_str())
             .await
-            .map_err(unavailable)
+            .map_err(redis_error)
     }
 
     async fn workspace_count(&self) -> StoreResult<u64> {
-        self.conn().scard(WORKSPACES).await.map_err(unavailable)
+        self.conn().scard(WORKSPACES).await.map_err(redis_error)
     }
 
     async fn create_channel(
@@ -323,7 +323,7 @@ impl CellStore for RedisStore {
             .arg(pair)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         Ok(match outcome.first().map(String::as_str) {
             Some("created") => CreateOutcome::Created,
             Some("unknown_workspace") => CreateOutcome::UnknownWorkspace,
@@ -353,7 +353,7 @@ impl CellStore for RedisStore {
             .smembers(format!("{key}:members"))
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         if hash.is_empty() {
             return Ok(None);
         }
@@ -382,7 +382,7 @@ impl CellStore for RedisStore {
         let hashes: Vec<HashMap<String, String>> = pipe
             .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         channels
             .iter()
             .zip(hashes)
@@ -401,7 +401,7 @@ impl CellStore for RedisStore {
             .conn()
             .smembers(ws_key(workspace, "public"))
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         let mut ids: Vec<ChannelId> = parse_ids(ids);
         ids.sort();
         self.channel_summaries(workspace, &ids).await
@@ -416,7 +416,7 @@ impl CellStore for RedisStore {
             .conn()
             .hget(ws_key(workspace, "dms"), pair_field(pair))
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         Ok(id.and_then(|id| id.parse().ok()))
     }
 
@@ -492,7 +492,7 @@ impl CellStore for RedisStore {
         let outcome: i64 = invocation
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         match outcome {
             -2 => Ok(()),
             -1 => Err(StoreError::NoSuchChannel(channel.clone())),
@@ -526,7 +526,7 @@ impl CellStore for RedisStore {
                 count,
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         raw.iter()
             .map(|e| serde_json::from_str(e).map_err(|e| corrupt("event", e)))
             .collect()
@@ -546,7 +546,7 @@ impl CellStore for RedisStore {
                 format!("{user}/{client_msg_id}"),
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         let Some(value) = value else { return Ok(None) };
         let (seq, ts) = value
             .split_once(':')
@@ -570,7 +570,7 @@ impl CellStore for RedisStore {
                 seq,
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         Ok(decode_messages(raw)?.into_iter().next())
     }
 
@@ -596,13 +596,13 @@ impl CellStore for RedisStore {
             let mut newest: Vec<String> = conn
                 .zrevrangebyscore_limit(&key, &high, &low, 0, limit)
                 .await
-                .map_err(unavailable)?;
+                .map_err(redis_error)?;
             newest.reverse();
             newest
         } else {
             conn.zrangebyscore_limit(&key, &low, &high, 0, limit)
                 .await
-                .map_err(unavailable)?
+                .map_err(redis_error)?
         };
         decode_messages(raw)
     }
@@ -616,7 +616,7 @@ impl CellStore for RedisStore {
             .conn()
             .smembers(user_key(workspace, user, "channels"))
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         let mut ids: Vec<ChannelId> = parse_ids(raw);
         ids.sort();
         Ok(ids)
@@ -631,7 +631,7 @@ impl CellStore for RedisStore {
             .conn()
             .hgetall(user_key(workspace, user, "read"))
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         Ok(raw
             .into_iter()
             .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
@@ -654,7 +654,7 @@ impl CellStore for RedisStore {
             .arg(workspace.as_str())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(unavailable)?;
+            .map_err(redis_error)?;
         match marker[..] {
             [previous, current] => Ok(ReadMarker { previous, current }),
             [] => Err(StoreError::NoSuchChannel(channel.clone())),

@@ -1,4 +1,6 @@
 //! Test harness: a real `Cell` with a `MemoryStore`, driven through `connect()` like a gateway.
+//! Tests that should hold on every store engine take an [`Engine`] and are instantiated for
+//! each by [`on_every_engine!`] (the Redis one runs a fresh real `redis-server`).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -6,12 +8,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_cells::{Cell, CellConfig, CellStore, LinkHandle, MemoryStore};
+use confab_cells::{Cell, CellConfig, CellStore, LinkHandle, MemoryStore, RedisStore};
 use confab_shared::link::{
     AdminOp, Attach, Caller, CellError, CellOp, CellReply, ToCell, ToGateway,
 };
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::{CellId, ChannelId, SessionId, UserId, WorkspaceId};
+use confab_testkit::RedisServer;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -54,6 +57,69 @@ pub async fn start_with(store: Arc<dyn CellStore>, retention: u64) -> (Cell, Gw)
 pub async fn start() -> (Cell, Gw) {
     start_with(Arc::new(MemoryStore::new()), 10_000).await
 }
+
+/// A store engine a cell test can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Memory,
+    Redis,
+}
+
+/// A fresh store and, for Redis, the server behind it: keep it alive for the whole test (the
+/// server is killed when it drops).
+pub struct TestStore {
+    pub store: Arc<dyn CellStore>,
+    pub redis: Option<RedisServer>,
+}
+
+impl Engine {
+    pub fn store(self) -> TestStore {
+        match self {
+            Engine::Memory => TestStore {
+                store: Arc::new(MemoryStore::new()),
+                redis: None,
+            },
+            Engine::Redis => {
+                let server = RedisServer::start();
+                let store = RedisStore::connect(&server.url()).unwrap();
+                TestStore {
+                    store: Arc::new(store),
+                    redis: Some(server),
+                }
+            }
+        }
+    }
+}
+
+/// [`start_with`] on a fresh store of `engine`.
+pub async fn start_on(engine: Engine, retention: u64) -> (Cell, Gw, TestStore) {
+    let store = engine.store();
+    let (cell, gw) = start_with(store.store.clone(), retention).await;
+    (cell, gw, store)
+}
+
+/// Turns each `async fn name(engine: Engine)` named into the tests `name::memory` and
+/// `name::redis`, so one body checks the cell on both store engines.
+#[allow(unused_macros)] // not every test file runs tests on both engines
+macro_rules! on_every_engine {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[actix_rt::test]
+                async fn memory() {
+                    super::$name(crate::common::Engine::Memory).await;
+                }
+
+                #[actix_rt::test]
+                async fn redis() {
+                    super::$name(crate::common::Engine::Redis).await;
+                }
+            }
+        )+
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_every_engine;
 
 /// One fake gateway: its link and everything the cell sent it, sorted by kind.
 pub struct Gw {
