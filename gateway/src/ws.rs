@@ -47,9 +47,15 @@ async fn run(gateway: Arc<Gateway>, socket: Session, mut stream: AggregatedMessa
         close_socket(socket, CloseCode::GoingAway).await;
         return;
     }
+    let shutdown = gateway.shutdown.clone();
     let mut conn = Connection::new(gateway, socket);
     let hello_timeout = Duration::from_millis(conn.gateway.config.limits.hello_timeout_ms);
-    let hello = match tokio::time::timeout(hello_timeout, conn.await_hello(&mut stream)).await {
+    let waited = tokio::select! {
+        waited = tokio::time::timeout(hello_timeout, conn.await_hello(&mut stream)) => waited,
+        // Not yet a registered session: the shutdown path cannot reach it, so it listens here.
+        () = shutdown.cancelled() => Ok(Err(CloseCode::GoingAway)),
+    };
+    let hello = match waited {
         Ok(Ok(hello)) => hello,
         Ok(Err(code)) => return conn.close_before_ready(code).await,
         Err(_) => return conn.close_before_ready(CloseCode::HelloTimeout).await,
@@ -145,8 +151,12 @@ impl Connection {
             return Err(CloseCode::Normal);
         }
         if let Err(retry_after_ms) = self.bucket.take(Instant::now()) {
+            let id = match &message {
+                AggregatedMessage::Text(text) => request_id_of(text),
+                _ => None,
+            };
             let e = CellError::new(ErrorCode::RateLimited, "too many frames");
-            self.reply_error(None, &e, Some(retry_after_ms)).await;
+            self.reply_error(id, &e, Some(retry_after_ms)).await;
             return Ok(None);
         }
         match message {
@@ -397,6 +407,20 @@ impl Connection {
     }
 }
 
+/// The `id` of a frame that is refused before it is parsed (rate limiting), so that the error
+/// still echoes it; `None` when the frame has no readable id.
+fn request_id_of(text: &str) -> Option<RequestId> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<RequestId>,
+    }
+    serde_json::from_str::<IdOnly>(text)
+        .ok()
+        .and_then(|f| f.id)
+        .filter(|id| !matches!(id, RequestId::Str(s) if s.chars().count() > 64))
+}
+
 /// Maps a client request to the cell op that performs it.
 fn to_cell_op(request: ClientRequest, handle: &SessionHandle) -> Option<CellOp> {
     Some(match request {
@@ -537,7 +561,13 @@ async fn write_loop(handle: Arc<SessionHandle>, mut queue: SessionQueue, mut soc
         let Some(frame) = frame else { break };
         handle.dequeued(frame.text.len());
         let created_us = frame.created_us;
-        if socket.text(frame.text).await.is_err() {
+        // A client that stops reading blocks this write; closing must not wait for it.
+        let written = tokio::select! {
+            biased;
+            () = queue.closing.cancelled() => break,
+            written = socket.text(frame.text) => written,
+        };
+        if written.is_err() {
             handle.close(CloseCode::Normal);
             break;
         }
@@ -549,7 +579,10 @@ async fn write_loop(handle: Arc<SessionHandle>, mut queue: SessionQueue, mut soc
     }
     let code = handle.close_code().unwrap_or(CloseCode::Normal);
     metrics::counter!(m::CLOSES, "code" => code.code().to_string()).increment(1);
-    close_socket(socket, code).await;
+    // The close frame queues behind what the socket has not taken yet. A client that stops
+    // reading may take it much later, or never: the close is left to a small task of its own
+    // and the session (registry, cell, presence) is released now.
+    actix_rt::spawn(close_socket(socket, code));
 }
 
 async fn close_socket(socket: Session, code: CloseCode) {

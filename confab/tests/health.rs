@@ -1,0 +1,192 @@
+//! SPEC §1, the `confab dev` process: what it prints on start, the web client at `/`,
+//! `/healthz`, `/readyz`, `/metrics`, and flags read from the environment.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{DevServer, GENERAL, WAIT};
+use serde_json::json;
+
+/// The sum of a metric's samples (over all label sets); `None` when the metric is absent.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // Only the metric itself, not one whose name merely starts the same.
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("unparsable sample: {line}"));
+        *found.get_or_insert(0.0) += value;
+    }
+    found
+}
+
+async fn metrics_text(server: &DevServer) -> String {
+    let response = server.anon().get("/metrics").await;
+    assert_eq!(response.status, 200, "{:?}", response.body);
+    match response.body {
+        serde_json::Value::String(text) => text,
+        other => panic!("/metrics is not Prometheus text: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_answer_200() {
+    let server = DevServer::start().await;
+    assert_eq!(server.anon().get("/healthz").await.status, 200);
+    assert_eq!(server.anon().get("/readyz").await.status, 200);
+}
+
+#[tokio::test]
+async fn metrics_expose_connections_published_events_and_delivery_latency() {
+    let server = DevServer::start().await;
+    let mut alice = server.client("alice").await;
+    let mut bob = server.client("bob").await;
+    alice.send_message(GENERAL, "measure me").await;
+    bob.next_event("message", WAIT).await;
+
+    let response = server.anon().get("/metrics").await;
+    let content_type = response.header("content-type").unwrap_or_default();
+    assert!(
+        content_type.starts_with("text/plain"),
+        "content type {content_type:?}"
+    );
+    let text = metrics_text(&server).await;
+    let connections = metric(&text, "confab_connections")
+        .unwrap_or_else(|| panic!("no confab_connections in:\n{text}"));
+    assert_eq!(connections, 2.0, "two client WebSockets are open");
+    let published = metric(&text, "confab_events_published_total")
+        .unwrap_or_else(|| panic!("no confab_events_published_total in:\n{text}"));
+    assert!(published >= 1.0, "a message was published: {published}");
+    assert!(
+        text.lines()
+            .any(|l| !l.starts_with('#') && l.starts_with("confab_delivery_latency_seconds")),
+        "no confab_delivery_latency_seconds samples in:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with('#') || l.is_empty() || l.starts_with("confab_")),
+        "every metric name starts with confab_:\n{text}"
+    );
+
+    // The gauge follows connections as they close.
+    drop(alice);
+    bob.send_close(1000).await;
+    bob.expect_close(1000).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics_text(&server).await;
+        if metric(&text, "confab_connections") == Some(0.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "confab_connections did not return to 0:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn startup_prints_the_url_the_demo_tokens_and_the_admin_token() {
+    let server = DevServer::start().await;
+    let web = server.stdout_line("web client: ").await;
+    assert_eq!(web, format!("{}/", server.base_url()));
+    let alice_token = server.stdout_line("token alice: ").await;
+    let bob_token = server.stdout_line("token bob: ").await;
+    let admin_token = server.stdout_line("admin token: ").await;
+    assert_eq!(admin_token, "dev-admin");
+
+    let alice = server.client_with_token(&alice_token).await;
+    assert_eq!(alice.ready["user"], "alice");
+    assert_eq!(alice.ready["workspace"], "demo");
+    let mut bob = server.client_with_token(&bob_token).await;
+    assert_eq!(bob.ready["user"], "bob");
+    bob.send_message(GENERAL, "printed tokens work").await;
+    server
+        .http(&admin_token)
+        .get("/admin/v1/cells")
+        .await
+        .expect_status(200);
+
+    let lines = server.stdout_lines();
+    let prefixes = [
+        "confab dev listening on http://",
+        "web client: ",
+        "token alice: ",
+        "token bob: ",
+        "admin token: ",
+    ];
+    let order: Vec<usize> = prefixes
+        .iter()
+        .map(|p| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(p))
+                .unwrap_or_else(|| panic!("no line {p:?} in {lines:#?}"))
+        })
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "startup lines out of order: {lines:#?}"
+    );
+}
+
+#[tokio::test]
+async fn the_web_client_is_served_at_the_root() {
+    let server = DevServer::start().await;
+    let response = server.anon().get("/").await;
+    assert_eq!(response.status, 200);
+    let content_type = response.header("content-type").unwrap_or_default();
+    assert!(content_type.starts_with("text/html"), "{content_type:?}");
+}
+
+#[tokio::test]
+async fn flags_are_read_from_the_environment() {
+    let server = DevServer::builder()
+        .env("CONFAB_JWT_SECRET", "from-env")
+        .env("CONFAB_ADMIN_TOKEN", "env-admin")
+        .env("CONFAB_HEARTBEAT_MS", "7777")
+        .env("CONFAB_MAX_TEXT_BYTES", "50")
+        .start()
+        .await;
+    // The harness mints with the secret it passed.
+    let mut alice = server.client("alice").await;
+    assert_eq!(alice.ready["heartbeat_ms"], 7777);
+    alice
+        .request_error(
+            "too_large",
+            json!({"op": "send", "channel": GENERAL, "text": "t".repeat(51)}),
+        )
+        .await;
+    let dev_secret_token = common::mint_with_secret(
+        "dev-secret",
+        &json!({"sub": "alice", "wsp": "demo", "exp": common::now_s() + 600}),
+    );
+    server
+        .http(&dev_secret_token)
+        .get("/v1/channels")
+        .await
+        .expect_error(401, "unauthorized");
+    server
+        .http("env-admin")
+        .get("/admin/v1/cells")
+        .await
+        .expect_status(200);
+    server
+        .http("dev-admin")
+        .get("/admin/v1/cells")
+        .await
+        .expect_error(401, "unauthorized");
+}
