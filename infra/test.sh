@@ -26,5 +26,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked -- --test-threads="${CONFAB_TEST_THREADS:-4}"
 
+# SPEC §4–5 behave the same in dev and distributed mode: the same end-to-end suite runs again
+# against a `confab cell` + `confab gateway` with real Redis servers (see confab/tests/common).
+echo "==> cargo test, the end-to-end suite against a distributed deployment"
+CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
+  --test handshake --test ops --test errors_and_limits --test close_codes --test http_api \
+  --test admin_api --test isolation --test hostile_input --test health \
+  -- --test-threads="${CONFAB_TEST_THREADS:-4}"
+
 echo "==> load smoke run (a few seconds per scenario)"
 cargo run -q -p confab-load --locked -- smoke --confab target/debug/confab

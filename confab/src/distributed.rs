@@ -25,7 +25,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
     actix_rt::System::new().block_on(async move {
-        let gateway_id = format!("gw-{}", &uuid_like()[..12]);
+        let gateway_id = gateway_id();
         let directory = RedisDirectory::start(&args.redis)?;
         let ttl = Duration::from_millis(args.presence_ttl_ms.max(300));
         let presence = RedisPresence::start_with_ttl(&args.redis, ttl)?;
@@ -190,11 +190,17 @@ async fn cell_metrics(http: web::Data<CellHttp>) -> HttpResponse {
         .body(http.metrics.render())
 }
 
-/// 32 hex characters from the clock and the process id, for process names.
-fn uuid_like() -> String {
+/// A name for this gateway process, unique among the gateways of a deployment (a cell's logs
+/// tell its links apart by it): 12 hex characters from the clock and the process id. The clock's low
+/// bits change every nanosecond, so gateways started apart differ; the process id keeps apart
+/// gateways started at the same instant on one host.
+fn gateway_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{:032x}", nanos ^ (u128::from(std::process::id()) << 64))
+    // Truncation on purpose: only the fast-changing low bits of the clock are wanted.
+    let clock = nanos as u64;
+    let mixed = clock ^ (u64::from(std::process::id()) << 28);
+    format!("gw-{:012x}", mixed & 0xffff_ffff_ffff)
 }

@@ -15,7 +15,7 @@ async fn the_only_cell(server: &DevServer) -> Value {
     let list = cells["cells"]
         .as_array()
         .unwrap_or_else(|| panic!("no cells array: {cells}"));
-    assert_eq!(list.len(), 1, "confab dev runs one cell: {cells}");
+    assert_eq!(list.len(), 1, "the test deployment runs one cell: {cells}");
     list[0].clone()
 }
 

@@ -67,7 +67,10 @@ async fn sigterm_closes_every_session_with_1001_and_the_process_exits() {
         "expected close 1001 for every session on SIGTERM, got: {wrong:#?}"
     );
     let status = server.wait_exit(Duration::from_secs(30));
-    assert!(status.is_some(), "confab dev still runs 30 s after SIGTERM");
+    assert!(
+        status.is_some(),
+        "the server (confab dev, or the gateway) still runs 30 s after SIGTERM"
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-//! SPEC §1, the `confab dev` process: what it prints on start, the web client at `/`,
-//! `/healthz`, `/readyz`, `/metrics`, and flags read from the environment.
+//! SPEC §1, the processes: what `confab dev` prints on start (against a cluster: the listen
+//! lines of the gateway and the cell), the web client at `/`, `/healthz`, `/readyz`,
+//! `/metrics`, and flags read from the environment.
 
 mod common;
 
@@ -33,7 +34,12 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 async fn metrics_text(server: &DevServer) -> String {
-    let response = server.anon().get("/metrics").await;
+    metrics_text_of(server.anon()).await
+}
+
+/// The `/metrics` text served to `http` (the gateway's or the cell's).
+async fn metrics_text_of(http: common::Http) -> String {
+    let response = http.get("/metrics").await;
     assert_eq!(response.status, 200, "{:?}", response.body);
     match response.body {
         serde_json::Value::String(text) => text,
@@ -46,6 +52,9 @@ async fn healthz_and_readyz_answer_200() {
     let server = DevServer::start().await;
     assert_eq!(server.anon().get("/healthz").await.status, 200);
     assert_eq!(server.anon().get("/readyz").await.status, 200);
+    // Against a cluster the cell serves them too (with `confab dev` this is the same process).
+    assert_eq!(server.cell_anon().get("/healthz").await.status, 200);
+    assert_eq!(server.cell_anon().get("/readyz").await.status, 200);
 }
 
 #[tokio::test]
@@ -66,19 +75,23 @@ async fn metrics_expose_connections_published_events_and_delivery_latency() {
     let connections = metric(&text, "confab_connections")
         .unwrap_or_else(|| panic!("no confab_connections in:\n{text}"));
     assert_eq!(connections, 2.0, "two client WebSockets are open");
-    let published = metric(&text, "confab_events_published_total")
-        .unwrap_or_else(|| panic!("no confab_events_published_total in:\n{text}"));
+    // Events are published by the cell: against a cluster its own process counts them.
+    let cell_text = metrics_text_of(server.cell_anon()).await;
+    let published = metric(&cell_text, "confab_events_published_total")
+        .unwrap_or_else(|| panic!("no confab_events_published_total in:\n{cell_text}"));
     assert!(published >= 1.0, "a message was published: {published}");
     assert!(
         text.lines()
             .any(|l| !l.starts_with('#') && l.starts_with("confab_delivery_latency_seconds")),
         "no confab_delivery_latency_seconds samples in:\n{text}"
     );
-    assert!(
-        text.lines()
-            .all(|l| l.starts_with('#') || l.is_empty() || l.starts_with("confab_")),
-        "every metric name starts with confab_:\n{text}"
-    );
+    for text in [&text, &cell_text] {
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with('#') || l.is_empty() || l.starts_with("confab_")),
+            "every metric name starts with confab_:\n{text}"
+        );
+    }
 
     // The gauge follows connections as they close.
     drop(alice);
@@ -101,6 +114,26 @@ async fn metrics_expose_connections_published_events_and_delivery_latency() {
 #[tokio::test]
 async fn startup_prints_the_url_the_demo_tokens_and_the_admin_token() {
     let server = DevServer::start().await;
+    if common::target() == common::Target::Cluster {
+        // A gateway and a cell each print only their listen line; the web client line, the
+        // demo tokens and the admin token are printed by `confab dev` alone.
+        let gateway = server.stdout_line("confab gateway ").await;
+        assert!(
+            gateway.ends_with(&format!(" listening on {}", server.base_url())),
+            "{gateway:?}"
+        );
+        let cell_lines = server.cell_stdout_lines();
+        assert_eq!(
+            cell_lines,
+            vec![format!(
+                "confab cell local-1 (region local) listening on {}",
+                server.cell_base_url()
+            )],
+            "the cell's stdout"
+        );
+        eprintln!("not checked against a cluster: the web client line and the tokens printed by confab dev");
+        return;
+    }
     let web = server.stdout_line("web client: ").await;
     assert_eq!(web, format!("{}/", server.base_url()));
     let alice_token = server.stdout_line("token alice: ").await;

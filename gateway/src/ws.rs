@@ -283,13 +283,16 @@ impl Connection {
             heartbeat_ms: limits.heartbeat_ms,
             channels,
         });
+        // The session counts as online before the client learns it is ready: whatever the
+        // client does next (or tells another user to check) must already see it online, also
+        // with a presence engine a network round trip away.
+        if let Err(e) = gateway.presence.session_up(&presence_of(&handle)).await {
+            tracing::warn!(error = %e, "presence session_up failed");
+        }
         metrics::counter!(m::FRAMES_OUT).increment(1);
         if self.socket.text(ready).await.is_err() {
             self.forget(&handle).await;
             return None;
-        }
-        if let Err(e) = gateway.presence.session_up(&presence_of(&handle)).await {
-            tracing::warn!(error = %e, "presence session_up failed");
         }
         self.session = Some(Arc::clone(&handle));
         Some((handle, queue))

@@ -1,6 +1,13 @@
-//! The harness of confab's end-to-end tests: it starts `confab dev` as a real process on a free
-//! port ([`DevServer`]) and drives it with real WebSocket clients ([`Client`]) and a real HTTP
+//! The harness of confab's end-to-end tests: it starts a real deployment on free ports
+//! ([`DevServer`]) and drives it with real WebSocket clients ([`Client`]) and a real HTTP
 //! client ([`Http`]).
+//!
+//! The deployment is chosen by the environment variable `CONFAB_TEST_TARGET` ([`target`]):
+//! unset or `dev`, one `confab dev` process; `cluster`, the processes of a distributed
+//! deployment (a directory `redis-server`, a durable store `redis-server`, one `confab cell`
+//! and one `confab gateway`), seeded with what `confab dev` seeds. SPEC §4–5 behave the same in
+//! both modes, so the same tests run against both; the few that check something only
+//! `confab dev` has check the cluster's equivalent instead (they ask [`target`]).
 //!
 //! Every wait is bounded ([`WAIT`]) so that a broken server fails a test instead of hanging it,
 //! and no test passes or fails on how fast the server is: to check that something does *not*
@@ -16,9 +23,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use confab_testkit::{free_port, RedisServer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -27,7 +36,8 @@ use tokio_tungstenite::WebSocketStream;
 
 /// Longest wait for anything the server should do (a reply, an event, a close).
 pub const WAIT: Duration = Duration::from_secs(10);
-/// Longest wait for the process to print its listen address (it may be built on a busy machine).
+/// Longest wait for a process to print its listen address or become ready (it may be built
+/// on a busy machine).
 pub const START_WAIT: Duration = Duration::from_secs(60);
 /// How long a test watches to conclude that something does not happen.
 pub const QUIET: Duration = Duration::from_millis(700);
@@ -36,6 +46,36 @@ pub const QUIET: Duration = Duration::from_millis(700);
 pub const DEMO: &str = "demo";
 /// The seeded public channel of `demo` (id and name).
 pub const GENERAL: &str = "general";
+
+/// The id of the one cell of a test cluster (the id `confab dev` gives its cell).
+const CLUSTER_CELL_ID: &str = "local-1";
+/// The region of that cell, the region `confab dev` uses.
+const CLUSTER_REGION: &str = "local";
+/// Authenticates the links between the test cluster's gateway and cell, as production does.
+const CLUSTER_SECRET: &str = "harness-cluster-secret";
+/// How many ports a cell is tried on before the harness gives up (another test can take a
+/// probed free port before the cell binds it).
+const CELL_PORT_ATTEMPTS: usize = 5;
+
+/// The deployment the tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// One `confab dev` process (the default).
+    Dev,
+    /// A `confab cell` and a `confab gateway` with real Redis servers.
+    Cluster,
+}
+
+/// The deployment selected by `CONFAB_TEST_TARGET` (`dev` when unset or empty). Any other
+/// value fails the test, so that a typo does not silently test dev mode instead.
+pub fn target() -> Target {
+    match std::env::var("CONFAB_TEST_TARGET") {
+        Err(std::env::VarError::NotPresent) => Target::Dev,
+        Ok(value) if value.is_empty() || value == "dev" => Target::Dev,
+        Ok(value) if value == "cluster" => Target::Cluster,
+        other => panic!("CONFAB_TEST_TARGET must be `dev` or `cluster`, not {other:?}"),
+    }
+}
 
 /// Unix seconds now.
 pub fn now_s() -> u64 {
@@ -65,28 +105,53 @@ pub fn mint_with_secret(secret: &str, claims: &Value) -> String {
 
 /// Builds a [`DevServer`] with extra flags or environment.
 pub struct DevServerBuilder {
-    args: Vec<String>,
+    args: Vec<(String, String)>,
     envs: Vec<(String, String)>,
     jwt_secret: String,
     admin_token: String,
 }
 
+/// Whether a flag of `confab dev` belongs to the cell in a cluster (every other one is a
+/// gateway flag).
+fn is_cell_flag(flag: &str) -> bool {
+    flag == "--retention-events"
+}
+
+/// Whether an environment variable of `confab dev` belongs to the cell in a cluster.
+fn is_cell_env(key: &str) -> bool {
+    key == "CONFAB_RETENTION_EVENTS"
+}
+
+/// A `confab` command with none of the tests' own `CONFAB_*` variables: they must not
+/// configure the server behind the test's back.
+fn confab_command(subcommand: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
+    cmd.arg(subcommand);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CONFAB_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 impl DevServerBuilder {
     /// Adds `flag value` to the command line (`--jwt-secret` and `--admin-token` are
-    /// remembered so that the harness mints matching tokens).
+    /// remembered so that the harness mints matching tokens). Against a cluster,
+    /// `--retention-events` goes to the cell and every other flag to the gateway.
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
         match flag {
             "--jwt-secret" => self.jwt_secret = value.to_string(),
             "--admin-token" => self.admin_token = value.to_string(),
             _ => {}
         }
-        self.args.push(flag.to_string());
-        self.args.push(value.to_string());
+        self.args.push((flag.to_string(), value.to_string()));
         self
     }
 
     /// Sets an environment variable of the process (`CONFAB_JWT_SECRET` and
-    /// `CONFAB_ADMIN_TOKEN` are remembered like their flags).
+    /// `CONFAB_ADMIN_TOKEN` are remembered like their flags). Against a cluster,
+    /// `CONFAB_RETENTION_EVENTS` goes to the cell and every other variable to the gateway.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         match key {
             "CONFAB_JWT_SECRET" => self.jwt_secret = value.to_string(),
@@ -97,42 +162,163 @@ impl DevServerBuilder {
         self
     }
 
-    /// Starts `confab dev --listen 127.0.0.1:0 <args>` and waits for its listen line.
+    /// Starts the deployment [`target`] selects and waits until it serves the seeded `demo`.
     pub async fn start(self) -> DevServer {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_confab"));
-        cmd.arg("dev")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(&self.args)
-            .stdin(Stdio::null())
+        match target() {
+            Target::Dev => self.start_dev().await,
+            Target::Cluster => self.start_cluster().await,
+        }
+    }
+
+    /// Starts `confab dev --listen 127.0.0.1:0 <args>` and waits for its listen line.
+    async fn start_dev(self) -> DevServer {
+        let mut cmd = confab_command("dev");
+        cmd.arg("--listen").arg("127.0.0.1:0");
+        for (flag, value) in &self.args {
+            cmd.arg(flag).arg(value);
+        }
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
+        let (process, listen) = Proc::spawn("confab dev", cmd);
+        let mut server = DevServer::new(process, None, self.jwt_secret, self.admin_token);
+        let addr = server.main.await_listen(listen).await;
+        server.set_addr(addr);
+        server
+    }
+
+    /// Starts a directory Redis, a durable store Redis, `confab cell` and `confab gateway`,
+    /// waits until both are ready and seeds what `confab dev` seeds.
+    async fn start_cluster(self) -> DevServer {
+        let directory = RedisServer::start();
+        let store = RedisServer::start_durable();
+        let (cell_args, gateway_args): (Vec<_>, Vec<_>) =
+            self.args.iter().partition(|(flag, _)| is_cell_flag(flag));
+        let (cell_envs, gateway_envs): (Vec<_>, Vec<_>) =
+            self.envs.iter().partition(|(key, _)| is_cell_env(key));
+
+        let (cell, cell_addr) = start_cell(&directory, &store, &cell_args, &cell_envs).await;
+
+        let mut cmd = confab_command("gateway");
+        cmd.args(["--listen", "127.0.0.1:0", "--redis", &directory.url()])
+            .args(["--cluster-secret", CLUSTER_SECRET]);
+        // The gateway has no default secret or admin token; give it `confab dev`'s unless the
+        // test sets them, by flag or by environment (then the gateway must read that).
+        let given = |flag: &str, env: &str| {
+            gateway_args.iter().any(|(f, _)| f == flag)
+                || gateway_envs.iter().any(|(k, _)| k == env)
+        };
+        if !given("--jwt-secret", "CONFAB_JWT_SECRET") {
+            cmd.args(["--jwt-secret", &self.jwt_secret]);
+        }
+        if !given("--admin-token", "CONFAB_ADMIN_TOKEN") {
+            cmd.args(["--admin-token", &self.admin_token]);
+        }
+        for (flag, value) in &gateway_args {
+            cmd.arg(flag).arg(value);
+        }
+        cmd.envs(gateway_envs.iter().map(|(k, v)| (k, v)));
+        let (gateway, listen) = Proc::spawn("confab gateway", cmd);
+
+        let cluster = ClusterParts {
+            cell,
+            cell_base: format!("http://{cell_addr}"),
+            store,
+            directory,
+        };
+        let mut server = DevServer::new(gateway, Some(cluster), self.jwt_secret, self.admin_token);
+        let addr = server.main.await_listen(listen).await;
+        server.set_addr(addr);
+        let cell_ready = format!("{}/readyz", server.cell_base_url());
+        server.wait_ready(&cell_ready).await;
+        let gateway_ready = format!("{}/readyz", server.base_url());
+        server.wait_ready(&gateway_ready).await;
+        server.seed_demo().await;
+        server
+    }
+}
+
+/// Starts `confab cell` on a free port; another process can take a probed port before the
+/// cell binds it, and the cell then exits at once, so it is tried again on another port.
+async fn start_cell(
+    directory: &RedisServer,
+    store: &RedisServer,
+    args: &[&(String, String)],
+    envs: &[&(String, String)],
+) -> (Proc, SocketAddr) {
+    let mut attempt = 1;
+    loop {
+        let port = free_port();
+        let mut cmd = confab_command("cell");
+        cmd.args(["--id", CLUSTER_CELL_ID, "--region", CLUSTER_REGION])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--advertise", &format!("http://127.0.0.1:{port}")])
+            .args(["--redis", &store.url(), "--directory", &directory.url()])
+            .args(["--cluster-secret", CLUSTER_SECRET]);
+        for (flag, value) in args {
+            cmd.arg(flag).arg(value);
+        }
+        cmd.envs(envs.iter().map(|(k, v)| (k, v)));
+        let (mut cell, listen) = Proc::spawn("confab cell", cmd);
+        match cell.listen(listen).await {
+            Listen::Addr(addr) => return (cell, addr),
+            Listen::Exited if attempt < CELL_PORT_ATTEMPTS => attempt += 1,
+            failure => panic!(
+                "confab cell did not start on port {port} (attempt {attempt}): {failure:?}\n{}",
+                cell.diagnostics()
+            ),
+        }
+    }
+}
+
+/// What waiting for a process's listen line gave.
+#[derive(Debug)]
+enum Listen {
+    /// The address it listens on.
+    Addr(SocketAddr),
+    /// It closed its stdout (it exited) without printing the line.
+    Exited,
+    /// It printed no listen line within [`START_WAIT`].
+    Silent,
+}
+
+/// A child process whose stdout and stderr are drained by threads, killed when dropped.
+struct Proc {
+    /// How the process names itself at the start of its listen line (`confab gateway`, …).
+    name: &'static str,
+    child: Child,
+    stdout_lines: Arc<Mutex<Vec<String>>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Proc {
+    /// Spawns `cmd` and returns it with the URL of its listen line, the first stdout line that
+    /// starts with `name` and says `listening on <url>`.
+    fn spawn(name: &'static str, mut cmd: Command) -> (Proc, oneshot::Receiver<String>) {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // The tests' own environment must not configure the server behind their back.
-        for (key, _) in std::env::vars() {
-            if key.starts_with("CONFAB_") {
-                cmd.env_remove(key);
-            }
-        }
-        for (key, value) in &self.envs {
-            cmd.env(key, value);
-        }
-        let mut child = cmd.spawn().expect("spawn confab dev");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
 
         let stdout_lines = Arc::new(Mutex::new(Vec::<String>::new()));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::<String>::new()));
-        let (url_tx, url_rx) = tokio::sync::oneshot::channel::<String>();
+        let (url_tx, url_rx) = oneshot::channel::<String>();
 
         let stdout = child.stdout.take().expect("piped stdout");
         let lines = Arc::clone(&stdout_lines);
         // A thread drains stdout for the whole life of the process so that it never blocks on
-        // a full pipe; it hands over the listen address as soon as it is printed.
+        // a full pipe; it hands over the listen address as soon as it is printed, and its end
+        // (dropping the sender) tells the waiter that the process closed its stdout.
         std::thread::spawn(move || {
             let mut url_tx = Some(url_tx);
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("confab dev listening on ") {
+                let url = line
+                    .strip_prefix(name)
+                    .and_then(|rest| rest.split_once(" listening on "))
+                    .map(|(_, url)| url.trim().to_string());
+                // Only the first listen line counts; the sender is taken only then.
+                if let Some(url) = url {
                     if let Some(tx) = url_tx.take() {
-                        let _ = tx.send(url.trim().to_string());
+                        let _ = tx.send(url);
                     }
                 }
                 if let Ok(mut lines) = lines.lock() {
@@ -144,43 +330,94 @@ impl DevServerBuilder {
         let tail = Arc::clone(&stderr_tail);
         std::thread::spawn(move || drain_tail(stderr, tail));
 
-        let mut server = DevServer {
+        let process = Proc {
+            name,
             child,
-            base: String::new(),
-            addr: "127.0.0.1:0".parse().expect("socket address"),
-            jwt_secret: self.jwt_secret,
-            admin_token: self.admin_token,
             stdout_lines,
             stderr_tail,
-            http: reqwest::Client::builder()
-                .timeout(WAIT)
-                .build()
-                .expect("http client"),
         };
-        match tokio::time::timeout(START_WAIT, url_rx).await {
+        (process, url_rx)
+    }
+
+    /// Waits (bounded) for the listen line.
+    async fn listen(&mut self, listen: oneshot::Receiver<String>) -> Listen {
+        match tokio::time::timeout(START_WAIT, listen).await {
             Ok(Ok(url)) => {
                 let authority = url
                     .strip_prefix("http://")
-                    .unwrap_or_else(|| panic!("listen line has no http:// url: {url:?}"))
+                    .unwrap_or_else(|| {
+                        panic!("{} listen line has no http:// url: {url:?}", self.name)
+                    })
                     .trim_end_matches('/');
-                server.addr = authority
-                    .parse()
-                    .unwrap_or_else(|e| panic!("listen line address {authority:?}: {e}"));
-                server.base = format!("http://{authority}");
-                server
+                Listen::Addr(authority.parse().unwrap_or_else(|e| {
+                    panic!("{} listen line address {authority:?}: {e}", self.name)
+                }))
             }
-            Ok(Err(_)) => {
-                let status = server.wait_exit(Duration::from_secs(2));
+            Ok(Err(_)) => Listen::Exited,
+            Err(_) => Listen::Silent,
+        }
+    }
+
+    /// Waits (bounded) for the listen line and panics with the process's output without it.
+    async fn await_listen(&mut self, listen: oneshot::Receiver<String>) -> SocketAddr {
+        match self.listen(listen).await {
+            Listen::Addr(addr) => addr,
+            Listen::Exited => {
+                let status = self.wait_exit(Duration::from_secs(2));
                 panic!(
-                    "confab dev ended its stdout without printing its listen line (exit: {status:?})\n{}",
-                    server.diagnostics()
+                    "{} ended its stdout without printing its listen line (exit: {status:?})",
+                    self.name
                 );
             }
-            Err(_) => panic!(
-                "confab dev printed no listen line within {START_WAIT:?}\n{}",
-                server.diagnostics()
-            ),
+            Listen::Silent => panic!("{} printed no listen line within {START_WAIT:?}", self.name),
         }
+    }
+
+    fn stdout_lines(&self) -> Vec<String> {
+        self.stdout_lines
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    fn diagnostics(&self) -> String {
+        let stderr: Vec<String> = self
+            .stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default();
+        format!(
+            "---- {} ----\nstdout:\n{}\nstderr (tail):\n{}",
+            self.name,
+            self.stdout_lines().join("\n"),
+            stderr.join("\n")
+        )
+    }
+
+    /// The exit status if the process has exited.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits (bounded) for the process to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -196,29 +433,108 @@ fn drain_tail(stream: impl Read, tail: Arc<Mutex<VecDeque<String>>>) {
     }
 }
 
-/// A running `confab dev` process, killed when dropped.
+/// The processes behind the gateway of a test cluster. Fields drop in order: the cell stops
+/// before the Redis servers it uses.
+struct ClusterParts {
+    cell: Proc,
+    /// `http://127.0.0.1:PORT` of the cell (its `/readyz`, `/metrics`).
+    cell_base: String,
+    store: RedisServer,
+    directory: RedisServer,
+}
+
+/// A running deployment, killed when dropped: one `confab dev` process, or a cluster whose
+/// gateway stands where `confab dev` would (its URL, its stdout, its process id).
 pub struct DevServer {
-    child: Child,
+    /// `confab dev`, or the cluster's gateway. Declared first so it is killed first.
+    main: Proc,
+    cluster: Option<ClusterParts>,
     base: String,
     addr: SocketAddr,
     jwt_secret: String,
     admin_token: String,
-    stdout_lines: Arc<Mutex<Vec<String>>>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
     http: reqwest::Client,
 }
 
 impl Drop for DevServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- confab dev output ----\n{}", self.diagnostics());
+            eprintln!("{}", self.diagnostics());
         }
     }
 }
 
 impl DevServer {
+    fn new(
+        main: Proc,
+        cluster: Option<ClusterParts>,
+        jwt_secret: String,
+        admin_token: String,
+    ) -> DevServer {
+        DevServer {
+            main,
+            cluster,
+            base: String::new(),
+            addr: "127.0.0.1:0".parse().expect("socket address"),
+            jwt_secret,
+            admin_token,
+            http: reqwest::Client::builder()
+                .timeout(WAIT)
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    fn set_addr(&mut self, addr: SocketAddr) {
+        self.addr = addr;
+        self.base = format!("http://{addr}");
+    }
+
+    /// Polls `url` (bounded) until it answers 200, failing early if a process exits.
+    async fn wait_ready(&mut self, url: &str) {
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            if let Ok(response) = self.http.get(url).send().await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.main.exited() {
+                panic!(
+                    "{} exited ({status}) before {url} was ready",
+                    self.main.name
+                );
+            }
+            if let Some(status) = self.cluster.as_mut().and_then(|c| c.cell.exited()) {
+                panic!("confab cell exited ({status}) before {url} was ready");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url} did not answer 200 within {START_WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Seeds a cluster as `confab dev` seeds itself: workspace `demo` in region `local` with
+    /// public channel `general` whose members are alice and bob (seqs 1 and 2).
+    async fn seed_demo(&self) {
+        self.admin()
+            .post(
+                "/admin/v1/workspaces",
+                json!({"id": DEMO, "name": "Demo", "region": CLUSTER_REGION}),
+            )
+            .await
+            .expect_status(201);
+        self.admin()
+            .post(
+                &format!("/admin/v1/workspaces/{DEMO}/channels"),
+                json!({"id": GENERAL, "kind": "public", "members": ["alice", "bob"]}),
+            )
+            .await
+            .expect_status(201);
+    }
+
     /// A builder for a server with extra flags.
     pub fn builder() -> DevServerBuilder {
         DevServerBuilder {
@@ -234,7 +550,7 @@ impl DevServer {
         Self::builder().start().await
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` of `confab dev` or of the cluster's gateway.
     pub fn base_url(&self) -> &str {
         &self.base
     }
@@ -243,15 +559,28 @@ impl DevServer {
         self.addr
     }
 
+    /// `http://127.0.0.1:PORT` of the process that runs the cell: `confab dev` itself, or
+    /// the cluster's `confab cell` (whose `/metrics` has the cell's metrics).
+    pub fn cell_base_url(&self) -> &str {
+        self.cluster
+            .as_ref()
+            .map_or(self.base.as_str(), |c| c.cell_base.as_str())
+    }
+
     pub fn admin_token(&self) -> &str {
         &self.admin_token
     }
 
-    /// The lines the process printed on stdout so far.
+    /// The lines `confab dev` (or the cluster's gateway) printed on stdout so far.
     pub fn stdout_lines(&self) -> Vec<String> {
-        self.stdout_lines
-            .lock()
-            .map(|l| l.clone())
+        self.main.stdout_lines()
+    }
+
+    /// The lines the cluster's cell printed on stdout so far (empty for `confab dev`).
+    pub fn cell_stdout_lines(&self) -> Vec<String> {
+        self.cluster
+            .as_ref()
+            .map(|c| c.cell.stdout_lines())
             .unwrap_or_default()
     }
 
@@ -277,45 +606,34 @@ impl DevServer {
     }
 
     fn diagnostics(&self) -> String {
-        let stderr: Vec<String> = self
-            .stderr_tail
-            .lock()
-            .map(|t| t.iter().cloned().collect())
-            .unwrap_or_default();
-        format!(
-            "stdout:\n{}\nstderr (tail):\n{}",
-            self.stdout_lines().join("\n"),
-            stderr.join("\n")
-        )
+        match &self.cluster {
+            None => self.main.diagnostics(),
+            Some(cluster) => format!(
+                "{}\n{}",
+                self.main.diagnostics(),
+                cluster.cell.diagnostics()
+            ),
+        }
     }
 
-    /// The process id.
+    /// The process id of `confab dev` or of the cluster's gateway.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.main.child.id()
     }
 
-    /// Sends SIGTERM to the process.
+    /// Sends SIGTERM to `confab dev` or to the cluster's gateway.
     pub fn terminate(&self) {
         let status = Command::new("kill")
             .arg("-TERM")
-            .arg(self.child.id().to_string())
+            .arg(self.pid().to_string())
             .status()
             .expect("run kill -TERM");
         assert!(status.success(), "kill -TERM failed: {status}");
     }
 
-    /// Waits (bounded) for the process to exit.
+    /// Waits (bounded) for `confab dev` or the cluster's gateway to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.main.wait_exit(timeout)
     }
 
     // ---- tokens ----
@@ -413,6 +731,16 @@ impl DevServer {
         Http {
             client: self.http.clone(),
             base: self.base.clone(),
+            auth: None,
+        }
+    }
+
+    /// An HTTP client of the process that runs the cell ([`DevServer::cell_base_url`]),
+    /// sending no `Authorization` header.
+    pub fn cell_anon(&self) -> Http {
+        Http {
+            client: self.http.clone(),
+            base: self.cell_base_url().to_string(),
             auth: None,
         }
     }
