@@ -32,7 +32,7 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let metrics = confab_gateway::metrics::install().context("installing metrics")?;
     let listener =
-        TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
+        crate::listen::bind(args.listen)?;
     actix_rt::System::new().block_on(serve(args, listener, metrics))
 }
 

@@ -1,7 +1,6 @@
 //! `confab gateway` and `confab cell`: the processes of a distributed deployment, with Redis
 //! as the one shared engine and WebSocket links between them.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ const CELL_HEARTBEAT: Duration = Duration::from_secs(2);
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let metrics = confab_gateway::metrics::install().context("installing metrics")?;
     let listener =
-        TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
+        crate::listen::bind(args.listen)?;
     actix_rt::System::new().block_on(async move {
         let gateway_id = gateway_id();
         let directory = RedisDirectory::start(&args.redis)?;
@@ -66,7 +65,7 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing metrics")?;
     let listener =
-        TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?;
+        crate::listen::bind(args.listen)?;
     let id: CellId = args
         .id
         .parse()

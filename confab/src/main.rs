@@ -7,6 +7,7 @@ mod dev;
 mod distributed;
 mod inproc;
 mod link_ws;
+mod listen;
 
 use clap::Parser;
 
