@@ -1,0 +1,550 @@
+//! The command line: `reference`, `run <scenario>`, `compare` and `smoke`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::TokenSource;
+use crate::reference::{ReferenceConfig, DEFAULT_QUEUE};
+use crate::report::{default_results_dir, Output, RunReport};
+use crate::scenario::chat::{self, ChatParams};
+use crate::scenario::fanout::FanoutParams;
+use crate::scenario::idle::{self, IdleParams};
+use crate::scenario::storm::{self, StormParams};
+use crate::scenario::ClientOptions;
+use crate::suite::{self, CompareParams};
+use crate::target::{DevOptions, ServerKind, TargetSpec};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "confab-load",
+    version,
+    about = "Load generator and benchmark suite for confab, with a reference fanout server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing env-filter syntax); logs go to stderr.
+    #[arg(long, global = true, default_value = "warn", env = "CONFAB_LOAD_LOG")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the reference fanout server: every text frame to every client.
+    Reference {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Frames a client may fall behind before it is disconnected (close 4008).
+        #[arg(long, default_value_t = DEFAULT_QUEUE)]
+        queue: usize,
+    },
+    /// Run one scenario (each list option runs every combination).
+    Run {
+        #[command(subcommand)]
+        scenario: Scenario,
+    },
+    /// Fanout against the reference server and confab back to back; prints confab/reference
+    /// ratios, writes JSON, Markdown and a p99-against-rate PNG.
+    Compare(CompareArgs),
+    /// A short run of each scenario against `confab dev` (CI); exits non-zero if any scenario
+    /// fails to run or loses, duplicates or reorders a message.
+    Smoke {
+        /// The confab binary.
+        #[arg(long)]
+        confab: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// One channel, S subscribers.
+    Fanout {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        fanout: FanoutArgs,
+    },
+    /// Many small channels at a human pace; highest rate with p99 under a bound.
+    Chat {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        chat: ChatArgs,
+    },
+    /// Idle connections and the server's RSS per connection.
+    Idle {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Connection counts, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "5000")]
+        connections: Vec<usize>,
+        /// Seconds the connections are held before the RSS reading.
+        #[arg(long, default_value_t = 5.0)]
+        hold: f64,
+    },
+    /// Drop every connection at once; time until all resumed, nothing lost.
+    Storm {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        channels: usize,
+        /// Total publish rate through the storm, messages/s.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Seconds allowed for everyone to resume.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// Fanout through several gateways (give each with --target) of one distributed
+    /// deployment.
+    Distributed {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        fanout: FanoutArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+struct TargetArgs {
+    /// A running server's base URL (http://host:port); repeat for several gateways.
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// What the --target servers are.
+    #[arg(long, value_enum, default_value = "confab")]
+    target_kind: ServerKind,
+    /// PIDs of the --target servers, to read their CPU and RSS from /proc.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Start `PATH dev --listen 127.0.0.1:0` afresh for each run.
+    #[arg(long, value_name = "PATH")]
+    spawn_dev: Option<PathBuf>,
+    /// Start the reference server (this binary's `reference`) afresh for each run.
+    #[arg(long)]
+    spawn_reference: bool,
+    /// Run the reference server inside this process (no server CPU/RSS figures).
+    #[arg(long)]
+    in_process_reference: bool,
+    /// The workspace of the client users.
+    #[arg(long, default_value = "demo")]
+    workspace: String,
+    /// Sign client tokens with this HS256 secret.
+    #[arg(long, default_value = "dev-secret")]
+    jwt_secret: String,
+    /// Mint client tokens through POST /admin/v1/tokens with this admin token instead.
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// --client-rate of a spawned confab dev (frames/s per connection).
+    #[arg(long, default_value_t = 1_000_000)]
+    client_rate: u32,
+    /// --queue-events of a spawned confab dev, and the reference server's queue.
+    #[arg(long, default_value_t = DEFAULT_QUEUE)]
+    queue_events: usize,
+    /// Connections opened at once during setup.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Results directory (default: load/results of the source tree).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn spec(&self) -> Result<TargetSpec> {
+        let chosen = [
+            !self.targets.is_empty(),
+            self.spawn_dev.is_some(),
+            self.spawn_reference,
+            self.in_process_reference,
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if chosen != 1 {
+            bail!("give exactly one of --target URL, --spawn-dev PATH, --spawn-reference, --in-process-reference");
+        }
+        let reference = ReferenceConfig {
+            queue: self.queue_events,
+        };
+        Ok(if let Some(binary) = &self.spawn_dev {
+            TargetSpec::SpawnDev {
+                binary: binary.clone(),
+                options: DevOptions {
+                    client_rate: self.client_rate,
+                    queue_events: self.queue_events,
+                    ..DevOptions::default()
+                },
+            }
+        } else if self.spawn_reference {
+            TargetSpec::SpawnReference(reference)
+        } else if self.in_process_reference {
+            TargetSpec::InProcessReference(reference)
+        } else {
+            TargetSpec::External {
+                kind: self.target_kind,
+                bases: self.targets.clone(),
+                pids: self.server_pids.clone(),
+            }
+        })
+    }
+
+    fn client(&self) -> ClientOptions {
+        ClientOptions {
+            workspace: self.workspace.clone(),
+            tokens: match &self.admin_token {
+                Some(admin_token) => TokenSource::Admin {
+                    admin_token: admin_token.clone(),
+                },
+                None => TokenSource::Jwt {
+                    secret: self.jwt_secret.clone(),
+                },
+            },
+            connect_concurrency: self.connect_concurrency,
+        }
+    }
+
+    fn output(&self) -> Result<Output> {
+        Output::new(&self.out.clone().unwrap_or_else(default_results_dir))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+struct FanoutArgs {
+    /// Subscriber counts.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    subscribers: Vec<usize>,
+    /// Total publish rates in messages/s; 0 means max rate.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    rates: Vec<f64>,
+    /// Text sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    sizes: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Seconds of publishing per run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Max rate: messages in flight per subscriber.
+    #[arg(long, default_value_t = 64)]
+    window: u64,
+}
+
+impl FanoutArgs {
+    fn cases(&self) -> Vec<FanoutParams> {
+        let mut out = Vec::new();
+        for &subscribers in &self.subscribers {
+            for &size in &self.sizes {
+                for &rate in &self.rates {
+                    out.push(FanoutParams {
+                        subscribers,
+                        publishers: self.publishers.max(1),
+                        rate: (rate > 0.0).then_some(rate),
+                        size,
+                        duration: secs(self.duration),
+                        window: self.window,
+                        ..FanoutParams::default()
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+struct ChatArgs {
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    #[arg(long, default_value_t = 1_000)]
+    channels: usize,
+    #[arg(long, default_value_t = 10)]
+    members: usize,
+    /// No user in a second channel.
+    #[arg(long)]
+    no_guests: bool,
+    /// First total rate of the search, messages/s.
+    #[arg(long, default_value_t = 500.0)]
+    start_rate: f64,
+    /// Run exactly these rates instead of searching.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 10.0)]
+    step: f64,
+    #[arg(long, default_value_t = 50.0)]
+    p99_limit_ms: f64,
+    #[arg(long, default_value_t = 8)]
+    max_steps: usize,
+    /// Milliseconds between a user's typing and its send.
+    #[arg(long, default_value_t = 300)]
+    typing_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+struct CompareArgs {
+    /// The confab binary, started as `confab dev` for each confab run.
+    #[arg(long)]
+    confab: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+    subscribers: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+    sizes: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Seconds of publishing per run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 64)]
+    window: u64,
+    /// Subscribers of the p99-against-rate sweep; 0 skips the sweep.
+    #[arg(long, default_value_t = 1000)]
+    sweep_subscribers: usize,
+    #[arg(long, default_value_t = 100)]
+    sweep_size: usize,
+    /// Sweep rates as fractions of the reference server's max rate.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,0.75,1.0")]
+    sweep_fractions: Vec<f64>,
+    /// Runs per server and case, alternating; ratios use the medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    client_rate: u32,
+    #[arg(long, default_value_t = DEFAULT_QUEUE)]
+    queue_events: usize,
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.1))
+}
+
+/// The command line as typed, for the results files.
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+/// Parses the command line, runs the command, and returns the process exit code.
+pub fn main() -> Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match command {
+        Command::Reference { listen, queue } => {
+            crate::scenario::raise_nofile(u64::MAX)?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let addr = listener.local_addr()?;
+            // The one line the runner waits for; flushed at once since stdout is a pipe.
+            println!("reference listening on http://{addr}");
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            crate::reference::serve(listener, ReferenceConfig { queue }, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { scenario } => run_scenario(scenario).await,
+        Command::Compare(args) => {
+            crate::scenario::raise_nofile(u64::MAX)?;
+            let out = Output::new(&args.out.clone().unwrap_or_else(default_results_dir))?;
+            let params = CompareParams {
+                confab: args.confab.clone(),
+                dev: DevOptions {
+                    client_rate: args.client_rate,
+                    queue_events: args.queue_events,
+                    ..DevOptions::default()
+                },
+                reference: ReferenceConfig {
+                    queue: args.queue_events,
+                },
+                subscribers: args.subscribers.clone(),
+                sizes: args.sizes.clone(),
+                publishers: args.publishers.max(1),
+                duration: secs(args.duration),
+                window: args.window,
+                sweep_subscribers: (args.sweep_subscribers > 0).then_some(args.sweep_subscribers),
+                sweep_size: args.sweep_size,
+                sweep_fractions: args.sweep_fractions.clone(),
+                repeat: args.repeat,
+            };
+            let client = ClientOptions {
+                connect_concurrency: args.connect_concurrency,
+                ..ClientOptions::default()
+            };
+            let comparison = suite::compare(&params, &client, &out).await?;
+            suite::write_results(
+                &out,
+                "compare",
+                &command_line(),
+                &comparison.reports,
+                &comparison.ratios,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Smoke { confab, out } => {
+            crate::scenario::raise_nofile(u64::MAX)?;
+            let out = Output::new(&out.unwrap_or_else(default_results_dir))?;
+            let outcomes = suite::smoke(&confab, &out).await?;
+            let reports: Vec<RunReport> = outcomes.iter().flat_map(|o| o.reports.clone()).collect();
+            suite::write_results(&out, "smoke", &command_line(), &reports, &[])?;
+            let failed: Vec<&str> = outcomes
+                .iter()
+                .filter(|o| !o.ok())
+                .map(|o| o.name.as_str())
+                .collect();
+            if failed.is_empty() {
+                println!("smoke: all {} scenarios ok", outcomes.len());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("smoke: FAILED: {}", failed.join(", "));
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+async fn run_scenario(scenario: Scenario) -> Result<std::process::ExitCode> {
+    let (name, out, reports) = match scenario {
+        Scenario::Fanout { target, fanout } => {
+            let spec = target.spec()?;
+            let out = target.output()?;
+            let mut reports = Vec::new();
+            for case in fanout.cases() {
+                crate::scenario::raise_nofile(case.subscribers as u64 + 512)?;
+                reports.push(
+                    suite::fanout_once(&spec, &target.client(), &out, &case, "fanout").await?,
+                );
+            }
+            ("fanout", out, reports)
+        }
+        Scenario::Distributed { target, fanout } => {
+            if target.targets.len() < 2 {
+                bail!("the distributed scenario takes two or more --target URLs (the gateways of one deployment)");
+            }
+            let spec = target.spec()?;
+            for base in &target.targets {
+                crate::api::check_reachable(base).await.context(
+                    "the distributed scenario needs running gateways and a cell (confab gateway / confab cell with Redis)",
+                )?;
+            }
+            let out = target.output()?;
+            let mut reports = Vec::new();
+            for case in fanout.cases() {
+                crate::scenario::raise_nofile(case.subscribers as u64 + 512)?;
+                reports.push(
+                    suite::fanout_once(&spec, &target.client(), &out, &case, "distributed").await?,
+                );
+            }
+            ("distributed", out, reports)
+        }
+        Scenario::Chat { target, chat: args } => {
+            let spec = target.spec()?;
+            let out = target.output()?;
+            let params = ChatParams {
+                users: args.users,
+                channels: args.channels,
+                members: args.members,
+                guests: !args.no_guests,
+                start_rate: args.start_rate,
+                rates: args.rates.clone(),
+                step: secs(args.step),
+                p99_limit_ms: args.p99_limit_ms,
+                max_steps: args.max_steps,
+                typing: Duration::from_millis(args.typing_ms),
+                size: args.size,
+            };
+            let reports = suite::with_target(&spec, &target.client(), &out, "chat", async |ctx| {
+                chat::run(ctx, &params).await
+            })
+            .await?;
+            for r in &reports {
+                println!("{}", r.one_line());
+            }
+            ("chat", out, reports)
+        }
+        Scenario::Idle {
+            target,
+            connections,
+            hold,
+        } => {
+            let spec = target.spec()?;
+            let out = target.output()?;
+            let mut reports = Vec::new();
+            for n in connections {
+                idle::check_limits(n)?;
+                let params = IdleParams {
+                    connections: n,
+                    hold: secs(hold),
+                };
+                let report =
+                    suite::with_target(&spec, &target.client(), &out, "idle", async |ctx| {
+                        idle::run(ctx, &params).await
+                    })
+                    .await?;
+                println!("{}", report.one_line());
+                reports.push(report);
+            }
+            ("idle", out, reports)
+        }
+        Scenario::Storm {
+            target,
+            connections,
+            channels,
+            rate,
+            timeout,
+        } => {
+            let spec = target.spec()?;
+            let out = target.output()?;
+            let params = StormParams {
+                connections,
+                channels,
+                rate,
+                timeout: secs(timeout),
+                ..StormParams::default()
+            };
+            let report = suite::with_target(&spec, &target.client(), &out, "storm", async |ctx| {
+                storm::run(ctx, &params).await
+            })
+            .await?;
+            println!("{}", report.one_line());
+            ("storm", out, vec![report])
+        }
+    };
+    suite::write_results(&out, name, &command_line(), &reports, &[])?;
+    let failed = reports.iter().filter(|r| !r.failures.is_empty()).count();
+    Ok(if failed == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("{failed} run(s) failed their delivery checks");
+        std::process::ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,542 @@
+//! Scenario 1, fanout: one channel, S subscribers, P publishers, at a fixed rate or as fast as
+//! deliveries allow; and scenario 5 when the target has several gateway URLs (subscribers are
+//! spread round-robin over them, publishers use the first).
+//!
+//! Against confab the channel is created over HTTP with every subscriber and publisher as a
+//! member before anyone connects; each subscriber tracks the channel's seqs from `last_seq` in
+//! its `ready`, and the final seq is the highest one acked to a publisher. Against the
+//! reference server each publisher sends `message`-shaped frames on its own stream with its
+//! own seqs from 1, and the final seq is the number it sent.
+//!
+//! "Max rate" is closed-loop on deliveries: publishers keep at most `window` messages per
+//! subscriber in flight (published but not yet received, on average), so the server is kept
+//! busy without letting the load generator fall so far behind that the server's slow-consumer
+//! rule fires.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{open_many, wait_until, RunContext};
+use crate::client::{self, Ended, Inbox, Received, Shared, Ws};
+use crate::payload;
+use crate::progress;
+use crate::report::RunReport;
+use crate::seq::SeqTotals;
+use crate::stats::Counters;
+use crate::target::ServerKind;
+
+/// Parameters of one fanout run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutParams {
+    pub subscribers: usize,
+    pub publishers: usize,
+    /// Total publish rate in messages/s; `None` for max rate.
+    pub rate: Option<f64>,
+    /// Message text size in bytes.
+    pub size: usize,
+    pub duration: Duration,
+    /// Max-rate mode: messages in flight per subscriber (on average).
+    pub window: u64,
+    /// How long deliveries may stall after publishing before the rest count as lost.
+    pub drain: Duration,
+}
+
+impl Default for FanoutParams {
+    fn default() -> Self {
+        FanoutParams {
+            subscribers: 1000,
+            publishers: 1,
+            rate: None,
+            size: 100,
+            duration: Duration::from_secs(10),
+            window: 64,
+            drain: Duration::from_secs(5),
+        }
+    }
+}
+
+impl FanoutParams {
+    /// `S=1000 100B max` / `S=1000 100B 50 msg/s`.
+    pub fn case(&self) -> String {
+        let rate = match self.rate {
+            Some(r) => format!("{} msg/s", crate::report::fmt_num(r)),
+            None => "max".into(),
+        };
+        format!("S={} {}B {}", self.subscribers, self.size, rate)
+    }
+}
+
+/// The closed-loop gate of max-rate publishing, shared by every publisher of a run.
+#[derive(Debug)]
+pub struct Gate {
+    /// Messages sent and not refused.
+    sent: AtomicU64,
+    receivers: u64,
+    window: u64,
+}
+
+impl Gate {
+    pub fn new(receivers: usize, window: u64) -> Self {
+        Gate {
+            sent: AtomicU64::new(0),
+            receivers: receivers.max(1) as u64,
+            window: window.max(1),
+        }
+    }
+
+    /// How many more messages may be sent now, given the deliveries so far.
+    pub fn allowance(&self, delivered: u64) -> u64 {
+        let sent = self.sent.load(Ordering::Relaxed);
+        let in_flight = sent.saturating_sub(delivered / self.receivers);
+        self.window.saturating_sub(in_flight)
+    }
+}
+
+/// What a publisher does.
+#[derive(Debug, Clone)]
+pub struct PublisherSpec {
+    pub index: usize,
+    pub kind: ServerKind,
+    /// The confab channel id, or the reference stream name.
+    pub stream: String,
+    pub user: String,
+    pub size: usize,
+    /// This publisher's rate in messages/s; `None`: as the gate allows.
+    pub rate: Option<f64>,
+}
+
+/// What a publisher did.
+#[derive(Debug, Clone, Default)]
+pub struct PublisherResult {
+    pub sent: u64,
+    pub acked: u64,
+    pub refused: u64,
+    /// Highest seq acked (confab) or sent (reference) on its stream.
+    pub final_seq: u64,
+    pub lost: Option<String>,
+}
+
+/// Most messages one publisher sends per 1 ms tick, so a stalled server does not get a burst
+/// of thousands when it recovers.
+const MAX_BURST: u64 = 256;
+
+/// Publishes until `stop_sending`, then (confab) waits for the outstanding acks; `stop` ends
+/// it at once.
+pub async fn publisher(
+    mut ws: Ws,
+    spec: PublisherSpec,
+    gate: Option<Arc<Gate>>,
+    shared: Arc<Shared>,
+    stop_sending: CancellationToken,
+    stop: CancellationToken,
+) -> PublisherResult {
+    let mut result = PublisherResult::default();
+    let mut inbox = Inbox::new(spec.index, false);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let started = tokio::time::Instant::now();
+    let ack_deadline = Duration::from_secs(10);
+    let mut sending_stopped_at: Option<tokio::time::Instant> = None;
+    loop {
+        let sending = sending_stopped_at.is_none();
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => match inbox.handle(&text, &shared) {
+                    Received::Ack { seq, .. } => {
+                        result.acked += 1;
+                        result.final_seq = result.final_seq.max(seq);
+                        Counters::bump(&shared.counters.published);
+                    }
+                    // The reference server echoes every frame to its sender too; the echo of
+                    // the publisher's own frame is its "ack". Waiting for the last one before
+                    // closing matters: frames the server has not read yet when the publisher
+                    // closes its socket would be lost.
+                    Received::Message { channel, seq }
+                        if spec.kind == ServerKind::Reference
+                            && channel == spec.stream
+                            && seq > result.acked =>
+                    {
+                        let newly = seq - result.acked;
+                        result.acked = seq;
+                        result.final_seq = seq;
+                        shared.counters.published.fetch_add(newly, Ordering::Relaxed);
+                    }
+                    Received::Error { .. } => {
+                        result.refused += 1;
+                        if let Some(gate) = &gate {
+                            gate.sent.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {}
+                },
+                Some(Ok(Message::Close(close))) => {
+                    let code = close.map(|c| u16::from(c.code)).unwrap_or(1005);
+                    result.lost = Some(format!("publisher closed by the server with {code}"));
+                    Counters::bump(&shared.counters.disconnects);
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    result.lost = Some(format!("publisher connection failed: {e}"));
+                    Counters::bump(&shared.counters.disconnects);
+                    break;
+                }
+                None => {
+                    result.lost = Some("publisher connection ended".into());
+                    Counters::bump(&shared.counters.disconnects);
+                    break;
+                }
+            },
+            _ = stop_sending.cancelled(), if sending => {
+                sending_stopped_at = Some(tokio::time::Instant::now());
+            }
+            _ = tick.tick() => {
+                if let Some(at) = sending_stopped_at {
+                    let settled = result.acked + result.refused >= result.sent;
+                    if settled || at.elapsed() > ack_deadline {
+                        break;
+                    }
+                    continue;
+                }
+                let due = match (spec.rate, &gate) {
+                    (Some(rate), _) => {
+                        let target = (started.elapsed().as_secs_f64() * rate) as u64;
+                        target.saturating_sub(result.sent)
+                    }
+                    (None, Some(gate)) => gate.allowance(Counters::get(&shared.counters.delivered)),
+                    (None, None) => 1,
+                };
+                let due = due.min(MAX_BURST);
+                if due == 0 {
+                    continue;
+                }
+                if let Err(e) = send_batch(&mut ws, &spec, &mut result, gate.as_deref(), due).await {
+                    result.lost = Some(format!("publishing failed: {e}"));
+                    Counters::bump(&shared.counters.disconnects);
+                    break;
+                }
+            }
+        }
+    }
+    if spec.kind == ServerKind::Reference {
+        // Subscribers are judged against every frame sent: one the server dropped is a loss.
+        result.final_seq = result.sent;
+    }
+    client::close_gracefully(ws).await;
+    result
+}
+
+async fn send_batch(
+    ws: &mut Ws,
+    spec: &PublisherSpec,
+    result: &mut PublisherResult,
+    gate: Option<&Gate>,
+    count: u64,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    for _ in 0..count {
+        let text = payload::make_text(payload::now_us(), spec.size);
+        let frame = match spec.kind {
+            ServerKind::Confab => payload::send_frame(&spec.stream, &text),
+            ServerKind::Reference => {
+                payload::reference_frame(&spec.stream, result.sent + 1, &spec.user, &text)
+            }
+        };
+        ws.feed(Message::text(frame)).await?;
+        result.sent += 1;
+        if let Some(gate) = gate {
+            gate.sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    ws.flush().await
+}
+
+/// A subscriber connection running in its own task.
+pub struct Subscriber {
+    pub index: usize,
+    /// The seq the subscriber starts after on the channel (confab) or 0 (reference).
+    pub start: u64,
+    pub task: JoinHandle<(Inbox, Ended)>,
+}
+
+/// Opens, greets and starts a measuring subscriber.
+pub async fn open_subscriber(
+    ctx: &RunContext,
+    index: usize,
+    user: &str,
+    channel: Option<&str>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<Subscriber> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut ws = ctx.connector.connect_retrying(index, deadline).await?;
+    let mut inbox = Inbox::new(index, true);
+    let mut start = 0;
+    let heartbeat = match ctx.kind() {
+        ServerKind::Confab => {
+            let token = ctx.api()?.token(user).await?;
+            let ready = client::hello(&mut ws, &token, &[]).await?;
+            inbox.track_ready(&ready);
+            if let Some(channel) = channel {
+                start = ready
+                    .channels
+                    .iter()
+                    .find(|(c, _)| c == channel)
+                    .map(|(_, s)| *s)
+                    .with_context(|| format!("{user}'s ready does not list channel {channel}"))?;
+            }
+            Some(ready.heartbeat)
+        }
+        ServerKind::Reference => {
+            inbox.auto_streams = true;
+            None
+        }
+    };
+    let task = tokio::spawn(async move {
+        let ended = client::receive_loop(ws, &mut inbox, &shared, heartbeat, &stop).await;
+        (inbox, ended)
+    });
+    Ok(Subscriber { index, start, task })
+}
+
+/// Opens and greets a publisher connection (its task is started by the caller).
+pub async fn open_publisher(ctx: &RunContext, index: usize, user: &str) -> Result<Ws> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut ws = ctx.connector.connect_retrying(index, deadline).await?;
+    if ctx.kind() == ServerKind::Confab {
+        let token = ctx.api()?.token(user).await?;
+        client::hello(&mut ws, &token, &[]).await?;
+    }
+    Ok(ws)
+}
+
+/// Stops subscribers and collects their inboxes, closing their sockets normally.
+pub async fn collect_subscribers(subscribers: Vec<Subscriber>) -> Vec<(usize, u64, Inbox, bool)> {
+    let mut out = Vec::with_capacity(subscribers.len());
+    let mut closes = Vec::new();
+    for s in subscribers {
+        match s.task.await {
+            Ok((inbox, Ended::Stopped(ws))) => {
+                closes.push(tokio::spawn(client::close_gracefully(*ws)));
+                out.push((s.index, s.start, inbox, true));
+            }
+            Ok((inbox, Ended::Lost(why))) => {
+                warn!(index = s.index, %why, "subscriber lost");
+                out.push((s.index, s.start, inbox, false));
+            }
+            Err(e) => warn!(index = s.index, error = %e, "subscriber task failed"),
+        }
+    }
+    for c in closes {
+        let _ = c.await;
+    }
+    out
+}
+
+/// Runs one fanout measurement.
+pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<RunReport> {
+    let shared = Arc::new(Shared::default());
+    let stop = CancellationToken::new();
+    let endpoints = ctx.connector.endpoints();
+    let publishers: Vec<String> = (0..p.publishers.max(1)).map(|j| ctx.user("p", j)).collect();
+    let subscribers: Vec<String> = (0..p.subscribers).map(|i| ctx.user("s", i)).collect();
+
+    // Set up the channel (confab) or the streams (reference).
+    let streams: Vec<String> = match ctx.kind() {
+        ServerKind::Confab => {
+            let api = ctx.api()?;
+            let creator = api.token(&publishers[0]).await?;
+            let mut members: Vec<String> = publishers[1..].to_vec();
+            members.extend(subscribers.iter().cloned());
+            let channel = ctx
+                .create_channel(&creator, &format!("fanout-{}", ctx.run_id), &members)
+                .await?;
+            vec![channel; publishers.len()]
+        }
+        ServerKind::Reference => (0..publishers.len())
+            .map(|j| format!("{}-p{j}", ctx.run_id))
+            .collect(),
+    };
+    let channel = (ctx.kind() == ServerKind::Confab).then(|| streams[0].clone());
+
+    let subs = open_many(p.subscribers, ctx.connect_concurrency, "subscribers", |i| {
+        open_subscriber(
+            ctx,
+            i,
+            &subscribers[i],
+            channel.as_deref(),
+            shared.clone(),
+            stop.clone(),
+        )
+    })
+    .await?;
+    // Publishers connect to the first endpoint: index j * endpoints maps to endpoint 0.
+    let mut pub_sockets = Vec::new();
+    for (j, user) in publishers.iter().enumerate() {
+        pub_sockets.push(
+            open_publisher(ctx, p.subscribers + j * endpoints, user)
+                .await
+                .with_context(|| format!("publisher {j}"))?,
+        );
+    }
+    info!(scenario, case = %p.case(), "connected, publishing");
+
+    let before = ctx.sample();
+    let start_us = payload::now_us();
+    let stop_sending = CancellationToken::new();
+    let gate = p
+        .rate
+        .is_none()
+        .then(|| Arc::new(Gate::new(p.subscribers, p.window)));
+    let per_publisher = p.rate.map(|r| r / publishers.len() as f64);
+    let mut pub_tasks = Vec::new();
+    for (j, ws) in pub_sockets.into_iter().enumerate() {
+        let spec = PublisherSpec {
+            index: p.subscribers + j,
+            kind: ctx.kind(),
+            stream: streams[j].clone(),
+            user: publishers[j].clone(),
+            size: p.size,
+            rate: per_publisher,
+        };
+        pub_tasks.push(tokio::spawn(publisher(
+            ws,
+            spec,
+            gate.clone(),
+            shared.clone(),
+            stop_sending.clone(),
+            stop.clone(),
+        )));
+    }
+
+    let bar = progress::timer(p.duration, &format!("{scenario} {}", ctx.kind().as_str()));
+    let run_start = tokio::time::Instant::now();
+    while run_start.elapsed() < p.duration {
+        tokio::time::sleep(Duration::from_millis(200).min(p.duration)).await;
+        let secs = run_start.elapsed().as_secs_f64().max(0.001);
+        bar.set_position(secs as u64);
+        bar.set_message(format!(
+            "{} ev/s",
+            crate::report::fmt_num(Counters::get(&shared.counters.delivered) as f64 / secs)
+        ));
+    }
+    bar.finish_and_clear();
+    stop_sending.cancel();
+    let publish_end_us = payload::now_us();
+
+    let mut results = Vec::new();
+    for t in pub_tasks {
+        results.push(t.await.context("publisher task failed")?);
+    }
+    // The final seq of each stream, and how many deliveries that makes.
+    let mut finals: HashMap<String, u64> = HashMap::new();
+    for (j, r) in results.iter().enumerate() {
+        let f = finals.entry(streams[j].clone()).or_insert(0);
+        *f = (*f).max(r.final_seq);
+    }
+    let expected: u64 = subs
+        .iter()
+        .map(|s| {
+            finals
+                .values()
+                .map(|f| f.saturating_sub(s.start))
+                .sum::<u64>()
+        })
+        .sum();
+    let drained = wait_until(
+        || Counters::get(&shared.counters.delivered) >= expected,
+        || Counters::get(&shared.counters.delivered),
+        p.drain,
+        p.drain * 6,
+    )
+    .await;
+    let after = ctx.sample();
+    stop.cancel();
+
+    let collected = collect_subscribers(subs).await;
+    let mut seq = SeqTotals::default();
+    for (_, start, inbox, _) in &collected {
+        seq.merge(inbox.totals(&finals, *start));
+    }
+    let missing_subscribers = p.subscribers - collected.len();
+
+    let delivered = Counters::get(&shared.counters.delivered);
+    let last_us = collected
+        .iter()
+        .map(|(_, _, inbox, _)| inbox.last_delivery_us)
+        .max()
+        .unwrap_or(0)
+        .max(publish_end_us);
+    let elapsed_s = (last_us.saturating_sub(start_us)) as f64 / 1e6;
+    let publish_s = (publish_end_us.saturating_sub(start_us)) as f64 / 1e6;
+    let published = Counters::get(&shared.counters.published);
+    let measured = before.until(&after);
+    let mut report = RunReport {
+        scenario: scenario.to_string(),
+        case: p.case(),
+        server: ctx.kind(),
+        target: ctx.target.label.clone(),
+        params: serde_json::to_value(p).unwrap_or_default(),
+        connections: p.subscribers + publishers.len(),
+        duration_s: elapsed_s,
+        offered_msgs_per_s: p.rate,
+        published,
+        published_per_s: published as f64 / publish_s.max(1e-3),
+        delivered,
+        delivered_per_s: delivered as f64 / elapsed_s.max(1e-3),
+        latency: shared.latency.summary(),
+        seq,
+        resyncs: Counters::get(&shared.counters.resyncs),
+        disconnects: Counters::get(&shared.counters.disconnects),
+        errors: Counters::get(&shared.counters.errors),
+        rate_limited: Counters::get(&shared.counters.rate_limited),
+        server_usage: measured.server,
+        loadgen_cpu_s: measured.loadgen_cpu_s,
+        other_cpu_s: measured.other_cpu_s,
+        extra: Default::default(),
+        failures: Vec::new(),
+        misses: Vec::new(),
+    };
+    report.check_delivery();
+    if published == 0 {
+        report.failures.push("nothing was published".into());
+    }
+    for (j, r) in results.iter().enumerate() {
+        if let Some(why) = &r.lost {
+            report.failures.push(format!("publisher {j}: {why}"));
+        }
+        if r.refused > 0 {
+            report
+                .failures
+                .push(format!("publisher {j}: {} sends refused", r.refused));
+        }
+        if r.acked + r.refused < r.sent {
+            report.failures.push(format!(
+                "publisher {j}: {} sends never acked",
+                r.sent - r.acked - r.refused
+            ));
+        }
+    }
+    if missing_subscribers > 0 {
+        report
+            .failures
+            .push(format!("{missing_subscribers} subscriber tasks failed"));
+    }
+    if !drained && report.seq.losses == 0 {
+        report
+            .failures
+            .push("deliveries did not complete within the drain time".into());
+    }
+    Ok(report)
+}
