@@ -9,7 +9,9 @@
 //! - [`auth`]: JWT verification and minting, admin token check.
 //! - [`links`]: links to cells (in-process or over the network, behind [`links::CellConnector`]):
 //!   routing by workspace, request/reply correlation, delivery of cell frames to sessions.
-//! - [`sessions`]: the registry of local sessions and their bounded outbound queues.
+//! - [`sessions`]: the registry of local sessions.
+//! - [`socket`]: the WebSocket transport: upgrade, frame reader, and each session's bounded
+//!   outbound queue drained by the response body.
 //! - [`ws`]: one client WebSocket, from `hello` to close.
 //! - [`presence`]: local presence subscriptions fed by the presence engine's change stream.
 //! - [`rate`]: token buckets.
@@ -31,6 +33,7 @@ pub mod presence;
 pub mod rate;
 pub mod server;
 pub mod sessions;
+pub mod socket;
 pub mod web;
 pub mod ws;
 

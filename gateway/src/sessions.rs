@@ -2,21 +2,20 @@
 //!
 //! Hot path: a cell's `Deliver` names the sessions of this gateway that must receive one
 //! encoded frame; [`SessionRegistry::deliver`] looks each up and queues a clone of the same
-//! `ByteString` (a reference-count increment, no copy, no encoding). A queue that is full, in
-//! events or bytes, closes its session with `4008` instead of growing.
+//! `ByteString` (a reference-count increment, no copy, no encoding) into its [`Outbox`]. An
+//! outbox that is full, in events or bytes, closes its session with `4008` instead of growing.
 
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use confab_shared::link::Frame;
 use confab_shared::{CellId, CloseCode, SessionId, UserId, WorkspaceId};
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
+use crate::socket::{Outbox, Refused};
 
-/// The sending half of a session: what the rest of the gateway holds.
+/// A ready session, as the rest of the gateway sees it.
 #[derive(Debug)]
 pub struct SessionHandle {
     pub id: SessionId,
@@ -24,67 +23,38 @@ pub struct SessionHandle {
     pub user: UserId,
     /// The cell the session is attached to.
     pub cell: CellId,
-    queue: mpsc::Sender<Frame>,
-    queued_bytes: AtomicUsize,
-    max_bytes: usize,
-    close_code: AtomicU16,
-    closing: CancellationToken,
-}
-
-/// The receiving half, owned by the session's writer.
-#[derive(Debug)]
-pub struct SessionQueue {
-    pub frames: mpsc::Receiver<Frame>,
-    pub closing: CancellationToken,
+    outbox: Arc<Outbox>,
 }
 
 impl SessionHandle {
-    /// A session with a queue of at most `max_events` frames and `max_bytes` bytes.
     pub fn new(
         id: SessionId,
         workspace: WorkspaceId,
         user: UserId,
         cell: CellId,
-        max_events: usize,
-        max_bytes: usize,
-    ) -> (Arc<SessionHandle>, SessionQueue) {
-        let (queue, frames) = mpsc::channel(max_events.max(1));
-        let closing = CancellationToken::new();
-        let handle = Arc::new(SessionHandle {
+        outbox: Arc<Outbox>,
+    ) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
             id,
             workspace,
             user,
             cell,
-            queue,
-            queued_bytes: AtomicUsize::new(0),
-            max_bytes,
-            close_code: AtomicU16::new(0),
-            closing: closing.clone(),
-        });
-        (handle, SessionQueue { frames, closing })
+            outbox,
+        })
     }
 
-    /// Queues a frame for the socket. On overflow the session is closed with `4008`.
+    /// Queues an event for the socket. On overflow the session is closed with `4008`.
     pub fn push(&self, frame: Frame) {
-        if self.closing.is_cancelled() {
-            return;
-        }
-        let len = frame.text.len();
-        let queued = self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.max_bytes {
+        if self.outbox.push_event(frame) == Err(Refused::Overflow) {
             self.overflow();
-            return;
-        }
-        match self.queue.try_send(frame) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.overflow(),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
-    /// The writer took a frame of `len` bytes off the queue.
-    pub fn dequeued(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    /// Queues a reply or error frame. On overflow the session is closed with `4008`.
+    pub fn push_reply(&self, text: bytestring::ByteString) {
+        if self.outbox.push_reply(text) == Err(Refused::Overflow) {
+            self.overflow();
+        }
     }
 
     fn overflow(&self) {
@@ -97,42 +67,23 @@ impl SessionHandle {
     /// Asks the session to close with `code`; the first request wins. Returns whether this
     /// call decided the code.
     pub fn close(&self, code: CloseCode) -> bool {
-        let decided = self
-            .close_code
-            .compare_exchange(0, code.code(), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        self.closing.cancel();
-        decided
+        self.outbox.close(code)
     }
 
     /// The close code decided so far, if any.
     pub fn close_code(&self) -> Option<CloseCode> {
-        let code = self.close_code.load(Ordering::Acquire);
-        ALL_CLOSE_CODES.into_iter().find(|c| c.code() == code)
+        self.outbox.close_code()
     }
 
-    /// A token cancelled when the session is asked to close.
+    /// A token cancelled when the session closes.
     pub fn closing_token(&self) -> CancellationToken {
-        self.closing.clone()
+        self.outbox.closing().clone()
     }
 
     pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+        self.outbox.closing().is_cancelled()
     }
 }
-
-const ALL_CLOSE_CODES: [CloseCode; 10] = [
-    CloseCode::Normal,
-    CloseCode::GoingAway,
-    CloseCode::FrameTooBig,
-    CloseCode::HeartbeatTimeout,
-    CloseCode::BadToken,
-    CloseCode::HelloTimeout,
-    CloseCode::ProtocolAbuse,
-    CloseCode::UnknownWorkspace,
-    CloseCode::SlowConsumer,
-    CloseCode::ReconnectNow,
-];
 
 /// Every session of this gateway, by id.
 #[derive(Debug, Default)]
@@ -197,15 +148,15 @@ mod tests {
     use super::*;
     use bytestring::ByteString;
 
-    fn handle(events: usize, bytes: usize) -> (Arc<SessionHandle>, SessionQueue) {
-        let id = |s: &str| s.to_string();
+    fn handle(events: usize, bytes: usize) -> Arc<SessionHandle> {
+        let outbox = Outbox::new(events, bytes);
+        outbox.go_live(ByteString::from_static(""));
         SessionHandle::new(
-            SessionId::new(&id("s")).unwrap_or_else(|e| panic!("{e}")),
+            SessionId::new("s").unwrap_or_else(|e| panic!("{e}")),
             WorkspaceId::new("w").unwrap_or_else(|e| panic!("{e}")),
             UserId::new("u").unwrap_or_else(|e| panic!("{e}")),
             CellId::new("c").unwrap_or_else(|e| panic!("{e}")),
-            events,
-            bytes,
+            outbox,
         )
     }
 
@@ -218,7 +169,7 @@ mod tests {
 
     #[test]
     fn overflowing_the_event_bound_closes_with_4008() {
-        let (session, _queue) = handle(2, 1 << 20);
+        let session = handle(3, 1 << 20);
         session.push(frame("a"));
         session.push(frame("b"));
         assert!(!session.is_closing());
@@ -228,7 +179,7 @@ mod tests {
 
     #[test]
     fn overflowing_the_byte_bound_closes_with_4008() {
-        let (session, _queue) = handle(100, 4);
+        let session = handle(100, 4);
         session.push(frame("abc"));
         session.push(frame("de"));
         assert_eq!(session.close_code(), Some(CloseCode::SlowConsumer));
@@ -236,7 +187,7 @@ mod tests {
 
     #[test]
     fn the_first_close_code_wins() {
-        let (session, _queue) = handle(1, 1);
+        let session = handle(1, 1);
         assert!(session.close(CloseCode::GoingAway));
         assert!(!session.close(CloseCode::SlowConsumer));
         assert_eq!(session.close_code(), Some(CloseCode::GoingAway));

@@ -1,22 +1,22 @@
 //! One client WebSocket at `/v1/ws` (SPEC §4), from `hello` to close.
 //!
-//! Each connection runs as two tasks: the reader (this module's [`Connection`]) parses frames,
-//! enforces the limits — rate, size, abuse, heartbeat — and forwards requests to the cell; the
-//! writer drains the session's bounded queue into the socket. Every frame a session receives
-//! after `ready` — replies, errors and events alike — passes through that one queue, so the
-//! queue bound covers everything and the writer is the only place that writes.
+//! Each connection is one task, this module's [`Connection`]: it reads frames, enforces the
+//! limits — rate, size, abuse, heartbeat — and forwards requests to the cell. It never writes
+//! to the socket: every frame a session receives — `ready`, replies, errors and events alike —
+//! goes into the session's bounded [`Outbox`], which the HTTP response body drains (see
+//! [`crate::socket`]), so the queue bound covers everything.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_http::ws::ProtocolError;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason, ProtocolError, Session};
 use bytestring::ByteString;
 use confab_directory::PresenceSession;
 use confab_shared::client::{parse_frame, ClientRequest, FrameError, RequestId};
 use confab_shared::limits::{ABUSE_BAD_REQUESTS, ABUSE_WINDOW_MS, HISTORY_DEFAULT_LIMIT};
-use confab_shared::link::{Attach, Caller, CellError, CellOp, CellReply, Frame};
+use confab_shared::link::{Attach, Caller, CellError, CellOp, CellReply};
 use confab_shared::server::{encode, ServerFrame};
 use confab_shared::{CloseCode, ErrorCode, SessionId};
 
@@ -24,46 +24,45 @@ use crate::links::RouteError;
 use crate::metrics as m;
 use crate::rate::TokenBucket;
 use crate::server::Gateway;
-use crate::sessions::{SessionHandle, SessionQueue};
+use crate::sessions::SessionHandle;
+use crate::socket::{FrameReader, Incoming, Outbox};
 
-/// `GET /v1/ws`: upgrades and hands the socket to its own task.
+/// `GET /v1/ws`: upgrades and hands the connection to its own task.
 pub async fn route(
     req: HttpRequest,
     body: web::Payload,
     gateway: web::Data<Gateway>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let max = gateway.config.limits.max_frame_bytes;
-    let stream = stream
-        .max_frame_size(max)
-        .aggregate_continuations()
-        .max_continuation_size(max);
-    actix_rt::spawn(run(gateway.into_inner(), session, stream));
+    let limits = &gateway.config.limits;
+    let outbox = Outbox::new(limits.queue_events, limits.queue_bytes);
+    let (response, reader) =
+        crate::socket::upgrade(&req, body, limits.max_frame_bytes, Arc::clone(&outbox))?;
+    actix_rt::spawn(run(gateway.into_inner(), outbox, reader));
     Ok(response)
 }
 
-async fn run(gateway: Arc<Gateway>, socket: Session, mut stream: AggregatedMessageStream) {
+async fn run(gateway: Arc<Gateway>, outbox: Arc<Outbox>, mut reader: FrameReader) {
     if gateway.shutdown.is_cancelled() {
-        close_socket(socket, CloseCode::GoingAway).await;
+        outbox.close(CloseCode::GoingAway);
         return;
     }
     let shutdown = gateway.shutdown.clone();
-    let mut conn = Connection::new(gateway, socket);
+    let mut conn = Connection::new(gateway, outbox);
     let hello_timeout = Duration::from_millis(conn.gateway.config.limits.hello_timeout_ms);
     let waited = tokio::select! {
-        waited = tokio::time::timeout(hello_timeout, conn.await_hello(&mut stream)) => waited,
+        waited = tokio::time::timeout(hello_timeout, conn.await_hello(&mut reader)) => waited,
         // Not yet a registered session: the shutdown path cannot reach it, so it listens here.
         () = shutdown.cancelled() => Ok(Err(CloseCode::GoingAway)),
     };
     let hello = match waited {
         Ok(Ok(hello)) => hello,
-        Ok(Err(code)) => return conn.close_before_ready(code).await,
-        Err(_) => return conn.close_before_ready(CloseCode::HelloTimeout).await,
+        Ok(Err(code)) => return conn.close(code),
+        Err(_) => return conn.close(CloseCode::HelloTimeout),
     };
-    let Some((handle, queue)) = conn.attach(hello).await else {
+    let Some(handle) = conn.attach(hello).await else {
         return;
     };
-    conn.serve(handle, queue, stream).await;
+    conn.serve(handle, reader).await;
 }
 
 /// A `hello` frame's content.
@@ -75,7 +74,7 @@ struct Hello {
 /// Per-connection state of the reader.
 struct Connection {
     gateway: Arc<Gateway>,
-    socket: Session,
+    outbox: Arc<Outbox>,
     bucket: TokenBucket,
     bad_requests: VecDeque<Instant>,
     last_frame: Instant,
@@ -89,11 +88,11 @@ enum Step {
 }
 
 impl Connection {
-    fn new(gateway: Arc<Gateway>, socket: Session) -> Self {
+    fn new(gateway: Arc<Gateway>, outbox: Arc<Outbox>) -> Self {
         let bucket = TokenBucket::per_second(gateway.config.limits.client_rate);
         Connection {
             gateway,
-            socket,
+            outbox,
             bucket,
             bad_requests: VecDeque::new(),
             last_frame: Instant::now(),
@@ -102,12 +101,9 @@ impl Connection {
     }
 
     /// Reads frames until a `hello`; answers anything else with an error.
-    async fn await_hello(
-        &mut self,
-        stream: &mut AggregatedMessageStream,
-    ) -> Result<Hello, CloseCode> {
+    async fn await_hello(&mut self, reader: &mut FrameReader) -> Result<Hello, CloseCode> {
         loop {
-            let text = match self.next_text(stream).await? {
+            let text = match self.next_text(reader).await? {
                 Some(text) => text,
                 None => continue,
             };
@@ -121,11 +117,11 @@ impl Connection {
                     }
                     _ => {
                         let e = CellError::bad_request("send hello first");
-                        self.reply_error(frame.id, &e, None).await;
+                        self.reply_error(frame.id, &e, None);
                         self.count_bad_request()?;
                     }
                 },
-                Err(e) => self.frame_error(e).await?,
+                Err(e) => self.frame_error(e)?,
             }
         }
     }
@@ -134,50 +130,49 @@ impl Connection {
     /// handled here (control frames, refused frames).
     async fn next_text(
         &mut self,
-        stream: &mut AggregatedMessageStream,
+        reader: &mut FrameReader,
     ) -> Result<Option<ByteString>, CloseCode> {
-        let message = match stream.recv().await {
+        let incoming = match reader.next().await {
             None => return Err(CloseCode::Normal),
             Some(Err(ProtocolError::Overflow)) => return Err(CloseCode::FrameTooBig),
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "websocket protocol error");
                 return Err(CloseCode::Normal);
             }
-            Some(Ok(message)) => message,
+            Some(Ok(incoming)) => incoming,
         };
         metrics::counter!(m::FRAMES_IN).increment(1);
         self.last_frame = Instant::now();
-        if let AggregatedMessage::Close(_) = message {
+        if let Incoming::Close = incoming {
             return Err(CloseCode::Normal);
         }
         if let Err(retry_after_ms) = self.bucket.take(Instant::now()) {
-            let id = match &message {
-                AggregatedMessage::Text(text) => request_id_of(text),
+            let id = match &incoming {
+                Incoming::Text(text) => request_id_of(text),
                 _ => None,
             };
             let e = CellError::new(ErrorCode::RateLimited, "too many frames");
-            self.reply_error(id, &e, Some(retry_after_ms)).await;
+            self.reply_error(id, &e, Some(retry_after_ms));
             return Ok(None);
         }
-        match message {
-            AggregatedMessage::Text(text) => Ok(Some(text)),
-            AggregatedMessage::Binary(_) => {
-                let e = CellError::bad_request("binary frames are not supported; send JSON text");
-                self.reply_error(None, &e, None).await;
-                self.count_bad_request()?;
-                Ok(None)
+        let refused = match incoming {
+            Incoming::Text(text) => return Ok(Some(text)),
+            Incoming::Binary => "binary frames are not supported; send JSON text",
+            Incoming::InvalidText => "text frame is not valid UTF-8",
+            Incoming::Ping(payload) => {
+                let _ = self.outbox.push_pong(payload);
+                return Ok(None);
             }
-            AggregatedMessage::Ping(payload) => {
-                let _ = self.socket.pong(&payload).await;
-                Ok(None)
-            }
-            AggregatedMessage::Pong(_) | AggregatedMessage::Close(_) => Ok(None),
-        }
+            Incoming::Pong | Incoming::Close => return Ok(None),
+        };
+        self.reply_error(None, &CellError::bad_request(refused), None);
+        self.count_bad_request()?;
+        Ok(None)
     }
 
-    async fn frame_error(&mut self, e: FrameError) -> Result<(), CloseCode> {
+    fn frame_error(&mut self, e: FrameError) -> Result<(), CloseCode> {
         let error = CellError::new(e.code, e.message);
-        self.reply_error(e.id, &error, None).await;
+        self.reply_error(e.id, &error, None);
         if e.code == ErrorCode::BadRequest {
             self.count_bad_request()?;
         }
@@ -203,55 +198,59 @@ impl Connection {
     }
 
     /// Sends an error: through the session queue once ready, straight to the socket before.
-    async fn reply_error(&mut self, id: Option<RequestId>, e: &CellError, retry: Option<u64>) {
+    /// Queues an error (an overflowing queue closes the session with `4008`).
+    fn reply_error(&mut self, id: Option<RequestId>, e: &CellError, retry: Option<u64>) {
         metrics::counter!(m::ERRORS, "code" => e.code.as_str()).increment(1);
         let text = error_frame(id, e, retry);
         match &self.session {
-            Some(session) => session.push(reply(text)),
+            Some(session) => session.push_reply(text),
             None => {
-                let _ = self.socket.text(text).await;
+                if self.outbox.push_reply(text) == Err(crate::socket::Refused::Overflow) {
+                    self.close(CloseCode::SlowConsumer);
+                }
             }
         }
     }
 
-    async fn close_before_ready(self, code: CloseCode) {
-        metrics::counter!(m::CLOSES, "code" => code.code().to_string()).increment(1);
-        close_socket(self.socket, code).await;
+    /// Closes the connection with `code`, after what is already queued.
+    fn close(&self, code: CloseCode) {
+        if self.outbox.close(code) {
+            metrics::counter!(m::CLOSES, "code" => code.code().to_string()).increment(1);
+        }
     }
 
     /// Verifies the token, registers the session and attaches it to its cell; writes `ready`.
-    async fn attach(&mut self, hello: Hello) -> Option<(Arc<SessionHandle>, SessionQueue)> {
+    async fn attach(&mut self, hello: Hello) -> Option<Arc<SessionHandle>> {
         let gateway = Arc::clone(&self.gateway);
         let claims = match gateway.tokens.verify(&hello.token) {
             Ok(claims) => claims,
             Err(e) => {
                 tracing::debug!(error = %e, "hello with a bad token");
-                self.close_now(CloseCode::BadToken).await;
+                self.close(CloseCode::BadToken);
                 return None;
             }
         };
         let link = match gateway.links.link_for(&claims.wsp).await {
             Ok(link) => link,
             Err(RouteError::UnknownWorkspace(_)) => {
-                self.close_now(CloseCode::UnknownWorkspace).await;
+                self.close(CloseCode::UnknownWorkspace);
                 return None;
             }
             Err(RouteError::Unavailable(message)) => {
                 let e = CellError::unavailable(message);
-                self.reply_error(None, &e, None).await;
-                self.close_now(CloseCode::ReconnectNow).await;
+                self.reply_error(None, &e, None);
+                self.close(CloseCode::ReconnectNow);
                 return None;
             }
         };
         let limits = &gateway.config.limits;
         let id = new_session_id();
-        let (handle, queue) = SessionHandle::new(
+        let handle = SessionHandle::new(
             id.clone(),
             claims.wsp.clone(),
             claims.sub.clone(),
             link.cell.clone(),
-            limits.queue_events,
-            limits.queue_bytes,
+            Arc::clone(&self.outbox),
         );
         gateway.sessions.insert(Arc::clone(&handle));
         let attach = Attach {
@@ -269,10 +268,10 @@ impl Connection {
                 let code = if e.code == ErrorCode::NotFound {
                     CloseCode::UnknownWorkspace
                 } else {
-                    self.reply_error(None, &e, None).await;
+                    self.reply_error(None, &e, None);
                     CloseCode::ReconnectNow
                 };
-                self.close_now(code).await;
+                self.close(code);
                 return None;
             }
         };
@@ -289,28 +288,14 @@ impl Connection {
         if let Err(e) = gateway.presence.session_up(&presence_of(&handle)).await {
             tracing::warn!(error = %e, "presence session_up failed");
         }
-        metrics::counter!(m::FRAMES_OUT).increment(1);
-        if self.socket.text(ready).await.is_err() {
-            self.forget(&handle).await;
-            return None;
-        }
+        // `ready` goes first; events that reached the session while it attached follow it.
+        self.outbox.go_live(ready);
         self.session = Some(Arc::clone(&handle));
-        Some((handle, queue))
-    }
-
-    async fn close_now(&mut self, code: CloseCode) {
-        metrics::counter!(m::CLOSES, "code" => code.code().to_string()).increment(1);
-        let _ = self.socket.clone().close(Some(close_reason(code))).await;
+        Some(handle)
     }
 
     /// Serves a ready session until it closes.
-    async fn serve(
-        mut self,
-        handle: Arc<SessionHandle>,
-        queue: SessionQueue,
-        mut stream: AggregatedMessageStream,
-    ) {
-        let writer = actix_rt::spawn(write_loop(Arc::clone(&handle), queue, self.socket.clone()));
+    async fn serve(mut self, handle: Arc<SessionHandle>, mut reader: FrameReader) {
         let heartbeat = Duration::from_millis(self.gateway.config.limits.heartbeat_ms);
         let mut tick = tokio::time::interval(
             (heartbeat / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
@@ -321,7 +306,7 @@ impl Connection {
                 biased;
                 () = closing.cancelled() => break,
                 _ = tick.tick() => self.check_heartbeat(heartbeat),
-                text = self.next_text(&mut stream) => match text {
+                text = self.next_text(&mut reader) => match text {
                     Ok(Some(text)) => self.handle_text(&handle, &text),
                     Ok(None) => Step::Continue,
                     Err(code) => Step::Close(code),
@@ -332,7 +317,9 @@ impl Connection {
                 break;
             }
         }
-        let _ = writer.await;
+        if let Some(code) = handle.close_code() {
+            metrics::counter!(m::CLOSES, "code" => code.code().to_string()).increment(1);
+        }
         self.forget(&handle).await;
     }
 
@@ -364,7 +351,7 @@ impl Connection {
             Err(e) => {
                 metrics::counter!(m::ERRORS, "code" => e.code.as_str()).increment(1);
                 let error = CellError::new(e.code, e.message);
-                handle.push(reply(error_frame(e.id, &error, None)));
+                handle.push_reply(error_frame(e.id, &error, None));
                 if e.code == ErrorCode::BadRequest {
                     if let Err(code) = self.count_bad_request() {
                         return Step::Close(code);
@@ -376,7 +363,7 @@ impl Connection {
         let id = frame.id;
         let op = match frame.request {
             ClientRequest::Ping {} => {
-                handle.push(reply(encode(&ServerFrame::Pong { id })));
+                handle.push_reply(encode(&ServerFrame::Pong { id }));
                 return Step::Continue;
             }
             ClientRequest::Hello { .. } => {
@@ -481,23 +468,23 @@ async fn forward(
     };
     match gateway.links.request(caller, op).await {
         Ok(CellReply::Ack { channel, seq, ts }) => {
-            handle.push(reply(encode(&ServerFrame::Ack {
+            handle.push_reply(encode(&ServerFrame::Ack {
                 id,
                 channel,
                 seq,
                 ts,
-            })));
+            }));
         }
         Ok(CellReply::History {
             channel,
             messages,
             has_more,
-        }) => handle.push(reply(encode(&ServerFrame::History {
+        }) => handle.push_reply(encode(&ServerFrame::History {
             id,
             channel,
             messages,
             has_more,
-        }))),
+        })),
         Ok(CellReply::Done) => {}
         Ok(other) => {
             tracing::error!(reply = ?other, "cell sent a reply of the wrong kind");
@@ -522,14 +509,14 @@ async fn presence_sub(
         .subscribe(&handle.id, &handle.workspace, users)
         .await
     {
-        Ok(users) => handle.push(reply(encode(&ServerFrame::Presence { id, users }))),
+        Ok(users) => handle.push_reply(encode(&ServerFrame::Presence { id, users })),
         Err(e) => push_error(&handle, id, &CellError::unavailable(e.to_string())),
     }
 }
 
 fn push_error(handle: &SessionHandle, id: Option<RequestId>, e: &CellError) {
     metrics::counter!(m::ERRORS, "code" => e.code.as_str()).increment(1);
-    handle.push(reply(error_frame(id, e, None)));
+    handle.push_reply(error_frame(id, e, None));
 }
 
 fn error_frame(id: Option<RequestId>, e: &CellError, retry_after_ms: Option<u64>) -> ByteString {
@@ -539,64 +526,6 @@ fn error_frame(id: Option<RequestId>, e: &CellError, retry_after_ms: Option<u64>
         message: e.message.clone(),
         retry_after_ms,
     })
-}
-
-/// A reply frame: not an event, so it is not counted in delivery latency.
-fn reply(text: ByteString) -> Frame {
-    Frame {
-        text,
-        created_us: 0,
-    }
-}
-
-/// Drains the session's queue into the socket until the session closes, then sends the close
-/// frame with the session's close code.
-async fn write_loop(handle: Arc<SessionHandle>, mut queue: SessionQueue, mut socket: Session) {
-    // Metric handles are resolved once per session, not once per frame: this is the hot path.
-    let frames_out = metrics::counter!(m::FRAMES_OUT);
-    let latency = metrics::histogram!(m::DELIVERY_LATENCY);
-    loop {
-        let frame = tokio::select! {
-            biased;
-            () = queue.closing.cancelled() => break,
-            frame = queue.frames.recv() => frame,
-        };
-        let Some(frame) = frame else { break };
-        handle.dequeued(frame.text.len());
-        let created_us = frame.created_us;
-        // A client that stops reading blocks this write; closing must not wait for it.
-        let written = tokio::select! {
-            biased;
-            () = queue.closing.cancelled() => break,
-            written = socket.text(frame.text) => written,
-        };
-        if written.is_err() {
-            handle.close(CloseCode::Normal);
-            break;
-        }
-        frames_out.increment(1);
-        if created_us > 0 {
-            let latency_us = confab_shared::now_us().saturating_sub(created_us);
-            latency.record(latency_us as f64 / 1e6);
-        }
-    }
-    let code = handle.close_code().unwrap_or(CloseCode::Normal);
-    metrics::counter!(m::CLOSES, "code" => code.code().to_string()).increment(1);
-    // The close frame queues behind what the socket has not taken yet. A client that stops
-    // reading may take it much later, or never: the close is left to a small task of its own
-    // and the session (registry, cell, presence) is released now.
-    actix_rt::spawn(close_socket(socket, code));
-}
-
-async fn close_socket(socket: Session, code: CloseCode) {
-    let _ = socket.close(Some(close_reason(code))).await;
-}
-
-fn close_reason(code: CloseCode) -> CloseReason {
-    CloseReason {
-        code: actix_ws::CloseCode::from(code.code()),
-        description: Some(code.reason().to_string()),
-    }
 }
 
 fn presence_of(handle: &SessionHandle) -> PresenceSession {
