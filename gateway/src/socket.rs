@@ -28,6 +28,8 @@ use crate::metrics as m;
 
 /// Most bytes one body poll encodes before yielding to the socket.
 const MAX_WRITE_BATCH: usize = 64 * 1024;
+/// An emptied queue whose capacity grew past this many frames gives the memory back.
+const SHRINK_ABOVE: usize = 64;
 
 /// A frame received from the client.
 #[derive(Debug)]
@@ -364,6 +366,10 @@ impl Stream for OutboxBody {
                     this.encode(Message::Pong(payload), &mut buf);
                 }
             }
+        }
+        if state.frames.is_empty() && state.frames.capacity() > SHRINK_ABOVE {
+            // A burst grew the queue; an idle session should not keep that memory.
+            state.frames = VecDeque::new();
         }
         if let Some(code) = state.close.filter(|_| state.frames.is_empty()) {
             this.done = true;
