@@ -135,29 +135,16 @@ impl Registry {
         workspace: &WorkspaceId,
         channel: &ChannelId,
     ) -> Addr<ChannelActor> {
-        let key = (workspace.clone(), channel.clone());
-        if let Some(addr) = self.channels.get(&key) {
-            if addr.connected() {
-                return addr.clone();
-            }
-        }
-        let start = |key: &ChannelKey| {
-            let (reg, ws, ch) = (self.clone(), key.0.clone(), key.1.clone());
-            ChannelActor::start_in_arbiter(&self.arbiter, move |_| ChannelActor::new(reg, ws, ch))
-        };
-        match self.channels.entry(key) {
-            Entry::Occupied(mut e) => {
-                if !e.get().connected() {
-                    let addr = start(e.key());
-                    e.insert(addr);
-                }
-                e.get().clone()
-            }
-            Entry::Vacant(e) => {
-                let addr = start(e.key());
-                e.insert(addr).clone()
-            }
-        }
+        get_or_start(
+            &self.channels,
+            (workspace.clone(), channel.clone()),
+            |key| {
+                let (reg, ws, ch) = (self.clone(), key.0.clone(), key.1.clone());
+                ChannelActor::start_in_arbiter(&self.arbiter, move |_| {
+                    ChannelActor::new(reg, ws, ch)
+                })
+            },
+        )
     }
 
     /// The channel's actor if one is running; never starts one.
@@ -182,29 +169,10 @@ impl Registry {
         workspace: &WorkspaceId,
         user: &UserId,
     ) -> Addr<UserActor> {
-        let key = (workspace.clone(), user.clone());
-        if let Some(addr) = self.users.get(&key) {
-            if addr.connected() {
-                return addr.clone();
-            }
-        }
-        let start = |key: &UserKey| {
+        get_or_start(&self.users, (workspace.clone(), user.clone()), |key| {
             let (reg, ws, u) = (self.clone(), key.0.clone(), key.1.clone());
             UserActor::start_in_arbiter(&self.arbiter, move |_| UserActor::new(reg, ws, u))
-        };
-        match self.users.entry(key) {
-            Entry::Occupied(mut e) => {
-                if !e.get().connected() {
-                    let addr = start(e.key());
-                    e.insert(addr);
-                }
-                e.get().clone()
-            }
-            Entry::Vacant(e) => {
-                let addr = start(e.key());
-                e.insert(addr).clone()
-            }
-        }
+        })
     }
 
     /// Forgets a stopping user actor, unless another one already replaced it.
@@ -304,6 +272,31 @@ impl Registry {
         tracing::info!(gateway = %link.gateway, link = link.id, sessions = sessions.len(), "link lost, detaching its sessions");
         for session in sessions {
             self.detach_session(&session);
+        }
+    }
+}
+
+/// The live actor under `key`, or a new one from `start` when there is none or it stopped.
+/// The map's entry lock makes concurrent first uses start exactly one actor.
+fn get_or_start<K, A>(map: &DashMap<K, Addr<A>>, key: K, start: impl Fn(&K) -> Addr<A>) -> Addr<A>
+where
+    K: std::hash::Hash + Eq + Clone,
+    A: actix::Actor<Context = actix::Context<A>>,
+{
+    if let Some(addr) = map.get(&key).filter(|a| a.connected()) {
+        return addr.clone();
+    }
+    match map.entry(key) {
+        Entry::Occupied(mut e) => {
+            if !e.get().connected() {
+                let addr = start(e.key());
+                e.insert(addr);
+            }
+            e.get().clone()
+        }
+        Entry::Vacant(e) => {
+            let addr = start(e.key());
+            e.insert(addr).clone()
         }
     }
 }

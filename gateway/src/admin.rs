@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api_error::ApiError;
-use crate::auth::{bearer, secrets_match};
+use crate::auth::{request_bearer, secrets_match};
 use crate::server::Gateway;
 
 /// Longest token lifetime `POST /admin/v1/tokens` mints: one year.
@@ -47,15 +47,8 @@ impl FromRequest for AdminAuth {
 }
 
 fn authenticate(req: &HttpRequest) -> Result<AdminAuth, ApiError> {
-    let gateway = req
-        .app_data::<web::Data<Gateway>>()
-        .map(|g| g.clone().into_inner())
-        .ok_or_else(|| ApiError::unavailable("gateway not configured"))?;
-    let header = req
-        .headers()
-        .get("authorization")
-        .and_then(|h| h.to_str().ok());
-    match bearer(header) {
+    let (gateway, token) = request_bearer(req)?;
+    match token {
         Some(token) if secrets_match(token, &gateway.config.admin_token) => Ok(AdminAuth(gateway)),
         _ => Err(ApiError::unauthorized("admin token required")),
     }

@@ -76,6 +76,22 @@ pub fn secrets_match(given: &str, expected: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The gateway of a request and the bearer token it carries, if any: what both the HTTP API's
+/// and the admin API's authentication start from.
+pub fn request_bearer(
+    req: &actix_web::HttpRequest,
+) -> Result<(std::sync::Arc<crate::server::Gateway>, Option<&str>), crate::api_error::ApiError> {
+    let gateway = req
+        .app_data::<actix_web::web::Data<crate::server::Gateway>>()
+        .map(|g| g.clone().into_inner())
+        .ok_or_else(|| crate::api_error::ApiError::unavailable("gateway not configured"))?;
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok());
+    Ok((gateway, bearer(header)))
+}
+
 /// The token of an `Authorization: Bearer <token>` header value.
 pub fn bearer(header: Option<&str>) -> Option<&str> {
     let value = header?.trim();

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api_error::ApiError;
-use crate::auth::bearer;
+use crate::auth::request_bearer;
 use crate::server::Gateway;
 
 /// Routes of the HTTP API.
@@ -59,15 +59,8 @@ impl FromRequest for UserAuth {
 }
 
 fn authenticate(req: &HttpRequest) -> Result<UserAuth, ApiError> {
-    let gateway = req
-        .app_data::<web::Data<Gateway>>()
-        .map(|g| g.clone().into_inner())
-        .ok_or_else(|| ApiError::unavailable("gateway not configured"))?;
-    let header = req
-        .headers()
-        .get("authorization")
-        .and_then(|h| h.to_str().ok());
-    let token = bearer(header).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let (gateway, token) = request_bearer(req)?;
+    let token = token.ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
     let claims = gateway
         .tokens
         .verify(token)
