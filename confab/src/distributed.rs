@@ -21,8 +21,7 @@ const CELL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let metrics = confab_gateway::metrics::install().context("installing metrics")?;
-    let listener =
-        crate::listen::bind(args.listen)?;
+    let listener = crate::listen::bind(args.listen)?;
     actix_rt::System::new().block_on(async move {
         let gateway_id = gateway_id();
         let directory = RedisDirectory::start(&args.redis)?;
@@ -64,8 +63,7 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing metrics")?;
-    let listener =
-        crate::listen::bind(args.listen)?;
+    let listener = crate::listen::bind(args.listen)?;
     let id: CellId = args
         .id
         .parse()

@@ -21,6 +21,8 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     socket
         .bind(&addr.into())
         .with_context(|| format!("binding {addr}"))?;
-    socket.listen(BACKLOG).with_context(|| format!("listening on {addr}"))?;
+    socket
+        .listen(BACKLOG)
+        .with_context(|| format!("listening on {addr}"))?;
     Ok(socket.into())
 }
