@@ -8,7 +8,8 @@ pub const CONNECTIONS: &str = "confab_connections";
 pub const FRAMES_IN: &str = "confab_frames_in_total";
 /// Counter: frames written to client sockets.
 pub const FRAMES_OUT: &str = "confab_frames_out_total";
-/// Histogram: seconds from an event's creation in its cell to its write on a client socket.
+/// Histogram: seconds from an event's creation in its cell to its write on a client socket;
+/// one sample per socket write, that of the oldest event in it.
 pub const DELIVERY_LATENCY: &str = "confab_delivery_latency_seconds";
 /// Counter: sessions closed with `4008`.
 pub const SLOW_CONSUMER_CLOSES: &str = "confab_slow_consumer_closes_total";
@@ -37,7 +38,7 @@ fn describe() {
     metrics::describe_histogram!(
         DELIVERY_LATENCY,
         metrics::Unit::Seconds,
-        "from an event's creation in its cell to its write on a client socket"
+        "from an event's creation in its cell to its write on a client socket (one sample per write: its oldest event)"
     );
     metrics::describe_counter!(SLOW_CONSUMER_CLOSES, "sessions closed as slow consumers");
     metrics::describe_counter!(ERRORS, "error replies sent to clients, by code");
