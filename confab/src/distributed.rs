@@ -111,6 +111,7 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
                 .route("/metrics", web::get().to(cell_metrics))
         })
         .disable_signals()
+        .tcp_nodelay(true)
         .listen(listener)?
         .run();
         println!(

@@ -180,6 +180,8 @@ pub fn start(gateway: Arc<Gateway>, listener: TcpListener) -> std::io::Result<Ga
             .default_service(web::to(not_found))
     })
     .disable_signals()
+    // Events are small and latency matters: no Nagle delay on client sockets.
+    .tcp_nodelay(true)
     .shutdown_timeout(5)
     .listen(listener)?
     .run();
