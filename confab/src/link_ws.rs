@@ -84,9 +84,10 @@ impl CellConnector for WsConnector {
     async fn connect(&self, cell: &CellRecord) -> Result<CellConnection, LinkError> {
         let url = link_url(&cell.url);
         let open = async {
-            let (mut socket, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
-                .await
-                .map_err(|e| LinkError(format!("connecting to {url}: {e}")))?;
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+                    .await
+                    .map_err(|e| LinkError(format!("connecting to {url}: {e}")))?;
             let hello = LinkHello {
                 gateway: self.gateway.clone(),
                 secret: self.secret.clone(),
