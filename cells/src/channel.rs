@@ -22,7 +22,7 @@ use crate::fanout::{self, Subscribers};
 use crate::link::Reply;
 use crate::messages::{ChannelRequest, Inspect, SeedMembers, Subscribe, Unsubscribe};
 use crate::registry::{Registry, SessionEntry};
-use crate::store::{ChannelMeta, ChannelSnapshot, MessageQuery, StoreError};
+use crate::store::{CellStore, ChannelMeta, ChannelSnapshot, MessageQuery, StoreError};
 
 /// Most recent events kept encoded in memory, so that most resumes replay without the store.
 const RECENT_EVENTS: usize = 256;
@@ -62,6 +62,24 @@ enum Outcome {
     Duplicate { seq: u64, ts: u64 },
     /// The op is refused after looking at stored data.
     Refused(CellError),
+}
+
+/// Appends one event and reports it as the op's outcome (the common case of every op but
+/// channel creation, which appends several).
+async fn append_one(
+    store: &dyn CellStore,
+    workspace: &WorkspaceId,
+    channel: &ChannelId,
+    event: Event,
+    retention: u64,
+    created_us: u64,
+) -> Result<Outcome, StoreError> {
+    store.append(workspace, channel, &event, retention).await?;
+    Ok(Outcome::Appended {
+        events: vec![event],
+        created_us,
+        invited: HashMap::new(),
+    })
 }
 
 /// The actor of one active channel.
@@ -484,12 +502,7 @@ impl ChannelActor {
                 client_msg_id,
                 thread,
             };
-            store.append(&ws, &channel, &event, retention).await?;
-            Ok(Outcome::Appended {
-                events: vec![event],
-                created_us,
-                invited: HashMap::new(),
-            })
+            append_one(&*store, &ws, &channel, event, retention, created_us).await
         };
         self.write(step, reply)
     }
@@ -540,12 +553,7 @@ impl ChannelActor {
                     target,
                 },
             };
-            store.append(&ws, &channel, &event, retention).await?;
-            Ok(Outcome::Appended {
-                events: vec![event],
-                created_us,
-                invited: HashMap::new(),
-            })
+            append_one(&*store, &ws, &channel, event, retention, created_us).await
         };
         self.write(step, reply)
     }
@@ -664,12 +672,7 @@ impl ChannelActor {
                 ts: created_us / 1000,
                 user: target,
             };
-            store.append(&ws, &channel, &event, retention).await?;
-            Ok(Outcome::Appended {
-                events: vec![event],
-                created_us,
-                invited: HashMap::new(),
-            })
+            append_one(&*store, &ws, &channel, event, retention, created_us).await
         };
         self.write(step, reply)
     }

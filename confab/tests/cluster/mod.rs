@@ -271,14 +271,26 @@ impl Running {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.call(i, ADMIN_TOKEN, method, path, body).await
+    }
+
+    /// A call on gateway `i` with a bearer token: (status, body).
+    async fn call(
+        &self,
+        i: usize,
+        bearer: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.gateway(i).url()))
-            .bearer_auth(ADMIN_TOKEN);
+            .bearer_auth(bearer);
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.expect("admin request");
+        let response = request.send().await.expect("http request");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -320,16 +332,7 @@ impl Running {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.gateway(i).url()))
-            .bearer_auth(token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("api request");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.call(i, token, method, path, body).await
     }
 }
 
