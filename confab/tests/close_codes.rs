@@ -460,3 +460,44 @@ async fn a_client_that_never_reads_again_is_dropped_and_goes_offline() {
     }
     drop(alice);
 }
+
+/// How many sockets process `pid` has open.
+fn open_sockets(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn the_socket_of_a_client_that_never_reads_again_is_closed_by_the_server() {
+    let server = DevServer::builder()
+        .arg("--queue-events", "8")
+        .arg("--client-rate", "1000")
+        .arg("--max-text-bytes", "60000")
+        .start()
+        .await;
+    let mut bob = server.client("bob").await;
+    let mut alice = server.connect_with_small_receive_buffer().await;
+    alice.hello(&server.token("alice"), None).await;
+    let with_alice = open_sockets(server.pid());
+    flood(&mut bob, &"f".repeat(55_000), 300).await;
+
+    // alice's queue overflowed: the close frame cannot reach her either, as she reads nothing.
+    // The server gives up on her socket after a grace period instead of holding it (and its
+    // buffers) for as long as she stays connected. Her client has not closed anything.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while open_sockets(server.pid()) >= with_alice {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server still holds the socket of a client that stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(alice);
+}

@@ -5,7 +5,11 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_http::body::BoxBody;
+use actix_http::HttpService;
+use actix_service::{fn_service, map_config, ServiceFactory};
+use actix_web::dev::{AppConfig, ServiceRequest, ServiceResponse};
+use actix_web::{web, App, HttpResponse};
 use confab_directory::{CellStatus, Directory, PresenceSession, PresenceStore};
 use confab_shared::{CloseCode, UserId, WorkspaceId};
 use dashmap::DashMap;
@@ -156,36 +160,73 @@ impl GatewayHandle {
 }
 
 /// Builds the gateway's HTTP server on `listener`. Call from within an actix System.
+///
+/// Plain HTTP goes to the actix-web application; WebSocket upgrades go to [`ws::upgrade`],
+/// which takes the connection out of actix-http's dispatcher (so it is built from
+/// `actix-http`'s service builder rather than with `HttpServer`, which has no upgrade hook).
 pub fn start(gateway: Arc<Gateway>, listener: TcpListener) -> std::io::Result<GatewayHandle> {
     gateway.spawn_background();
-    let data = web::Data::from(Arc::clone(&gateway));
-    let body_limit = gateway.config.limits.max_frame_bytes;
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(body_limit)
-                    .error_handler(|e, _| json_error(e)),
-            )
-            .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e)))
-            .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e)))
-            .route("/v1/ws", web::get().to(ws::route))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics))
-            .configure(http_api::configure)
-            .configure(admin::configure)
-            .configure(web_client::configure)
-            .default_service(web::to(not_found))
-    })
-    .disable_signals()
-    // Events are small and latency matters: no Nagle delay on client sockets.
-    .tcp_nodelay(true)
-    .shutdown_timeout(5)
-    .listen(listener)?
-    .run();
+    let local_addr = listener.local_addr()?;
+    let builder = actix_server::Server::build();
+    let shutdown_signal = builder.graceful_shutdown_signal();
+    let served = Arc::clone(&gateway);
+    let server = builder
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen("confab-gateway", listener, move || {
+            let shutdown_signal = shutdown_signal.clone();
+            let upgrade_gateway = Arc::clone(&served);
+            HttpService::build()
+                // Events are small and latency matters: no Nagle delay on client sockets.
+                .tcp_nodelay(true)
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .local_addr(local_addr)
+                .graceful_shutdown_signal(move || {
+                    let signal = shutdown_signal.clone();
+                    async move { signal.notified().await }
+                })
+                .upgrade(fn_service(move |(req, framed)| {
+                    ws::upgrade(Arc::clone(&upgrade_gateway), req, framed)
+                }))
+                .finish(map_config(app(Arc::clone(&served)), |()| {
+                    AppConfig::default()
+                }))
+                .tcp()
+        })?
+        .run();
     Ok(GatewayHandle { server, gateway })
+}
+
+/// The actix-web application: everything but WebSocket upgrades.
+fn app(
+    gateway: Arc<Gateway>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<BoxBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let body_limit = gateway.config.limits.max_frame_bytes;
+    App::new()
+        .app_data(web::Data::from(gateway))
+        .app_data(
+            web::JsonConfig::default()
+                .limit(body_limit)
+                .error_handler(|e, _| json_error(e)),
+        )
+        .app_data(web::QueryConfig::default().error_handler(|e, _| query_error(e)))
+        .app_data(web::PathConfig::default().error_handler(|e, _| path_error(e)))
+        .route(ws::WS_PATH, web::get().to(ws::route))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .configure(http_api::configure)
+        .configure(admin::configure)
+        .configure(web_client::configure)
+        .default_service(web::to(not_found))
 }
 
 async fn healthz() -> HttpResponse {

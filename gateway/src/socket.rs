@@ -1,35 +1,47 @@
 //! The client WebSocket transport: the upgrade, a reader of client frames, and each session's
-//! [`Outbox`] — its bounded outbound queue — drained directly by the HTTP response body.
+//! [`Outbox`] — its bounded outbound queue — drained by a write pump on the raw socket.
 //!
-//! Hot path, on purpose without a writer task: delivering an event to a session is a lock,
-//! a `VecDeque` push of a reference-counted frame and a wake of the connection; when the
-//! connection's dispatcher has room, [`OutboxBody`] encodes everything queued into one buffer
-//! and hands it to the socket in one write. No per-recipient task, channel hop or allocation
-//! beyond the queue slot, and an idle session's queue allocates nothing.
+//! `/v1/ws` leaves actix-http's HTTP/1 dispatcher at the upgrade (see [`crate::ws::upgrade`]):
+//! from then on the connection is the bare `TcpStream`, with no fixed per-connection buffers.
+//! An idle session holds no read buffer (one is taken only while bytes are waiting) and no write
+//! buffer (one is allocated per write and released after it).
+//!
+//! Hot path, on purpose without a writer task or channel: delivering an event to a session is a
+//! lock, a `VecDeque` push of a reference-counted frame and a wake of the connection; the pump
+//! then encodes everything queued into one buffer and hands it to the socket in one write.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
+use std::future::poll_fn;
+use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use actix_codec::{Decoder, Encoder};
-use actix_http::body::{BodyStream, MessageBody};
 use actix_http::ws::{CloseReason, Codec, Frame as WsFrame, Item, Message, ProtocolError};
-use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use confab_shared::link::Frame;
 use confab_shared::CloseCode;
-use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
 
-/// Most bytes one body poll encodes before yielding to the socket.
+/// Most bytes one write takes from the queue.
 const MAX_WRITE_BATCH: usize = 64 * 1024;
 /// An emptied queue whose capacity grew past this many frames gives the memory back.
 const SHRINK_ABOVE: usize = 64;
+/// Most bytes taken from the socket per read (a frame larger than this takes several reads).
+const READ_CHUNK: usize = 4096;
+/// Once a session is closing, how long its last frames and close frame may take to be written
+/// before the socket is dropped (a client that stopped reading cannot hold it longer).
+const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(5);
+/// After the close frame, how long the client's remaining bytes are read and discarded so that
+/// closing does not reset the connection under the close frame.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// A frame received from the client.
 #[derive(Debug)]
@@ -43,42 +55,33 @@ pub enum Incoming {
     Close,
 }
 
-/// Completes the upgrade: the `101` response (whose body is the outbox) and a reader of the
-/// client's frames, each bounded by `max_frame_bytes`.
-pub fn upgrade(
-    req: &HttpRequest,
-    payload: web::Payload,
-    max_frame_bytes: usize,
-    outbox: Arc<Outbox>,
-) -> Result<(HttpResponse, FrameReader), actix_web::Error> {
-    let mut response = actix_http::ws::handshake(req.head()).map_err(|e| {
-        crate::api_error::ApiError::bad_request(format!("websocket handshake failed: {e}"))
-    })?;
-    let body = OutboxBody::new(outbox);
-    let reader = FrameReader {
-        payload,
-        buf: BytesMut::new(),
-        codec: Codec::new().max_size(max_frame_bytes),
-        partial: None,
-        max_frame_bytes,
-    };
-    let response = response.message_body(BodyStream::new(body).boxed())?;
-    Ok((response.into(), reader))
-}
-
-/// Reads whole client frames (continuations aggregated, bounded).
+/// Reads whole client frames (continuations aggregated, bounded) from the socket.
 pub struct FrameReader {
-    payload: web::Payload,
+    socket: OwnedReadHalf,
     buf: BytesMut,
     codec: Codec,
     /// A fragmented message being aggregated: whether it is text, and its bytes so far.
     partial: Option<(bool, BytesMut)>,
     max_frame_bytes: usize,
+    /// The client closed its side (or the socket failed).
+    ended: bool,
 }
 
 impl FrameReader {
+    /// A reader of `socket`, starting with `already_read` (bytes that came with the upgrade).
+    pub fn new(socket: OwnedReadHalf, already_read: &[u8], max_frame_bytes: usize) -> Self {
+        FrameReader {
+            socket,
+            buf: BytesMut::from(already_read),
+            codec: Codec::new().max_size(max_frame_bytes),
+            partial: None,
+            max_frame_bytes,
+            ended: false,
+        }
+    }
+
     /// The next frame; `None` when the client went away. `ProtocolError::Overflow` means a
-    /// frame or message over the size limit (close `1009`).
+    /// frame or message over the size limit (close `1009`). Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<Incoming, ProtocolError>> {
         loop {
             match self.codec.decode(&mut self.buf) {
@@ -92,14 +95,69 @@ impl FrameReader {
                         // An idle connection keeps no read buffer.
                         self.buf = BytesMut::new();
                     }
-                    match self.payload.next().await? {
-                        Ok(chunk) => self.buf.extend_from_slice(&chunk),
-                        Err(e) => return Some(Err(ProtocolError::Io(std::io::Error::other(e)))),
+                    if self.ended {
+                        return None;
+                    }
+                    match self.fill().await {
+                        Ok(0) => {
+                            self.ended = true;
+                            return None;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.ended = true;
+                            return Some(Err(ProtocolError::Io(e)));
+                        }
                     }
                 }
                 Err(e) => return Some(Err(e)),
             }
         }
+    }
+
+    /// Waits for bytes and appends them to the buffer; `Ok(0)` at the end of the stream.
+    async fn fill(&mut self) -> io::Result<usize> {
+        loop {
+            self.socket.readable().await?;
+            match self.read_available() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                read => return read,
+            }
+        }
+    }
+
+    /// Reads what the socket holds through a stack buffer, so the read buffer is sized to the
+    /// bytes that came (a `hello` takes a few hundred bytes, not a fixed chunk that would be
+    /// freed again and fragment the heap under the session's long-lived allocations).
+    fn read_available(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; READ_CHUNK];
+        let n = self.socket.try_read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// After the close frame went out: reads and discards what the client still sends, until
+    /// it closes or [`LINGER`] passes. Closing a socket with unread bytes would reset the
+    /// connection, and a reset can destroy the close frame before the client reads it.
+    pub async fn linger(self) {
+        if self.ended {
+            return;
+        }
+        let mut sink = [0u8; 1024];
+        let discard = async {
+            loop {
+                if self.socket.readable().await.is_err() {
+                    return;
+                }
+                match self.socket.try_read(&mut sink) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, discard).await;
     }
 
     /// Turns a decoded frame into what the connection sees; `Ok(None)` while a fragmented
@@ -307,9 +365,48 @@ impl Outbox {
     }
 }
 
-/// The body of the `101` response: the outbox, encoded to WebSocket frames as the socket takes
-/// them. Dropped when the connection ends.
-struct OutboxBody {
+/// Writes a session's outbox to its socket until the close frame is out or the socket fails;
+/// then closes the socket's write side. Runs beside the session's reader in the same task.
+pub async fn write_outbox(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf) {
+    let mut encoder = OutboxEncoder::new(Arc::clone(&outbox));
+    while let Some(batch) = poll_fn(|cx| encoder.poll_batch(cx)).await {
+        if write_batch(&outbox, &mut socket, &batch).await.is_err() {
+            break;
+        }
+    }
+    // The connection can carry nothing more: the session must end (if it has not already).
+    outbox.closing.cancel();
+    let _ = tokio::time::timeout(CLOSE_WRITE_GRACE, socket.shutdown()).await;
+}
+
+/// One write. The common case is a single non-blocking write that takes it all; otherwise it
+/// waits for the socket, for at most [`CLOSE_WRITE_GRACE`] once the session is closing.
+async fn write_batch(outbox: &Outbox, socket: &mut OwnedWriteHalf, batch: &[u8]) -> io::Result<()> {
+    let written = match socket.try_write(batch) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if written == batch.len() {
+        return Ok(());
+    }
+    let rest = &batch[written..];
+    tokio::select! {
+        written = socket.write_all(rest) => written,
+        () = closing_grace(outbox) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client stopped reading while its session closed",
+        )),
+    }
+}
+
+async fn closing_grace(outbox: &Outbox) {
+    outbox.closing.cancelled().await;
+    tokio::time::sleep(CLOSE_WRITE_GRACE).await;
+}
+
+/// Turns what is queued in an outbox into WebSocket frames, a batch per socket write.
+struct OutboxEncoder {
     outbox: Arc<Outbox>,
     codec: Codec,
     done: bool,
@@ -317,9 +414,9 @@ struct OutboxBody {
     latency: metrics::Histogram,
 }
 
-impl OutboxBody {
+impl OutboxEncoder {
     fn new(outbox: Arc<Outbox>) -> Self {
-        OutboxBody {
+        OutboxEncoder {
             outbox,
             codec: Codec::new(),
             done: false,
@@ -333,17 +430,13 @@ impl OutboxBody {
         // Encoding a server frame into a growable buffer cannot fail.
         let _ = self.codec.encode(message, buf);
     }
-}
 
-impl Stream for OutboxBody {
-    type Item = Result<Bytes, std::convert::Infallible>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if this.done {
+    /// The next batch to write; `None` after the close frame. Pending while nothing is queued.
+    fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<BytesMut>> {
+        if self.done {
             return Poll::Ready(None);
         }
-        let outbox = Arc::clone(&this.outbox);
+        let outbox = Arc::clone(&self.outbox);
         let mut state = outbox.state.lock();
         // Sized for what is queued (payload plus frame headers): one allocation per write.
         let queued: usize = state.bytes.min(MAX_WRITE_BATCH) + state.frames.len().min(4096) * 10;
@@ -361,47 +454,40 @@ impl Stream for OutboxBody {
                         oldest_us = frame.created_us;
                     }
                     texts += 1;
-                    this.encode(Message::Text(frame.text), &mut buf);
+                    self.encode(Message::Text(frame.text), &mut buf);
                 }
                 Outgoing::Pong(payload) => {
                     state.bytes = state.bytes.saturating_sub(payload.len());
-                    this.encode(Message::Pong(payload), &mut buf);
+                    self.encode(Message::Pong(payload), &mut buf);
                 }
             }
         }
         // Metrics once per socket write, not per frame (they were a tenth of the fanout CPU):
         // the latency sample is the write's oldest event, the one that waited longest.
         if texts > 0 {
-            this.frames_out.increment(texts);
+            self.frames_out.increment(texts);
         }
         if oldest_us > 0 {
             let seconds = confab_shared::now_us().saturating_sub(oldest_us) as f64 / 1e6;
-            this.latency.record(seconds);
+            self.latency.record(seconds);
         }
         if state.frames.is_empty() && state.frames.capacity() > SHRINK_ABOVE {
             // A burst grew the queue; an idle session should not keep that memory.
             state.frames = VecDeque::new();
         }
         if let Some(code) = state.close.filter(|_| state.frames.is_empty()) {
-            this.done = true;
+            self.done = true;
             let reason = CloseReason {
                 code: code.code().into(),
                 description: Some(code.reason().to_string()),
             };
-            this.encode(Message::Close(Some(reason)), &mut buf);
+            self.encode(Message::Close(Some(reason)), &mut buf);
         }
         if buf.is_empty() {
             state.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        Poll::Ready(Some(Ok(buf.freeze())))
-    }
-}
-
-impl Drop for OutboxBody {
-    fn drop(&mut self) {
-        // The connection is gone: nothing more can be written, the session must end.
-        self.outbox.closing.cancel();
+        Poll::Ready(Some(buf))
     }
 }
 

@@ -1,17 +1,23 @@
 //! One client WebSocket at `/v1/ws` (SPEC §4), from `hello` to close.
 //!
-//! Each connection is one task, this module's [`Connection`]: it reads frames, enforces the
-//! limits — rate, size, abuse, heartbeat — and forwards requests to the cell. It never writes
-//! to the socket: every frame a session receives — `ready`, replies, errors and events alike —
-//! goes into the session's bounded [`Outbox`], which the HTTP response body drains (see
-//! [`crate::socket`]), so the queue bound covers everything.
+//! Each connection is one task, started by the [`upgrade`] service on the bare socket. This
+//! module's [`Connection`] reads frames, enforces the limits — rate, size, abuse, heartbeat —
+//! and forwards requests to the cell. It never writes to the socket: every frame a session
+//! receives — `ready`, replies, errors and events alike — goes into the session's bounded
+//! [`Outbox`], which a write pump beside it drains (see [`crate::socket`]), so the queue bound
+//! covers everything.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_http::ws::ProtocolError;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_codec::Framed;
+use actix_http::body::{BodySize, BoxBody};
+use actix_http::h1;
+use actix_http::ws::{HandshakeError, ProtocolError};
+use actix_http::{ConnectionType, Request, Response};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use bytestring::ByteString;
 use confab_directory::PresenceSession;
 use confab_shared::client::{parse_frame, ClientRequest, FrameError, RequestId};
@@ -19,29 +25,112 @@ use confab_shared::limits::{ABUSE_BAD_REQUESTS, ABUSE_WINDOW_MS, HISTORY_DEFAULT
 use confab_shared::link::{Attach, Caller, CellError, CellOp, CellReply};
 use confab_shared::server::{encode, ServerFrame};
 use confab_shared::{CloseCode, ErrorCode, SessionId};
+use futures_util::SinkExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 
+use crate::api_error::ApiError;
 use crate::links::RouteError;
 use crate::metrics as m;
 use crate::rate::TokenBucket;
 use crate::server::Gateway;
 use crate::sessions::SessionHandle;
-use crate::socket::{FrameReader, Incoming, Outbox};
+use crate::socket::{write_outbox, FrameReader, Incoming, Outbox};
 
-/// `GET /v1/ws`: upgrades and hands the connection to its own task.
-pub async fn route(
-    req: HttpRequest,
-    body: web::Payload,
-    gateway: web::Data<Gateway>,
-) -> Result<HttpResponse, actix_web::Error> {
-    let limits = &gateway.config.limits;
-    let outbox = Outbox::new(limits.queue_events, limits.queue_bytes);
-    let (response, reader) =
-        crate::socket::upgrade(&req, body, limits.max_frame_bytes, Arc::clone(&outbox))?;
-    actix_rt::spawn(run(gateway.into_inner(), outbox, reader));
-    Ok(response)
+/// The path of the client WebSocket.
+pub const WS_PATH: &str = "/v1/ws";
+
+/// The gateway's upgrade service: every request carrying `Upgrade: websocket` comes here, with
+/// its connection, instead of going to the actix-web application. `GET /v1/ws` is answered with
+/// `101`, and the bare socket goes to a task of its own ([`serve_socket`]); the request, the
+/// dispatcher and its fixed 8 KiB buffers are all released when this returns. Anything else
+/// gets a JSON error and the connection is closed.
+pub async fn upgrade(
+    gateway: Arc<Gateway>,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), UpgradeError> {
+    if req.path() != WS_PATH || req.method() != Method::GET {
+        return respond_and_close(framed, ApiError::not_found("no such endpoint")).await;
+    }
+    let handshake = actix_http::ws::handshake(req.head());
+    // The request's headers share the dispatcher's read buffer: let both go now.
+    drop(req);
+    let response = match handshake {
+        Ok(mut response) => response.finish().drop_body(),
+        Err(e) => return respond_and_close(framed, handshake_failed(e)).await,
+    };
+    framed
+        .send(h1::Message::Item((response, BodySize::None)))
+        .await?;
+    let parts = framed.into_parts();
+    let (read, write) = parts.io.into_split();
+    // Bytes the client sent right behind the request are its first frames.
+    let reader = FrameReader::new(read, &parts.read_buf, gateway.config.limits.max_frame_bytes);
+    actix_rt::spawn(serve_socket(gateway, reader, write));
+    Ok(())
 }
 
-async fn run(gateway: Arc<Gateway>, outbox: Arc<Outbox>, mut reader: FrameReader) {
+/// One client socket after the upgrade, as two futures in one task: the session's reader
+/// ([`run`]) and its outbox's write pump; then a short linger so the close frame arrives.
+async fn serve_socket(gateway: Arc<Gateway>, mut reader: FrameReader, write: OwnedWriteHalf) {
+    let limits = &gateway.config.limits;
+    let outbox = Outbox::new(limits.queue_events, limits.queue_bytes);
+    let session = async {
+        run(Arc::clone(&gateway), Arc::clone(&outbox), &mut reader).await;
+        // Every way out of `run` has decided a close code; this only makes sure of it.
+        outbox.close(CloseCode::Normal);
+    };
+    tokio::join!(session, write_outbox(Arc::clone(&outbox), write));
+    reader.linger().await;
+}
+
+/// `GET /v1/ws` without `Upgrade: websocket` (requests with it never reach the application,
+/// see [`upgrade`]): the handshake's error.
+pub async fn route(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(match actix_http::ws::handshake(req.head()) {
+        Err(e) => handshake_failed(e),
+        Ok(_) => ApiError::bad_request("websocket handshake failed: not an upgrade request"),
+    })
+}
+
+fn handshake_failed(e: HandshakeError) -> ApiError {
+    ApiError::bad_request(format!("websocket handshake failed: {e}"))
+}
+
+/// Writes `error` as a whole HTTP response on a connection the dispatcher handed over, which
+/// then closes.
+async fn respond_and_close(
+    mut framed: Framed<TcpStream, h1::Codec>,
+    error: ApiError,
+) -> Result<(), UpgradeError> {
+    let response: Response<BoxBody> = error.error_response().into();
+    let (mut head, body) = response.into_parts();
+    head.head_mut().set_connection_type(ConnectionType::Close);
+    let body = actix_http::body::to_bytes(body).await.unwrap_or_default();
+    framed
+        .send(h1::Message::Item((
+            head,
+            BodySize::Sized(body.len() as u64),
+        )))
+        .await?;
+    framed.send(h1::Message::Chunk(Some(body))).await?;
+    framed.send(h1::Message::Chunk(None)).await?;
+    Ok(())
+}
+
+/// The upgrade failed on the socket (the client went away mid-handshake).
+#[derive(Debug, thiserror::Error)]
+#[error("websocket upgrade: {0}")]
+pub struct UpgradeError(#[from] std::io::Error);
+
+impl From<UpgradeError> for Response<BoxBody> {
+    fn from(_: UpgradeError) -> Self {
+        Response::new(StatusCode::BAD_REQUEST)
+    }
+}
+
+async fn run(gateway: Arc<Gateway>, outbox: Arc<Outbox>, reader: &mut FrameReader) {
     if gateway.shutdown.is_cancelled() {
         outbox.close(CloseCode::GoingAway);
         return;
@@ -50,7 +139,7 @@ async fn run(gateway: Arc<Gateway>, outbox: Arc<Outbox>, mut reader: FrameReader
     let mut conn = Connection::new(gateway, outbox);
     let hello_timeout = Duration::from_millis(conn.gateway.config.limits.hello_timeout_ms);
     let waited = tokio::select! {
-        waited = tokio::time::timeout(hello_timeout, conn.await_hello(&mut reader)) => waited,
+        waited = tokio::time::timeout(hello_timeout, conn.await_hello(reader)) => waited,
         // Not yet a registered session: the shutdown path cannot reach it, so it listens here.
         () = shutdown.cancelled() => Ok(Err(CloseCode::GoingAway)),
     };
@@ -295,7 +384,7 @@ impl Connection {
     }
 
     /// Serves a ready session until it closes.
-    async fn serve(mut self, handle: Arc<SessionHandle>, mut reader: FrameReader) {
+    async fn serve(mut self, handle: Arc<SessionHandle>, reader: &mut FrameReader) {
         let heartbeat = Duration::from_millis(self.gateway.config.limits.heartbeat_ms);
         let mut tick = tokio::time::interval(
             (heartbeat / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
@@ -306,7 +395,7 @@ impl Connection {
                 biased;
                 () = closing.cancelled() => break,
                 _ = tick.tick() => self.check_heartbeat(heartbeat),
-                text = self.next_text(&mut reader) => match text {
+                text = self.next_text(reader) => match text {
                     Ok(Some(text)) => self.handle_text(&handle, &text),
                     Ok(None) => Step::Continue,
                     Err(code) => Step::Close(code),
