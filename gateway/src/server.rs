@@ -2,6 +2,7 @@
 //! shutdown path (stop accepting, close sessions with `1001`, drain under a deadline).
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ pub struct Gateway {
     pub sessions: Arc<SessionRegistry>,
     pub metrics: Option<PrometheusHandle>,
     pub shutdown: CancellationToken,
+    /// Client sockets past the upgrade (see [`SocketGuard`]).
+    sockets: AtomicUsize,
     http_buckets: DashMap<(WorkspaceId, UserId), Mutex<(TokenBucket, Instant)>>,
 }
 
@@ -68,8 +71,21 @@ impl Gateway {
             sessions,
             metrics,
             shutdown,
+            sockets: AtomicUsize::new(0),
             http_buckets: DashMap::new(),
         })
+    }
+
+    /// Client sockets still open: a session leaves the registry before its close frame is
+    /// written, and actix-server does not track sockets past the upgrade.
+    pub fn open_sockets(&self) -> usize {
+        self.sockets.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client socket as open until the returned guard drops.
+    pub fn socket_opened(self: &Arc<Self>) -> SocketGuard {
+        self.sockets.fetch_add(1, Ordering::Relaxed);
+        SocketGuard(Arc::clone(self))
     }
 
     /// Takes one token from the HTTP bucket of a user.
@@ -133,6 +149,15 @@ impl Gateway {
     }
 }
 
+/// An open client socket, counted in [`Gateway::open_sockets`] until dropped.
+pub struct SocketGuard(Arc<Gateway>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A running gateway's HTTP server.
 pub struct GatewayHandle {
     pub server: actix_web::dev::Server,
@@ -141,7 +166,7 @@ pub struct GatewayHandle {
 
 impl GatewayHandle {
     /// Serves until the shutdown token fires, then closes sessions with `1001`, waits for
-    /// them under the drain deadline, and stops the server.
+    /// them and their sockets under the drain deadline, and stops the server.
     pub async fn run(self) -> std::io::Result<()> {
         let server_handle = self.server.handle();
         let gateway = Arc::clone(&self.gateway);
@@ -150,7 +175,10 @@ impl GatewayHandle {
             tracing::info!(sessions = gateway.sessions.len(), "shutting down");
             gateway.sessions.close_where(CloseCode::GoingAway, |_| true);
             let deadline = Instant::now() + gateway.config.drain_timeout;
-            while !gateway.sessions.is_empty() && Instant::now() < deadline {
+            // Sessions end first; their sockets follow once the close frame is written.
+            while (!gateway.sessions.is_empty() || gateway.open_sockets() > 0)
+                && Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             server_handle.stop(true).await;

@@ -33,7 +33,7 @@ use crate::api_error::ApiError;
 use crate::links::RouteError;
 use crate::metrics as m;
 use crate::rate::TokenBucket;
-use crate::server::Gateway;
+use crate::server::{Gateway, SocketGuard};
 use crate::sessions::SessionHandle;
 use crate::socket::{write_outbox, FrameReader, Incoming, Outbox};
 
@@ -67,13 +67,19 @@ pub async fn upgrade(
     let (read, write) = parts.io.into_split();
     // Bytes the client sent right behind the request are its first frames.
     let reader = FrameReader::new(read, &parts.read_buf, gateway.config.limits.max_frame_bytes);
-    actix_rt::spawn(serve_socket(gateway, reader, write));
+    let open = gateway.socket_opened();
+    actix_rt::spawn(serve_socket(gateway, reader, write, open));
     Ok(())
 }
 
 /// One client socket after the upgrade, as two futures in one task: the session's reader
 /// ([`run`]) and its outbox's write pump; then a short linger so the close frame arrives.
-async fn serve_socket(gateway: Arc<Gateway>, mut reader: FrameReader, write: OwnedWriteHalf) {
+async fn serve_socket(
+    gateway: Arc<Gateway>,
+    mut reader: FrameReader,
+    write: OwnedWriteHalf,
+    _open: SocketGuard,
+) {
     let limits = &gateway.config.limits;
     let outbox = Outbox::new(limits.queue_events, limits.queue_bytes);
     let session = async {
