@@ -10,14 +10,16 @@
 //! - [`links`]: links to cells (in-process or over the network, behind [`links::CellConnector`]):
 //!   routing by workspace, request/reply correlation, delivery of cell frames to sessions.
 //! - [`sessions`]: the registry of local sessions.
-//! - [`socket`]: the WebSocket transport: upgrade, frame reader, and each session's bounded
-//!   outbound queue drained by the response body.
+//! - [`shards`]: delivery of cells' events on the worker threads that serve the sessions.
+//! - [`socket`]: the WebSocket transport: frame reader, each session's bounded outbound queue,
+//!   and the write pump that drains it into the socket.
 //! - [`ws`]: one client WebSocket, from `hello` to close.
 //! - [`presence`]: local presence subscriptions fed by the presence engine's change stream.
 //! - [`rate`]: token buckets.
 //! - [`http_api`], [`admin`]: the HTTP and admin APIs; [`api_error`] maps errors to HTTP.
 //! - [`metrics`]: metric names and the Prometheus exporter.
-//! - [`server`]: builds the actix-web application and runs it until shutdown.
+//! - [`server`]: builds the HTTP server (the actix-web application, and the upgrade service
+//!   that takes WebSockets out of the HTTP/1 dispatcher) and runs it until shutdown.
 //!
 //! Architecture invariant: the gateway talks to cells only through `confab_shared::link`
 //! messages; it never calls cell code.
@@ -33,6 +35,7 @@ pub mod presence;
 pub mod rate;
 pub mod server;
 pub mod sessions;
+pub mod shards;
 pub mod socket;
 pub mod web;
 pub mod ws;

@@ -318,7 +318,12 @@ impl Links {
                 () = link.lost.cancelled() => None,
             };
             let Some(message) = message else { break };
-            self.dispatch(&link, message);
+            tokio::select! {
+                biased;
+                // A delivery waits while a worker's shard is full; the link may be lost then.
+                () = link.lost.cancelled() => break,
+                () = self.dispatch(&link, message) => {}
+            }
         }
         link.lost.cancel();
         self.links
@@ -349,9 +354,9 @@ impl Links {
             .close_where(CloseCode::ReconnectNow, |s| s.cell == cell);
     }
 
-    fn dispatch(&self, link: &CellLink, message: ToGateway) {
+    async fn dispatch(&self, link: &CellLink, message: ToGateway) {
         match message {
-            ToGateway::Deliver { sessions, frame } => self.sessions.deliver(&sessions, &frame),
+            ToGateway::Deliver { sessions, frame } => self.sessions.deliver(sessions, frame).await,
             ToGateway::Reply { req, result } => {
                 if let Some((_, waiter)) = link.pending.remove(&req) {
                     let _ = waiter.send(result);
@@ -368,9 +373,7 @@ impl Links {
                 }
             }
             ToGateway::Close { session, code } => {
-                if let Some(handle) = self.sessions.get(&session) {
-                    handle.close(code);
-                }
+                self.sessions.close_after_deliveries(session, code).await;
             }
         }
     }

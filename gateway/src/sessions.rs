@@ -1,9 +1,10 @@
 //! Local client sessions: a registry by session id, and each session's bounded outbound queue.
 //!
 //! Hot path: a cell's `Deliver` names the sessions of this gateway that must receive one
-//! encoded frame; [`SessionRegistry::deliver`] looks each up and queues a clone of the same
-//! `ByteString` (a reference-count increment, no copy, no encoding) into its [`Outbox`]. An
-//! outbox that is full, in events or bytes, closes its session with `4008` instead of growing.
+//! encoded frame; [`SessionRegistry::deliver`] hands it to the worker threads' delivery shards
+//! (see [`crate::shards`]), which queue a clone of the same `ByteString` (a reference-count
+//! increment, no copy, no encoding) into each listed session's [`Outbox`]. An outbox that is
+//! full, in events or bytes, closes its session with `4008` instead of growing.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
+use crate::shards::Shards;
 use crate::socket::{Outbox, Refused};
 
 /// A ready session, as the rest of the gateway sees it.
@@ -83,6 +85,12 @@ impl SessionHandle {
     pub fn is_closing(&self) -> bool {
         self.outbox.closing().is_cancelled()
     }
+
+    /// The texts queued for the socket, in order (tests).
+    #[cfg(test)]
+    pub(crate) fn queued_texts(&self) -> Vec<String> {
+        self.outbox.queued_texts()
+    }
 }
 
 /// Every session of this gateway, by id.
@@ -92,15 +100,21 @@ impl SessionHandle {
 #[derive(Debug, Default)]
 pub struct SessionRegistry {
     sessions: DashMap<SessionId, Arc<SessionHandle>, ahash::RandomState>,
+    shards: Shards,
 }
 
 impl SessionRegistry {
+    /// Registers a session; call it from the task serving the session's socket, whose thread's
+    /// delivery shard then delivers to it.
     pub fn insert(&self, handle: Arc<SessionHandle>) {
+        self.shards.register(&handle);
         self.sessions.insert(handle.id.clone(), handle);
         metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
     }
 
+    /// Forgets a session; call it from the task that registered it.
     pub fn remove(&self, id: &SessionId) {
+        self.shards.unregister(id);
         self.sessions.remove(id);
         metrics::gauge!(m::CONNECTIONS).set(self.sessions.len() as f64);
     }
@@ -117,13 +131,15 @@ impl SessionRegistry {
         self.sessions.is_empty()
     }
 
-    /// Queues one frame to each of `ids` (sessions gone meanwhile are skipped).
-    pub fn deliver(&self, ids: &[SessionId], frame: &Frame) {
-        for id in ids {
-            if let Some(session) = self.sessions.get(id) {
-                session.push(frame.clone());
-            }
-        }
+    /// Queues one frame to each of `ids` (sessions gone meanwhile are skipped), in order with
+    /// every earlier delivery.
+    pub async fn deliver(&self, ids: Arc<[SessionId]>, frame: Frame) {
+        self.shards.deliver(ids, frame).await;
+    }
+
+    /// Closes a session with `code` once every delivery queued before has reached it.
+    pub async fn close_after_deliveries(&self, id: SessionId, code: CloseCode) {
+        self.shards.close(id, code).await;
     }
 
     /// How many sessions match `filter`.

@@ -363,10 +363,24 @@ impl Outbox {
     pub fn closing(&self) -> &CancellationToken {
         &self.closing
     }
+
+    /// The texts queued for the socket, in order (tests).
+    #[cfg(test)]
+    pub(crate) fn queued_texts(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .frames
+            .iter()
+            .filter_map(|o| match o {
+                Outgoing::Text(f) => Some(f.text.to_string()),
+                Outgoing::Pong(_) => None,
+            })
+            .collect()
+    }
 }
 
 /// Writes a session's outbox to its socket until the close frame is out or the socket fails;
-/// then closes the socket's write side. Runs beside the session's reader in the same task.
+/// then closes the socket's write side. A task of its own, on the thread of the session's reader.
 pub async fn write_outbox(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf) {
     let mut encoder = OutboxEncoder::new(Arc::clone(&outbox));
     while let Some(batch) = poll_fn(|cx| encoder.poll_batch(cx)).await {

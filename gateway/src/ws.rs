@@ -72,8 +72,9 @@ pub async fn upgrade(
     Ok(())
 }
 
-/// One client socket after the upgrade, as two futures in one task: the session's reader
-/// ([`run`]) and its outbox's write pump; then a short linger so the close frame arrives.
+/// One client socket after the upgrade: the session's reader ([`run`]) in this task and its
+/// outbox's write pump in another, on the same thread; then a short linger so that the close
+/// frame arrives.
 async fn serve_socket(
     gateway: Arc<Gateway>,
     mut reader: FrameReader,
@@ -82,12 +83,13 @@ async fn serve_socket(
 ) {
     let limits = &gateway.config.limits;
     let outbox = Outbox::new(limits.queue_events, limits.queue_bytes);
-    let session = async {
-        run(Arc::clone(&gateway), Arc::clone(&outbox), &mut reader).await;
-        // Every way out of `run` has decided a close code; this only makes sure of it.
-        outbox.close(CloseCode::Normal);
-    };
-    tokio::join!(session, write_outbox(Arc::clone(&outbox), write));
+    // The pump is a task of its own on this thread: a delivery wakes only the pump, without
+    // polling the reader's timers and socket too (which a join in one task would).
+    let pump = actix_rt::spawn(write_outbox(Arc::clone(&outbox), write));
+    run(gateway, Arc::clone(&outbox), &mut reader).await;
+    // Every way out of `run` has decided a close code; this only makes sure of it.
+    outbox.close(CloseCode::Normal);
+    let _ = pump.await;
     reader.linger().await;
 }
 
