@@ -1,14 +1,15 @@
-//! The client WebSocket transport: the upgrade, a reader of client frames, and each session's
-//! [`Outbox`] — its bounded outbound queue — drained by a write pump on the raw socket.
+//! The client WebSocket transport: a reader of client frames, and each session's [`Outbox`] —
+//! its bounded outbound queue — drained by a write pump on the raw socket.
 //!
 //! `/v1/ws` leaves actix-http's HTTP/1 dispatcher at the upgrade (see [`crate::ws::upgrade`]):
 //! from then on the connection is the bare `TcpStream`, with no fixed per-connection buffers.
 //! An idle session holds no read buffer (one is taken only while bytes are waiting) and no write
 //! buffer (one is allocated per write and released after it).
 //!
-//! Hot path, on purpose without a writer task or channel: delivering an event to a session is a
-//! lock, a `VecDeque` push of a reference-counted frame and a wake of the connection; the pump
-//! then encodes everything queued into one buffer and hands it to the socket in one write.
+//! Hot path, on purpose without a channel: delivering an event to a session is a lock, a
+//! `VecDeque` push of a reference-counted frame and a wake of its write pump, all on the worker
+//! thread that serves the session (see [`crate::shards`]); the pump then encodes everything
+//! queued into one buffer and hands it to the socket in one write.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
