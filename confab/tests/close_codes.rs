@@ -349,14 +349,20 @@ async fn flood(client: &mut Client, text: &str, count: u64) -> u64 {
     count
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_with_4008_without_slowing_others() {
-    let server = DevServer::builder()
+/// A server whose session queues hold only 8 events, so that a client that stops reading
+/// overflows its queue after a few large messages.
+async fn slow_consumer_server() -> DevServer {
+    DevServer::builder()
         .arg("--queue-events", "8")
         .arg("--client-rate", "1000")
         .arg("--max-text-bytes", "60000")
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_with_4008_without_slowing_others() {
+    let server = slow_consumer_server().await;
     // alice reads her ready and then never reads again; her socket buffer is tiny so that the
     // server's writes to her block early.
     let mut alice = server.connect_with_small_receive_buffer().await;
@@ -429,12 +435,7 @@ async fn a_client_that_stops_reading_is_closed_with_4008_without_slowing_others(
 
 #[tokio::test]
 async fn a_client_that_never_reads_again_is_dropped_and_goes_offline() {
-    let server = DevServer::builder()
-        .arg("--queue-events", "8")
-        .arg("--client-rate", "1000")
-        .arg("--max-text-bytes", "60000")
-        .start()
-        .await;
+    let server = slow_consumer_server().await;
     let mut alice = server.connect_with_small_receive_buffer().await;
     alice.hello(&server.token("alice"), None).await;
     let mut bob = server.client("bob").await;
@@ -476,12 +477,7 @@ fn open_sockets(pid: u32) -> usize {
 
 #[tokio::test]
 async fn the_socket_of_a_client_that_never_reads_again_is_closed_by_the_server() {
-    let server = DevServer::builder()
-        .arg("--queue-events", "8")
-        .arg("--client-rate", "1000")
-        .arg("--max-text-bytes", "60000")
-        .start()
-        .await;
+    let server = slow_consumer_server().await;
     let mut bob = server.client("bob").await;
     let mut alice = server.connect_with_small_receive_buffer().await;
     alice.hello(&server.token("alice"), None).await;

@@ -149,25 +149,24 @@ async fn a_hello_sent_in_the_same_write_as_the_upgrade_request_is_answered_with_
     assert_eq!(ready["user"], "alice");
 }
 
-#[tokio::test]
-async fn an_upgrade_request_for_another_path_is_answered_404_with_a_json_error() {
+/// Sends an upgrade request for `method` `path` and checks the JSON `404` it gets.
+async fn assert_upgrade_is_answered_404(method: &str, path: &str) {
     let server = DevServer::start().await;
     let mut raw = Raw::connect(&server).await;
-    raw.send(upgrade_request("/v1/elsewhere", "GET").as_bytes())
-        .await;
+    raw.send(upgrade_request(path, method).as_bytes()).await;
     let (head, body) = raw.json_response().await;
-    assert_eq!(status(&head), "404", "{head}");
+    assert_eq!(status(&head), "404", "{method} {path}: {head}");
     assert_eq!(body["error"]["code"], "not_found", "{body}");
 }
 
 #[tokio::test]
+async fn an_upgrade_request_for_another_path_is_answered_404_with_a_json_error() {
+    assert_upgrade_is_answered_404("GET", "/v1/elsewhere").await;
+}
+
+#[tokio::test]
 async fn an_upgrade_request_with_another_method_is_answered_404() {
-    let server = DevServer::start().await;
-    let mut raw = Raw::connect(&server).await;
-    raw.send(upgrade_request("/v1/ws", "POST").as_bytes()).await;
-    let (head, body) = raw.json_response().await;
-    assert_eq!(status(&head), "404", "{head}");
-    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    assert_upgrade_is_answered_404("POST", "/v1/ws").await;
 }
 
 #[tokio::test]
