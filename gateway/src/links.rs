@@ -320,9 +320,9 @@ impl Links {
             let Some(message) = message else { break };
             tokio::select! {
                 biased;
+                () = self.dispatch(&link, message) => {}
                 // A delivery waits while a worker's shard is full; the link may be lost then.
                 () = link.lost.cancelled() => break,
-                () = self.dispatch(&link, message) => {}
             }
         }
         link.lost.cancel();
