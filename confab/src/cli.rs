@@ -50,6 +50,9 @@ pub struct LimitArgs {
     /// Time allowed between connecting and `hello` (4002 beyond).
     #[arg(long, env = "CONFAB_HELLO_TIMEOUT_MS", default_value_t = limits::HELLO_TIMEOUT_MS)]
     pub hello_timeout_ms: u64,
+    /// Client WebSockets served at once; further upgrades are answered 503.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS", default_value_t = limits::MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 impl LimitArgs {
@@ -62,6 +65,7 @@ impl LimitArgs {
             queue_bytes: limits::QUEUE_BYTES,
             heartbeat_ms: self.heartbeat_ms.max(1),
             hello_timeout_ms: self.hello_timeout_ms.max(1),
+            max_connections: self.max_connections.max(1),
         }
     }
 }

@@ -202,3 +202,41 @@ async fn a_plain_get_of_the_websocket_path_is_answered_400_and_http_goes_on() {
     assert_eq!(status(&head), "200", "{head}");
     assert_eq!(body["status"], "ok");
 }
+
+#[tokio::test]
+async fn an_upgrade_beyond_max_connections_is_answered_503_until_one_closes() {
+    let server = DevServer::builder()
+        .arg("--max-connections", "2")
+        .start()
+        .await;
+    let alice = server.client("alice").await;
+    let _bob = server.client("bob").await;
+
+    let mut raw = Raw::connect(&server).await;
+    raw.send(upgrade_request("/v1/ws", "GET").as_bytes()).await;
+    let (head, body) = raw.json_response().await;
+    assert_eq!(status(&head), "503", "{head}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+
+    // Once alice's socket is gone, there is room again.
+    drop(alice);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut raw = Raw::connect(&server).await;
+        raw.send(upgrade_request("/v1/ws", "GET").as_bytes()).await;
+        let head = raw.response_head().await;
+        if status(&head) == "101" {
+            break;
+        }
+        assert_eq!(status(&head), "503", "{head}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

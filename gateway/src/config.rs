@@ -16,6 +16,8 @@ pub struct Limits {
     pub queue_bytes: usize,
     pub heartbeat_ms: u64,
     pub hello_timeout_ms: u64,
+    /// Client WebSockets served at once; further upgrades are answered `503`.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -28,6 +30,7 @@ impl Default for Limits {
             queue_bytes: limits::QUEUE_BYTES,
             heartbeat_ms: limits::HEARTBEAT_MS,
             hello_timeout_ms: limits::HELLO_TIMEOUT_MS,
+            max_connections: limits::MAX_CONNECTIONS,
         }
     }
 }

@@ -17,6 +17,8 @@ pub const SLOW_CONSUMER_CLOSES: &str = "confab_slow_consumer_closes_total";
 pub const ERRORS: &str = "confab_errors_total";
 /// Counter: sessions closed, by close `code`.
 pub const CLOSES: &str = "confab_closes_total";
+/// Counter: WebSocket upgrades refused because the gateway serves `--max-connections`.
+pub const CONNECTIONS_REFUSED: &str = "confab_connections_refused_total";
 
 /// Installs the process-wide Prometheus recorder; call once, at start-up.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
@@ -43,9 +45,14 @@ fn describe() {
     metrics::describe_counter!(SLOW_CONSUMER_CLOSES, "sessions closed as slow consumers");
     metrics::describe_counter!(ERRORS, "error replies sent to clients, by code");
     metrics::describe_counter!(CLOSES, "client sessions closed, by close code");
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "websocket upgrades refused: the gateway serves its maximum of connections"
+    );
     // Zero-valued series exist from the start, so dashboards and scrapers see them.
     metrics::gauge!(CONNECTIONS).set(0.0);
     metrics::counter!(FRAMES_IN).absolute(0);
     metrics::counter!(FRAMES_OUT).absolute(0);
     metrics::counter!(SLOW_CONSUMER_CLOSES).absolute(0);
+    metrics::counter!(CONNECTIONS_REFUSED).absolute(0);
 }

@@ -82,10 +82,16 @@ impl Gateway {
         self.sockets.load(Ordering::Relaxed)
     }
 
-    /// Counts a client socket as open until the returned guard drops.
-    pub fn socket_opened(self: &Arc<Self>) -> SocketGuard {
-        self.sockets.fetch_add(1, Ordering::Relaxed);
-        SocketGuard(Arc::clone(self))
+    /// Counts a client socket as open until the returned guard drops; `None` when
+    /// `max_connections` sockets are open already.
+    pub fn try_open_socket(self: &Arc<Self>) -> Option<SocketGuard> {
+        let max = self.config.limits.max_connections;
+        self.sockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()?;
+        Some(SocketGuard(Arc::clone(self)))
     }
 
     /// Takes one token from the HTTP bucket of a user.

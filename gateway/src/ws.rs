@@ -39,6 +39,8 @@ use crate::socket::{write_outbox, FrameReader, Incoming, Outbox};
 
 /// The path of the client WebSocket.
 pub const WS_PATH: &str = "/v1/ws";
+/// When a full gateway tells a client to retry (it may also try another gateway at once).
+const FULL_RETRY_AFTER_MS: u64 = 1000;
 
 /// The gateway's upgrade service: every request carrying `Upgrade: websocket` comes here, with
 /// its connection, instead of going to the actix-web application. `GET /v1/ws` is answered with
@@ -60,6 +62,12 @@ pub async fn upgrade(
         Ok(mut response) => response.finish().drop_body(),
         Err(e) => return respond_and_close(framed, handshake_failed(e)).await,
     };
+    let Some(open) = gateway.try_open_socket() else {
+        let mut full = ApiError::unavailable("this gateway serves its maximum of connections");
+        full.retry_after_ms = Some(FULL_RETRY_AFTER_MS);
+        metrics::counter!(m::CONNECTIONS_REFUSED).increment(1);
+        return respond_and_close(framed, full).await;
+    };
     framed
         .send(h1::Message::Item((response, BodySize::None)))
         .await?;
@@ -67,7 +75,6 @@ pub async fn upgrade(
     let (read, write) = parts.io.into_split();
     // Bytes the client sent right behind the request are its first frames.
     let reader = FrameReader::new(read, &parts.read_buf, gateway.config.limits.max_frame_bytes);
-    let open = gateway.socket_opened();
     actix_rt::spawn(serve_socket(gateway, reader, write, open));
     Ok(())
 }

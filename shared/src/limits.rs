@@ -14,6 +14,8 @@ pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 pub const HEARTBEAT_MS: u64 = 30_000;
 /// Time allowed between connecting and `hello` (`4002` beyond).
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+/// Client WebSockets one gateway serves at once; an upgrade beyond gets `503`.
+pub const MAX_CONNECTIONS: usize = 50_000;
 /// `bad_request` frames tolerated in [`ABUSE_WINDOW_MS`] before `4003`.
 pub const ABUSE_BAD_REQUESTS: u32 = 20;
 /// The window of [`ABUSE_BAD_REQUESTS`].
