@@ -99,9 +99,13 @@ pub struct GatewayArgs {
     pub jwt_secret: String,
     #[arg(long, env = "CONFAB_ADMIN_TOKEN")]
     pub admin_token: String,
-    /// Authenticates links to cells when set.
+    /// Authenticates links to cells in both directions when set (see docs/operations.md).
     #[arg(long, env = "CONFAB_CLUSTER_SECRET")]
     pub cluster_secret: Option<String>,
+    /// Largest WebSocket frame a link sends or accepts (at least 4096); a larger message
+    /// crosses as several frames.
+    #[arg(long, env = "CONFAB_LINK_MAX_FRAME_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub link_max_frame_bytes: usize,
     /// A session whose gateway stopped refreshing it counts as gone after this long.
     #[arg(long, env = "CONFAB_PRESENCE_TTL_MS", default_value_t = 30_000)]
     pub presence_ttl_ms: u64,
@@ -126,8 +130,14 @@ pub struct CellArgs {
     /// The shared presence + directory Redis.
     #[arg(long, env = "CONFAB_DIRECTORY")]
     pub directory: String,
+    /// Authenticates gateways' links in both directions when set; without it the cell
+    /// accepts links from loopback addresses only.
     #[arg(long, env = "CONFAB_CLUSTER_SECRET")]
     pub cluster_secret: Option<String>,
+    /// Largest WebSocket frame a link sends or accepts (at least 4096); a larger message
+    /// crosses as several frames.
+    #[arg(long, env = "CONFAB_LINK_MAX_FRAME_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub link_max_frame_bytes: usize,
     /// Events kept per channel for `resume` and `client_msg_id` de-duplication.
     #[arg(long, env = "CONFAB_RETENTION_EVENTS", default_value_t = limits::RETENTION_EVENTS)]
     pub retention_events: u64,

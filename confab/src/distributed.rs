@@ -18,6 +18,8 @@ use crate::link_ws::{link_route, LinkEndpoint, WsConnector};
 
 /// How often a cell heartbeats in the directory.
 const CELL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Smallest `--link-max-frame-bytes` honoured: every handshake message fits in it.
+const MIN_LINK_FRAME: usize = 4096;
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let metrics = confab_gateway::metrics::install().context("installing metrics")?;
@@ -30,9 +32,17 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         let mut config = GatewayConfig::new(gateway_id.clone(), args.jwt_secret, args.admin_token);
         config.limits = args.limits.to_limits();
         config.presence_refresh = ttl / 3;
+        let secret = args.cluster_secret.filter(|s| !s.is_empty());
+        if secret.is_none() {
+            tracing::warn!(
+                "no --cluster-secret: links to cells are not authenticated, and cells without \
+                 one accept links from loopback addresses only"
+            );
+        }
         let connector = Arc::new(WsConnector {
             gateway: gateway_id.clone(),
-            secret: args.cluster_secret,
+            secret,
+            max_frame: args.link_max_frame_bytes.max(MIN_LINK_FRAME),
         });
         let shutdown = CancellationToken::new();
         let gateway = Gateway::new(
@@ -90,11 +100,19 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
             registration,
             shutdown.clone(),
         ));
-        let endpoint = web::Data::new(LinkEndpoint {
+        let secret = args.cluster_secret.filter(|s| !s.is_empty());
+        if secret.is_none() {
+            tracing::warn!(
+                "no --cluster-secret: this cell accepts links from loopback addresses only; \
+                 set one to accept gateways on other hosts"
+            );
+        }
+        let endpoint = web::Data::new(LinkEndpoint::new(
             cell,
-            cell_id: id.clone(),
-            secret: args.cluster_secret,
-        });
+            id.clone(),
+            secret,
+            args.link_max_frame_bytes.max(MIN_LINK_FRAME),
+        ));
         let http = web::Data::new(CellHttp {
             store,
             directory,

@@ -5,6 +5,10 @@
 //! `confab dev`, a WebSocket to the cell's `/v1/link` otherwise — and one task per link reads
 //! the cell's messages in order. When a link is lost its pending requests fail with
 //! `unavailable` and its sessions are told to reconnect (`4010`); the next use opens a new link.
+//!
+//! Opening a link may hang (a cell behind a host that drops packets), so it never holds a
+//! caller: one background attempt per cell opens it, every caller that needs the link meanwhile
+//! shares that attempt's outcome, and each caller waits at most [`LINK_OPEN_WAIT`] for it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +22,7 @@ use confab_shared::link::{
 use confab_shared::server::ChannelInfo;
 use confab_shared::{CellId, CloseCode, ErrorCode, SessionId, WorkspaceId};
 use dashmap::DashMap;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +36,13 @@ fn jitter(delay: Duration) -> Duration {
         .unwrap_or(0);
     delay + delay.mul_f64(f64::from(nanos % 1000) / 2000.0)
 }
+
+/// Longest a request or a session's hello waits for a link to be opened before it answers
+/// `unavailable`, whatever the network does.
+pub const LINK_OPEN_WAIT: Duration = Duration::from_secs(4);
+/// Longest one attempt to open a link may take (directory lookup and connector together),
+/// so that a connector that never returns cannot hold the cell's attempt forever.
+const LINK_OPEN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The link to a cell is closed or could not be opened.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,7 +70,7 @@ pub trait CellConnector: Send + Sync + 'static {
 }
 
 /// Where a workspace is served, or why it cannot be.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RouteError {
     #[error("unknown workspace {0}")]
     UnknownWorkspace(WorkspaceId),
@@ -75,6 +86,9 @@ impl From<RouteError> for CellError {
         }
     }
 }
+
+/// The attempt to open a link to a cell, whose outcome every caller waiting for it shares.
+type Opening = Shared<BoxFuture<'static, Result<Arc<CellLink>, RouteError>>>;
 
 type Waiter = oneshot::Sender<Result<CellReply, CellError>>;
 type AttachWaiter = oneshot::Sender<Result<Vec<ChannelInfo>, CellError>>;
@@ -146,9 +160,9 @@ pub struct Links {
     sessions: Arc<SessionRegistry>,
     links: DashMap<CellId, Arc<CellLink>>,
     routes: DashMap<WorkspaceId, CellId>,
-    /// Serialises link opening per cell, so that concurrent first uses open one link and a
-    /// cell that is down delays no other cell's link.
-    connecting: DashMap<CellId, Arc<tokio::sync::Mutex<()>>>,
+    /// The attempt under way to open each cell's link, so that concurrent first uses open one
+    /// link and a cell that is down delays no other cell's link.
+    connecting: DashMap<CellId, Opening>,
     request_timeout: Duration,
 }
 
@@ -201,8 +215,9 @@ impl Links {
         Ok(record.cell)
     }
 
-    /// The open link to `cell`, opening it if needed. (Boxed: the link's reader task calls it
-    /// again to reconnect, and a named future type breaks that cycle for the compiler.)
+    /// The open link to `cell`, opening it if needed; `unavailable` within [`LINK_OPEN_WAIT`]
+    /// when it cannot be opened. (Boxed: the link's reader task calls it again to reconnect,
+    /// and a named future type breaks that cycle for the compiler.)
     pub fn link<'a>(
         self: &'a Arc<Self>,
         cell: &'a CellId,
@@ -211,37 +226,77 @@ impl Links {
             if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
                 return Ok(Arc::clone(&link));
             }
-            let gate = Arc::clone(&self.connecting.entry(cell.clone()).or_default());
-            let _guard = gate.lock().await;
-            if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
-                return Ok(Arc::clone(&link));
+            let opening = self
+                .connecting
+                .entry(cell.clone())
+                .or_insert_with(|| self.start_opening(cell.clone()))
+                .clone();
+            match tokio::time::timeout(LINK_OPEN_WAIT, opening).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(RouteError::Unavailable(format!(
+                    "the link to cell {cell} could not be opened in time"
+                ))),
             }
-            let record = self
-                .directory
-                .cells()
-                .await
-                .map_err(|e| RouteError::Unavailable(e.to_string()))?
-                .into_iter()
-                .find(|c| &c.id == cell)
-                .ok_or_else(|| RouteError::Unavailable(format!("cell {cell} is not registered")))?;
-            let connection = self
-                .connector
-                .connect(&record)
-                .await
-                .map_err(|e| RouteError::Unavailable(e.to_string()))?;
-            let link = Arc::new(CellLink {
-                cell: cell.clone(),
-                sink: connection.sink,
-                next_request: AtomicU64::new(1),
-                pending: DashMap::new(),
-                attaching: DashMap::new(),
-                lost: connection.lost,
-            });
-            self.links.insert(cell.clone(), Arc::clone(&link));
-            tokio::spawn(Arc::clone(self).read_link(Arc::clone(&link), connection.inbound));
-            tracing::info!(cell = %cell, "link to cell opened");
-            Ok(link)
         })
+    }
+
+    /// Starts the one attempt to open `cell`'s link. It runs on its own, so it completes (and
+    /// makes way for the next attempt) even when every caller waiting for it has given up.
+    fn start_opening(self: &Arc<Self>, cell: CellId) -> Opening {
+        let links = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let outcome = tokio::time::timeout(LINK_OPEN_LIMIT, links.open(&cell))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RouteError::Unavailable(format!(
+                        "opening the link to cell {cell} timed out"
+                    )))
+                });
+            // Only this attempt is ever registered for the cell while it runs.
+            links.connecting.remove(&cell);
+            outcome
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(RouteError::Unavailable(format!(
+                    "opening the link failed: {e}"
+                )))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Opens the link to `cell` (unless another attempt just did) and starts its reader.
+    async fn open(self: &Arc<Self>, cell: &CellId) -> Result<Arc<CellLink>, RouteError> {
+        if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
+            return Ok(Arc::clone(&link));
+        }
+        let record = self
+            .directory
+            .cells()
+            .await
+            .map_err(|e| RouteError::Unavailable(e.to_string()))?
+            .into_iter()
+            .find(|c| &c.id == cell)
+            .ok_or_else(|| RouteError::Unavailable(format!("cell {cell} is not registered")))?;
+        let connection = self
+            .connector
+            .connect(&record)
+            .await
+            .map_err(|e| RouteError::Unavailable(e.to_string()))?;
+        let link = Arc::new(CellLink {
+            cell: cell.clone(),
+            sink: connection.sink,
+            next_request: AtomicU64::new(1),
+            pending: DashMap::new(),
+            attaching: DashMap::new(),
+            lost: connection.lost,
+        });
+        self.links.insert(cell.clone(), Arc::clone(&link));
+        tokio::spawn(Arc::clone(self).read_link(Arc::clone(&link), connection.inbound));
+        tracing::info!(cell = %cell, "link to cell opened");
+        Ok(link)
     }
 
     /// The link serving `workspace`.

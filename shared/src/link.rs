@@ -240,18 +240,79 @@ pub enum ToGateway {
     Close { session: SessionId, code: CloseCode },
 }
 
-/// The first binary frame on a link WebSocket, from the gateway: who it is, and the cluster
-/// secret when the deployment sets one.
+/// Random bytes each side of a link contributes to its handshake, so that no proof can be
+/// replayed on another link.
+pub type LinkNonce = [u8; 32];
+/// An HMAC-SHA256 over the handshake's transcript, keyed with the cluster secret.
+pub type LinkProof = [u8; 32];
+
+/// The first binary frame on a link WebSocket, from the gateway: who it is, and its nonce.
+/// The cluster secret itself never crosses the wire; each side proves it holds it by an
+/// HMAC over both nonces ([`LinkChallenge`], [`LinkAuth`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkHello {
     pub gateway: String,
-    pub secret: Option<String>,
+    pub nonce: LinkNonce,
 }
 
-/// The cell's answer to [`LinkHello`].
+/// The cell's answer to [`LinkHello`]: who it is, its own nonce and, when it has a cluster
+/// secret, its proof over [`transcript`]`(`[`LinkRole::Cell`]`, ..)`. A gateway with a secret
+/// refuses a cell without a valid proof before sending anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkChallenge {
+    pub cell: CellId,
+    pub nonce: LinkNonce,
+    pub proof: Option<LinkProof>,
+}
+
+/// The gateway's proof over [`transcript`]`(`[`LinkRole::Gateway`]`, ..)`, when it has a
+/// cluster secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkAuth {
+    pub proof: Option<LinkProof>,
+}
+
+/// The cell's last handshake frame: the gateway is authenticated and the link is open.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkWelcome {
     pub cell: CellId,
+}
+
+/// Which side of a link a proof comes from. Part of the transcript, so that a proof one side
+/// sends can never be reflected back as the other side's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRole {
+    Gateway,
+    Cell,
+}
+
+/// The bytes a link proof is computed over: a protocol label, the role, both names and both
+/// nonces, each length-prefixed so that no two transcripts are ambiguous.
+pub fn transcript(
+    role: LinkRole,
+    gateway: &str,
+    cell: &CellId,
+    gateway_nonce: &LinkNonce,
+    cell_nonce: &LinkNonce,
+) -> Vec<u8> {
+    let role = match role {
+        LinkRole::Gateway => b"gateway".as_slice(),
+        LinkRole::Cell => b"cell".as_slice(),
+    };
+    let mut out = Vec::with_capacity(160);
+    for part in [
+        b"confab-link-v1".as_slice(),
+        role,
+        gateway.as_bytes(),
+        cell.as_str().as_bytes(),
+        gateway_nonce.as_slice(),
+        cell_nonce.as_slice(),
+    ] {
+        // Every part is short (names are bounded before this is called).
+        out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
 }
 
 /// Why bytes are not a link message.
@@ -286,6 +347,190 @@ pub fn decode_batch<'a, T: Deserialize<'a>>(mut bytes: &'a [u8]) -> Result<Vec<T
         bytes = rest;
     }
     Ok(messages)
+}
+
+// ---------------------------------------------------------------------------------------
+// Frames: how messages travel over a link transport that bounds its frame size.
+
+/// First byte of a frame holding whole messages, one right after the other.
+const FRAME_BATCH: u8 = 0;
+/// First byte of a frame holding a piece of one message, more pieces following.
+const FRAME_MORE: u8 = 1;
+/// First byte of a frame holding the last piece of one message.
+const FRAME_LAST: u8 = 2;
+
+/// Largest message a link carries, summed over its fragments: a sender refuses to send more
+/// and a receiver refuses to buffer more, so one peer bounds what the other holds.
+pub const MAX_LINK_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// How a writer cuts messages into frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// A message longer than this travels as fragments of at most this many bytes.
+    pub fragment: usize,
+    /// A writer stops adding whole messages to a frame past this many bytes.
+    pub batch: usize,
+}
+
+impl Framing {
+    /// The framing whose frames never exceed `max_frame` bytes: a batch frame holds at most
+    /// `batch + fragment + 1` bytes (its last message may be up to `fragment` long).
+    pub fn for_max_frame(max_frame: usize) -> Framing {
+        let fragment = (max_frame.saturating_sub(2) / 2).clamp(16, 1024 * 1024);
+        Framing {
+            fragment,
+            batch: fragment.min(256 * 1024),
+        }
+    }
+}
+
+/// A message the link refuses to carry: its encoding is over [`MAX_LINK_MESSAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("link message of {0} bytes is over the link's bound")]
+pub struct MessageTooLarge(pub usize);
+
+/// Builds the frames of one write from queued messages, in order: whole messages share batch
+/// frames, and a message longer than [`Framing::fragment`] is cut into fragments that follow
+/// one another, so no frame exceeds the transport's bound whatever a message's size.
+#[derive(Debug)]
+pub struct FrameWriter {
+    framing: Framing,
+    batch: Vec<u8>,
+    frames: Vec<Vec<u8>>,
+    framed_bytes: usize,
+}
+
+impl FrameWriter {
+    pub fn new(framing: Framing) -> FrameWriter {
+        FrameWriter {
+            framing,
+            batch: Vec::new(),
+            frames: Vec::new(),
+            framed_bytes: 0,
+        }
+    }
+
+    /// Adds one message; a message over [`MAX_LINK_MESSAGE`] is left out and reported.
+    pub fn push<T: Serialize>(&mut self, message: &T) -> Result<(), MessageTooLarge> {
+        if self.batch.is_empty() {
+            self.batch.reserve(1024);
+            self.batch.push(FRAME_BATCH);
+        }
+        let start = self.batch.len();
+        encode_into(message, &mut self.batch);
+        let len = self.batch.len().saturating_sub(start);
+        if len <= self.framing.fragment {
+            return Ok(());
+        }
+        let big = self.batch.split_off(start);
+        if len > MAX_LINK_MESSAGE {
+            return Err(MessageTooLarge(len));
+        }
+        self.flush_batch();
+        let mut pieces = big.chunks(self.framing.fragment).peekable();
+        while let Some(piece) = pieces.next() {
+            let kind = if pieces.peek().is_some() {
+                FRAME_MORE
+            } else {
+                FRAME_LAST
+            };
+            let mut frame = Vec::with_capacity(piece.len() + 1);
+            frame.push(kind);
+            frame.extend_from_slice(piece);
+            self.framed_bytes += frame.len();
+            self.frames.push(frame);
+        }
+        Ok(())
+    }
+
+    /// Whether this write holds enough to be sent without waiting for more messages.
+    pub fn is_full(&self) -> bool {
+        self.batch.len() + self.framed_bytes >= self.framing.batch
+    }
+
+    /// Whether no message was added since the last [`FrameWriter::take`].
+    pub fn is_empty(&self) -> bool {
+        self.batch.len() <= 1 && self.frames.is_empty()
+    }
+
+    /// The frames built so far, in order; the writer starts over.
+    pub fn take(&mut self) -> Vec<Vec<u8>> {
+        self.flush_batch();
+        self.framed_bytes = 0;
+        std::mem::take(&mut self.frames)
+    }
+
+    fn flush_batch(&mut self) {
+        if self.batch.len() > 1 {
+            let batch = std::mem::take(&mut self.batch);
+            self.framed_bytes += batch.len();
+            self.frames.push(batch);
+        } else {
+            self.batch.clear();
+        }
+    }
+}
+
+/// Why a frame is not part of a valid link stream.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("empty link frame")]
+    Empty,
+    #[error("unknown link frame kind {0}")]
+    UnknownKind(u8),
+    #[error("a batch frame in the middle of a fragmented message")]
+    Interleaved,
+    #[error("fragmented link message over {0} bytes")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// The receiving side of [`FrameWriter`]: decodes batch frames and joins fragments, holding
+/// at most `max_message` bytes of one unfinished message.
+#[derive(Debug)]
+pub struct Reassembler {
+    partial: Vec<u8>,
+    max_message: usize,
+}
+
+impl Default for Reassembler {
+    fn default() -> Self {
+        Reassembler::new(MAX_LINK_MESSAGE)
+    }
+}
+
+impl Reassembler {
+    pub fn new(max_message: usize) -> Reassembler {
+        Reassembler {
+            partial: Vec::new(),
+            max_message,
+        }
+    }
+
+    /// The messages `frame` completes (none for a fragment that is not the last).
+    pub fn push<T: serde::de::DeserializeOwned>(
+        &mut self,
+        frame: &[u8],
+    ) -> Result<Vec<T>, FrameError> {
+        let (&kind, body) = frame.split_first().ok_or(FrameError::Empty)?;
+        match kind {
+            FRAME_BATCH if self.partial.is_empty() => Ok(decode_batch(body)?),
+            FRAME_BATCH => Err(FrameError::Interleaved),
+            FRAME_MORE | FRAME_LAST => {
+                if self.partial.len() + body.len() > self.max_message {
+                    return Err(FrameError::TooLarge(self.max_message));
+                }
+                self.partial.extend_from_slice(body);
+                if kind == FRAME_MORE {
+                    return Ok(Vec::new());
+                }
+                let whole = std::mem::take(&mut self.partial);
+                Ok(vec![decode(&whole)?])
+            }
+            other => Err(FrameError::UnknownKind(other)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -374,5 +619,131 @@ mod tests {
     #[test]
     fn garbage_is_a_decode_error_not_a_panic() {
         assert!(decode::<ToCell>(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    fn detach(n: usize) -> ToCell {
+        ToCell::Detach {
+            session: SessionId::new(&format!("s{n}")).unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    /// A message whose encoding is a little over `bytes` long.
+    fn big_reply(bytes: usize) -> ToGateway {
+        ToGateway::Deliver {
+            sessions: Arc::from(vec![]),
+            frame: Frame {
+                text: ByteString::from("x".repeat(bytes)),
+                created_us: 1,
+            },
+        }
+    }
+
+    fn receive<T: serde::de::DeserializeOwned>(frames: &[Vec<u8>]) -> Vec<T> {
+        let mut reassembler = Reassembler::default();
+        let mut out = Vec::new();
+        for frame in frames {
+            out.extend(
+                reassembler
+                    .push::<T>(frame)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn a_message_larger_than_a_frame_travels_as_fragments_and_comes_back_whole() {
+        let framing = Framing::for_max_frame(64 * 1024);
+        let mut writer = FrameWriter::new(framing);
+        let big = big_reply(1024 * 1024);
+        writer.push(&detach(1)).unwrap_or_else(|e| panic!("{e}"));
+        writer.push(&big).unwrap_or_else(|e| panic!("{e}"));
+        writer
+            .push(&ToGateway::Close {
+                session: SessionId::new("s2").unwrap_or_else(|e| panic!("{e}")),
+                code: CloseCode::ReconnectNow,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let frames = writer.take();
+        assert!(frames.len() > 16, "{} frames", frames.len());
+        for frame in &frames {
+            assert!(frame.len() <= 64 * 1024, "a frame of {} bytes", frame.len());
+        }
+        // The first frame is the batch before the big message (a Detach, read as ToCell).
+        let first: Vec<ToCell> = receive(&frames[..1]);
+        assert_eq!(first, vec![detach(1)]);
+        let rest: Vec<ToGateway> = receive(&frames[1..]);
+        assert_eq!(rest.len(), 2);
+        assert_eq!(rest[0], big);
+        assert!(matches!(rest[1], ToGateway::Close { .. }));
+        assert!(writer.is_empty());
+    }
+
+    #[test]
+    fn small_messages_share_one_batch_frame() {
+        let mut writer = FrameWriter::new(Framing::for_max_frame(16 * 1024 * 1024));
+        for n in 0..100 {
+            writer.push(&detach(n)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(!writer.is_full());
+        let frames = writer.take();
+        assert_eq!(frames.len(), 1);
+        let back: Vec<ToCell> = receive(&frames);
+        assert_eq!(back.len(), 100);
+        assert_eq!(back[99], detach(99));
+    }
+
+    #[test]
+    fn a_receiver_refuses_to_buffer_more_than_its_bound() {
+        let mut writer = FrameWriter::new(Framing::for_max_frame(1024));
+        writer
+            .push(&big_reply(10_000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let frames = writer.take();
+        let mut reassembler = Reassembler::new(4096);
+        let outcome = frames
+            .iter()
+            .map(|f| reassembler.push::<ToGateway>(f))
+            .find(|r| r.is_err());
+        assert!(matches!(outcome, Some(Err(FrameError::TooLarge(4096)))));
+    }
+
+    #[test]
+    fn a_sender_refuses_a_message_over_the_link_bound() {
+        let mut writer = FrameWriter::new(Framing::for_max_frame(16 * 1024 * 1024));
+        let outcome = writer.push(&big_reply(MAX_LINK_MESSAGE + 1));
+        assert!(matches!(outcome, Err(MessageTooLarge(_))));
+        assert!(writer.is_empty());
+        writer.push(&detach(1)).unwrap_or_else(|e| panic!("{e}"));
+        let back: Vec<ToCell> = receive(&writer.take());
+        assert_eq!(back, vec![detach(1)]);
+    }
+
+    #[test]
+    fn malformed_frame_streams_are_errors() {
+        let mut reassembler = Reassembler::default();
+        assert!(matches!(
+            reassembler.push::<ToCell>(&[]),
+            Err(FrameError::Empty)
+        ));
+        assert!(matches!(
+            reassembler.push::<ToCell>(&[9, 1]),
+            Err(FrameError::UnknownKind(9))
+        ));
+        assert!(reassembler.push::<ToCell>(&[FRAME_MORE, 1]).is_ok());
+        assert!(matches!(
+            reassembler.push::<ToCell>(&[FRAME_BATCH]),
+            Err(FrameError::Interleaved)
+        ));
+    }
+
+    #[test]
+    fn proofs_of_the_two_roles_differ() {
+        let cell = CellId::new("c1").unwrap_or_else(|e| panic!("{e}"));
+        let a = transcript(LinkRole::Gateway, "gw", &cell, &[1; 32], &[2; 32]);
+        let b = transcript(LinkRole::Cell, "gw", &cell, &[1; 32], &[2; 32]);
+        let c = transcript(LinkRole::Gateway, "gw", &cell, &[2; 32], &[1; 32]);
+        assert_ne!(a, b);
+        assert_ne!(a, c);
     }
 }
