@@ -21,7 +21,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const JWT_SECRET: &str = "dev-secret";
 pub const ADMIN_TOKEN: &str = "dev-admin";
-const CLUSTER_SECRET: &str = "test-cluster-secret";
+pub const CLUSTER_SECRET: &str = "test-cluster-secret";
 /// Generous bound for anything a test waits for; never a pass/fail timing assertion.
 pub const WAIT: Duration = Duration::from_secs(20);
 
