@@ -27,14 +27,23 @@ pub struct CellConfig {
     pub id: CellId,
     /// Events kept per channel for `resume` and `client_msg_id` de-duplication.
     pub retention_events: u64,
+    /// Public and private channels one workspace may have (`conflict` beyond).
+    pub max_channels_per_workspace: usize,
+    /// Channels one user may be a member of, DMs included (`conflict` beyond).
+    pub max_channels_per_user: usize,
+    /// Members one channel may have (`conflict` beyond).
+    pub max_members_per_channel: usize,
 }
 
 impl CellConfig {
-    /// A config with the protocol's default retention.
+    /// A config with the protocol's default retention and limits.
     pub fn new(id: CellId) -> Self {
         CellConfig {
             id,
             retention_events: limits::RETENTION_EVENTS,
+            max_channels_per_workspace: limits::MAX_CHANNELS_PER_WORKSPACE,
+            max_channels_per_user: limits::MAX_CHANNELS_PER_USER,
+            max_members_per_channel: limits::MAX_MEMBERS_PER_CHANNEL,
         }
     }
 }
@@ -70,12 +79,22 @@ impl Cell {
     pub fn start(config: CellConfig, store: Arc<dyn CellStore>) -> Cell {
         let settings = Settings {
             retention_events: config.retention_events.max(1),
+            max_channels_per_workspace: config.max_channels_per_workspace.max(1),
+            max_channels_per_user: config.max_channels_per_user.max(1),
+            max_members_per_channel: config.max_members_per_channel.max(2),
         };
         let reg = Arc::new(Registry::new(store, settings, Arbiter::current()));
         let counting = reg.clone();
         reg.arbiter
             .spawn(async move { workspace::refresh_workspace_count(&counting).await });
-        tracing::info!(cell = %config.id, retention = config.retention_events, "cell started");
+        tracing::info!(
+            cell = %config.id,
+            retention = config.retention_events,
+            max_channels_per_workspace = reg.settings.max_channels_per_workspace,
+            max_channels_per_user = reg.settings.max_channels_per_user,
+            max_members_per_channel = reg.settings.max_members_per_channel,
+            "cell started"
+        );
         Cell { id: config.id, reg }
     }
 

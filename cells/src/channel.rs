@@ -23,6 +23,7 @@ use crate::link::Reply;
 use crate::messages::{ChannelRequest, Inspect, SeedMembers, Subscribe, Unsubscribe};
 use crate::registry::{Registry, SessionEntry};
 use crate::store::{CellStore, ChannelMeta, ChannelSnapshot, MessageQuery, StoreError};
+use crate::workspace;
 
 /// Most recent events kept encoded in memory, so that most resumes replay without the store.
 const RECENT_EVENTS: usize = 256;
@@ -643,6 +644,10 @@ impl ChannelActor {
             reply.send(self.ack_current());
             return ready(()).boxed_local();
         }
+        let max_members = self.reg.settings.max_members_per_channel;
+        if state.members.len() >= max_members {
+            return refuse(reply, workspace::channel_full(max_members));
+        }
         let invited = (caller != target).then(|| target.clone());
         let step = self.join_step(vec![target], invited.into_iter().collect());
         self.write(step, reply)
@@ -697,7 +702,13 @@ impl ChannelActor {
         Ok(state)
     }
 
-    /// The store step of `users` joining in order; `invited` ones get `channel_added`.
+    /// The store step of `users` joining in order; `invited` ones get `channel_added`. A user
+    /// already in as many channels as one may be is left out; when that leaves nobody to
+    /// join, the op is refused with `conflict`.
+    ///
+    /// The markers and the joins take one round trip each, however many users join (a channel
+    /// created with 1,000 members used to cost 2,000 sequential round trips on the cell's
+    /// actor thread), plus one per user left out.
     fn join_step(
         &self,
         users: Vec<UserId>,
@@ -710,29 +721,50 @@ impl ChannelActor {
             self.id.clone(),
         );
         let retention = self.reg.settings.retention_events;
+        let max_channels = self.reg.settings.max_channels_per_user;
         async move {
             let created_us = now_us();
-            let mut markers = HashMap::new();
-            for user in &invited {
-                let marker = store.read_markers(&ws, user).await?.get(&channel).copied();
-                markers.insert(user.clone(), marker.unwrap_or(0));
-            }
+            let invited: Vec<UserId> = users
+                .iter()
+                .filter(|u| invited.contains(*u))
+                .cloned()
+                .collect();
+            let markers = store.read_markers_in(&ws, &channel, &invited).await?;
+            let markers: HashMap<UserId, u64> = invited.into_iter().zip(markers).collect();
             let mut events = Vec::with_capacity(users.len());
-            for (seq, user) in (next..).zip(users) {
-                let event = Event::MemberJoined {
-                    channel: channel.clone(),
-                    seq,
-                    ts: created_us / 1000,
-                    user,
+            let mut left_out = None;
+            let mut pending = users.as_slice();
+            while !pending.is_empty() {
+                let first = next + events.len() as u64;
+                let batch: Vec<Event> = (first..)
+                    .zip(pending)
+                    .map(|(seq, user)| Event::MemberJoined {
+                        channel: channel.clone(),
+                        seq,
+                        ts: created_us / 1000,
+                        user: user.clone(),
+                    })
+                    .collect();
+                let appended = store
+                    .append_joins(&ws, &channel, &batch, retention, max_channels as u64)
+                    .await?;
+                events.extend(batch.into_iter().take(appended));
+                let Some(full) = pending.get(appended) else {
+                    break;
                 };
-                store.append(&ws, &channel, &event, retention).await?;
-                events.push(event);
+                left_out.get_or_insert_with(|| full.clone());
+                pending = &pending[appended + 1..];
             }
-            Ok(Outcome::Appended {
-                events,
-                created_us,
-                invited: markers,
-            })
+            match left_out {
+                Some(user) if events.is_empty() => {
+                    Ok(Outcome::Refused(workspace::user_full(&user, max_channels)))
+                }
+                _ => Ok(Outcome::Appended {
+                    events,
+                    created_us,
+                    invited: markers,
+                }),
+            }
         }
     }
 
@@ -755,6 +787,10 @@ impl ChannelActor {
             .into_iter()
             .filter(|u| !state.members.contains(u) && seen.insert(u.clone()))
             .collect();
+        let max_members = self.reg.settings.max_members_per_channel;
+        if state.members.len() + joining.len() > max_members {
+            return ready(Err(workspace::channel_full(max_members))).boxed_local();
+        }
         let invited = joining
             .iter()
             .filter(|u| Some(*u) != by.as_ref())

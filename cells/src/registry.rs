@@ -87,6 +87,10 @@ impl SessionEntry {
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub(crate) retention_events: u64,
+    pub(crate) max_channels_per_workspace: usize,
+    pub(crate) max_channels_per_user: usize,
+    /// At least 2, so that a DM can always have its two members.
+    pub(crate) max_members_per_channel: usize,
 }
 
 /// Shared state of one cell.

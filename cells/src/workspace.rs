@@ -25,6 +25,59 @@ fn conflict(message: impl Into<String>) -> CellError {
     CellError::new(ErrorCode::Conflict, message)
 }
 
+/// The refusal of a join that would put `user` in more than `max` channels.
+pub(crate) fn user_full(user: &UserId, max: usize) -> CellError {
+    conflict(format!(
+        "{user} is already a member of {max} channels, the most one user may be in"
+    ))
+}
+
+/// The refusal of a join beyond a channel's `max` members.
+pub(crate) fn channel_full(max: usize) -> CellError {
+    conflict(format!(
+        "the channel has {max} members, the most one channel may have"
+    ))
+}
+
+/// Refuses (`conflict`) when one of `users` is already in as many channels as a user may be,
+/// before anything is created. The join itself checks again atomically, so a race past this
+/// check only leaves that user out.
+async fn check_room(
+    reg: &Arc<Registry>,
+    ws: &WorkspaceId,
+    users: &[UserId],
+) -> Result<(), CellError> {
+    let max = reg.settings.max_channels_per_user;
+    let counts = reg
+        .store
+        .channel_counts(ws, users)
+        .await
+        .map_err(|e| store_unavailable(&e))?;
+    match users.iter().zip(counts).find(|(_, n)| *n >= max as u64) {
+        Some((user, _)) => Err(user_full(user, max)),
+        None => Ok(()),
+    }
+}
+
+/// Refuses (`bad_request`) a channel created with more members than a channel may have.
+fn check_member_count(reg: &Registry, members: &[UserId]) -> Result<(), CellError> {
+    let max = reg.settings.max_members_per_channel;
+    if members.len() > max {
+        return Err(CellError::bad_request(format!(
+            "{} members named, more than the {max} one channel may have",
+            members.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The refusal of a channel beyond the workspace's `max`.
+fn workspace_full(max: usize) -> CellError {
+    conflict(format!(
+        "the workspace has {max} channels, the most one workspace may have"
+    ))
+}
+
 fn generated_id(prefix: char) -> Result<ChannelId, CellError> {
     let suffix: String = rand::thread_rng()
         .sample_iter(&Alphanumeric)
@@ -88,7 +141,11 @@ pub(crate) async fn create_channel(
     if members.len() > limits::MAX_INITIAL_MEMBERS {
         return Err(CellError::bad_request("more than 1000 initial members"));
     }
+    let members = ordered_members(Some(&caller.user), members);
+    check_member_count(reg, &members)?;
     let ws = &caller.workspace;
+    check_room(reg, ws, &members).await?;
+    let max_channels = reg.settings.max_channels_per_workspace;
     let mut created = None;
     for _ in 0..ID_ATTEMPTS {
         let id = generated_id('C')?;
@@ -99,6 +156,7 @@ pub(crate) async fn create_channel(
                 kind,
             },
             dm_pair: None,
+            max_channels: Some(max_channels as u64),
         };
         match reg.store.create_channel(ws, &new).await {
             Ok(CreateOutcome::Created) => {
@@ -107,15 +165,15 @@ pub(crate) async fn create_channel(
             }
             Ok(CreateOutcome::IdTaken) => continue,
             Ok(CreateOutcome::NameTaken) => {
-                return Err(conflict(format!("a channel named {name:?} exists")))
+                return Err(conflict(format!("a public channel named {name:?} exists")))
             }
+            Ok(CreateOutcome::TooManyChannels) => return Err(workspace_full(max_channels)),
             Ok(CreateOutcome::UnknownWorkspace) => return Err(CellError::not_found("workspace")),
             Ok(CreateOutcome::DmExists(_)) => return Err(conflict("channel exists")),
             Err(e) => return Err(store_unavailable(&e)),
         }
     }
     let id = created.ok_or_else(|| CellError::unavailable("could not pick a free channel id"))?;
-    let members = ordered_members(Some(&caller.user), members);
     let info = seed(reg, ws, &id, members, Some(caller.user.clone())).await?;
     Ok(CellReply::Channel(info))
 }
@@ -138,8 +196,14 @@ pub(crate) async fn open_dm(
         .await
         .map_err(|e| store_unavailable(&e))?;
     if let Some(id) = existing {
-        return existing_dm(reg, caller, &id).await;
+        return existing_dm(reg, caller, &other, &id).await;
     }
+    check_room(
+        reg,
+        ws,
+        &ordered_members(Some(&caller.user), vec![other.clone()]),
+    )
+    .await?;
     for _ in 0..ID_ATTEMPTS {
         let id = generated_id('D')?;
         let new = NewChannel {
@@ -149,6 +213,7 @@ pub(crate) async fn open_dm(
                 kind: ChannelKind::Dm,
             },
             dm_pair: Some(pair.clone()),
+            max_channels: None,
         };
         match reg.store.create_channel(ws, &new).await {
             Ok(CreateOutcome::Created) => {
@@ -156,21 +221,35 @@ pub(crate) async fn open_dm(
                 let info = seed(reg, ws, &id, members, Some(caller.user.clone())).await?;
                 return Ok(CellReply::Channel(info));
             }
-            Ok(CreateOutcome::DmExists(id)) => return existing_dm(reg, caller, &id).await,
+            Ok(CreateOutcome::DmExists(id)) => return existing_dm(reg, caller, &other, &id).await,
             Ok(CreateOutcome::IdTaken) => continue,
             Ok(CreateOutcome::UnknownWorkspace) => return Err(CellError::not_found("workspace")),
-            Ok(CreateOutcome::NameTaken) => return Err(conflict("channel exists")),
+            Ok(CreateOutcome::NameTaken | CreateOutcome::TooManyChannels) => {
+                return Err(conflict("channel exists"))
+            }
             Err(e) => return Err(store_unavailable(&e)),
         }
     }
     Err(CellError::unavailable("could not pick a free channel id"))
 }
 
+/// The DM `id` of the caller and `other`. Either of them missing from it (a join left out by
+/// the channel limit, in a race past [`check_room`]) joins now, room permitting.
 async fn existing_dm(
     reg: &Arc<Registry>,
     caller: &Caller,
+    other: &UserId,
     id: &ChannelId,
 ) -> Result<CellReply, CellError> {
+    let members = ordered_members(Some(&caller.user), vec![other.clone()]);
+    seed(
+        reg,
+        &caller.workspace,
+        id,
+        members,
+        Some(caller.user.clone()),
+    )
+    .await?;
     let mut info = inspect(reg, &caller.workspace, id, &caller.user).await?;
     let markers = reg
         .store
@@ -216,6 +295,9 @@ async fn seed_channel(
         return Err(CellError::bad_request("more than 1000 initial members"));
     }
     let members = ordered_members(None, members);
+    check_member_count(reg, &members)?;
+    check_room(reg, &ws, &members).await?;
+    let max_channels = reg.settings.max_channels_per_workspace;
     let dm_pair = match (kind, members.as_slice()) {
         (ChannelKind::Dm, [a, b]) if a <= b => Some((a.clone(), b.clone())),
         (ChannelKind::Dm, [a, b]) => Some((b.clone(), a.clone())),
@@ -229,6 +311,7 @@ async fn seed_channel(
             kind,
         },
         dm_pair,
+        max_channels: Some(max_channels as u64),
     };
     match reg.store.create_channel(&ws, &new).await {
         Ok(CreateOutcome::Created) => {
@@ -240,6 +323,7 @@ async fn seed_channel(
         Ok(CreateOutcome::NameTaken) | Ok(CreateOutcome::DmExists(_)) => {
             Err(conflict("another channel holds that name or dm pair"))
         }
+        Ok(CreateOutcome::TooManyChannels) => Err(workspace_full(max_channels)),
         Ok(CreateOutcome::UnknownWorkspace) => Err(CellError::not_found("workspace")),
         Err(e) => Err(store_unavailable(&e)),
     }

@@ -143,6 +143,23 @@ impl CellStore for FlakyStore {
         }
         Ok(())
     }
+    async fn append_joins(
+        &self,
+        w: &WorkspaceId,
+        c: &ChannelId,
+        e: &[Event],
+        r: u64,
+        max: u64,
+    ) -> StoreResult<usize> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let appended = self.inner.append_joins(w, c, e, r, max).await?;
+        if self.land_then_fail.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("timed out".into()));
+        }
+        Ok(appended)
+    }
     async fn events_after(
         &self,
         w: &WorkspaceId,
@@ -179,6 +196,17 @@ impl CellStore for FlakyStore {
     }
     async fn user_channels(&self, w: &WorkspaceId, u: &UserId) -> StoreResult<Vec<ChannelId>> {
         self.inner.user_channels(w, u).await
+    }
+    async fn channel_counts(&self, w: &WorkspaceId, u: &[UserId]) -> StoreResult<Vec<u64>> {
+        self.inner.channel_counts(w, u).await
+    }
+    async fn read_markers_in(
+        &self,
+        w: &WorkspaceId,
+        c: &ChannelId,
+        u: &[UserId],
+    ) -> StoreResult<Vec<u64>> {
+        self.inner.read_markers_in(w, c, u).await
     }
     async fn read_markers(
         &self,

@@ -242,9 +242,14 @@ async fn create_channel_logs_the_creator_first_and_refuses_bad_names_and_duplica
     );
 
     let dup = gw
-        .op("bob", None, create("dev", ChannelKind::Private, &[]))
+        .op("bob", None, create("dev", ChannelKind::Public, &[]))
         .await;
     assert_eq!(code(&dup), ErrorCode::Conflict);
+    // A private channel's name collides with nothing (SPEC §3).
+    let private = gw
+        .op("bob", None, create("dev", ChannelKind::Private, &[]))
+        .await;
+    assert!(private.is_ok(), "{private:?}");
     for bad in ["", "   ", &"x".repeat(81)] {
         assert_eq!(
             code(

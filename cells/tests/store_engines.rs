@@ -68,7 +68,8 @@ conformance!(
     workspaces_are_created_once_and_counted,
     create_channel_in_an_unknown_workspace_writes_nothing,
     create_channel_refuses_a_taken_id_and_writes_nothing,
-    create_channel_refuses_a_taken_name_among_public_and_private_channels,
+    create_channel_refuses_only_a_name_taken_by_a_public_channel,
+    create_channel_refuses_a_channel_beyond_the_workspace_bound,
     a_dm_pair_owns_one_channel,
     workspace_ids_that_look_like_key_parts_do_not_collide,
     load_channel_snapshot_follows_joins_and_leaves,
@@ -84,6 +85,9 @@ conformance!(
     delete_clears_the_text_and_marks_the_message_deleted,
     edit_or_delete_of_a_missing_message_is_logged_without_inventing_one,
     join_and_leave_update_members_and_user_channels,
+    append_joins_writes_every_join_in_order,
+    append_joins_stops_before_a_user_with_no_room,
+    channel_counts_and_read_markers_in_follow_the_users_given,
     trimming_keeps_the_newest_events_and_drops_idempotency_keys_but_not_messages,
     trimming_keeps_a_client_msg_id_reused_by_a_newer_message,
     a_retention_of_zero_keeps_the_newest_event,
@@ -120,6 +124,7 @@ fn channel(id: &str, name: &str, kind: ChannelKind) -> NewChannel {
             kind,
         },
         dm_pair: None,
+        max_channels: None,
     }
 }
 
@@ -131,6 +136,7 @@ fn dm(id: &str, a: &str, b: &str) -> NewChannel {
             kind: ChannelKind::Dm,
         },
         dm_pair: Some((user(a), user(b))),
+        max_channels: None,
     }
 }
 
@@ -348,32 +354,53 @@ async fn create_channel_refuses_a_taken_id_and_writes_nothing(store: &dyn CellSt
     );
 }
 
-async fn create_channel_refuses_a_taken_name_among_public_and_private_channels(
-    store: &dyn CellStore,
-) {
+async fn create_channel_refuses_only_a_name_taken_by_a_public_channel(store: &dyn CellStore) {
     with_channel(store).await;
     let w = ws("w");
+    // Public "c" exists: another public "c" is refused and its id not claimed.
     assert_eq!(
         store
-            .create_channel(&w, &channel("p", "c", ChannelKind::Private))
+            .create_channel(&w, &channel("p", "c", ChannelKind::Public))
             .await,
         Ok(CreateOutcome::NameTaken)
     );
     assert_eq!(store.load_channel(&w, &ch("p")).await, Ok(None));
-    // The refused id was not claimed.
+    // A private channel may have a public one's name (SPEC §3)...
     assert_eq!(
         store
-            .create_channel(&w, &channel("p", "secret", ChannelKind::Private))
+            .create_channel(&w, &channel("p", "c", ChannelKind::Private))
             .await,
         Ok(CreateOutcome::Created)
     );
-    // A private channel's name is claimed too.
+    // ...and claims nothing: a public channel and another private one may take its name.
     assert_eq!(
         store
-            .create_channel(&w, &channel("q", "secret", ChannelKind::Public))
+            .create_channel(&w, &channel("s1", "secret", ChannelKind::Private))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+    assert_eq!(
+        store
+            .create_channel(&w, &channel("s2", "secret", ChannelKind::Private))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+    assert_eq!(
+        store
+            .create_channel(&w, &channel("q1", "secret", ChannelKind::Public))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+    assert_eq!(
+        store
+            .create_channel(&w, &channel("q2", "secret", ChannelKind::Public))
             .await,
         Ok(CreateOutcome::NameTaken)
     );
+    for (id, kind) in [("p", ChannelKind::Private), ("s2", ChannelKind::Private)] {
+        let meta = snapshot(store, id).await.meta;
+        assert_eq!(meta.kind, kind);
+    }
     // DM names claim nothing and are not refused by taken names.
     let mut named_dm = dm("d", "alice", "bob");
     named_dm.meta.name = "c".into();
@@ -881,6 +908,172 @@ async fn join_and_leave_update_members_and_user_channels(store: &dyn CellStore) 
         store.user_channels(&ws("x"), &user("alice")).await,
         Ok(vec![])
     );
+}
+
+async fn create_channel_refuses_a_channel_beyond_the_workspace_bound(store: &dyn CellStore) {
+    with_channel(store).await;
+    let w = ws("w");
+    let bounded = |id: &str, name: &str, kind| NewChannel {
+        max_channels: Some(3),
+        ..channel(id, name, kind)
+    };
+    // "c" is the first; DMs are not counted.
+    assert_eq!(
+        store.create_channel(&w, &dm("d", "alice", "bob")).await,
+        Ok(CreateOutcome::Created)
+    );
+    for (id, kind) in [("p", ChannelKind::Private), ("q", ChannelKind::Public)] {
+        assert_eq!(
+            store.create_channel(&w, &bounded(id, id, kind)).await,
+            Ok(CreateOutcome::Created)
+        );
+    }
+    for kind in [ChannelKind::Public, ChannelKind::Private] {
+        assert_eq!(
+            store.create_channel(&w, &bounded("r", "r", kind)).await,
+            Ok(CreateOutcome::TooManyChannels)
+        );
+    }
+    assert_eq!(store.load_channel(&w, &ch("r")).await, Ok(None));
+    // Nothing was claimed by the refusal: the name is free for a bigger bound.
+    assert_eq!(
+        store
+            .create_channel(&w, &channel("r", "r", ChannelKind::Public))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+    let mut dm_beyond = dm("d2", "alice", "carol");
+    dm_beyond.max_channels = Some(1);
+    assert_eq!(
+        store.create_channel(&w, &dm_beyond).await,
+        Ok(CreateOutcome::Created)
+    );
+    // The bound is per workspace.
+    store.create_workspace(&ws("w2"), None).await.unwrap();
+    assert_eq!(
+        store
+            .create_channel(&ws("w2"), &bounded("c", "c", ChannelKind::Public))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+}
+
+async fn append_joins_writes_every_join_in_order(store: &dyn CellStore) {
+    with_channel(store).await;
+    let w = ws("w");
+    append(store, msg(1)).await;
+    let joins: Vec<Event> = ["alice", "bob", "carol"]
+        .iter()
+        .zip(2..)
+        .map(|(who, seq)| joined("c", seq, who))
+        .collect();
+    assert_eq!(
+        store.append_joins(&w, &ch("c"), &joins, 100, 10).await,
+        Ok(3)
+    );
+    let c = snapshot(store, "c").await;
+    assert_eq!(c.last_seq, 4);
+    assert_eq!(c.members, users(&["alice", "bob", "carol"]));
+    assert_eq!(seqs_after(store, 0, 10).await, vec![1, 2, 3, 4]);
+    assert_eq!(
+        store.user_channels(&w, &user("carol")).await,
+        Ok(vec![ch("c")])
+    );
+    assert_eq!(store.append_joins(&w, &ch("c"), &[], 100, 10).await, Ok(0));
+    // A stale first seq writes nothing.
+    assert!(matches!(
+        store
+            .append_joins(&w, &ch("c"), &[joined("c", 4, "dave")], 100, 10)
+            .await,
+        Err(StoreError::SeqConflict { expected: 5, .. })
+    ));
+    assert_eq!(snapshot(store, "c").await.last_seq, 4);
+    assert_eq!(
+        store
+            .append_joins(&w, &ch("nope"), &[joined("nope", 1, "dave")], 100, 10)
+            .await,
+        Err(StoreError::NoSuchChannel(ch("nope")))
+    );
+    assert!(matches!(
+        store.append_joins(&w, &ch("c"), &[msg(5)], 100, 10).await,
+        Err(StoreError::NotAJoin(_))
+    ));
+    assert_eq!(snapshot(store, "c").await.last_seq, 4);
+}
+
+async fn append_joins_stops_before_a_user_with_no_room(store: &dyn CellStore) {
+    with_channel(store).await;
+    let w = ws("w");
+    for id in ["a", "b"] {
+        store
+            .create_channel(&w, &channel(id, id, ChannelKind::Private))
+            .await
+            .unwrap();
+    }
+    // bob is in two channels already, alice in one.
+    append(store, joined("a", 1, "bob")).await;
+    append(store, joined("b", 1, "bob")).await;
+    append(store, joined("a", 2, "alice")).await;
+    let joins = vec![
+        joined("c", 1, "alice"),
+        joined("c", 2, "bob"),
+        joined("c", 3, "carol"),
+    ];
+    assert_eq!(
+        store.append_joins(&w, &ch("c"), &joins, 100, 2).await,
+        Ok(1)
+    );
+    let c = snapshot(store, "c").await;
+    assert_eq!((c.last_seq, c.members), (1, users(&["alice"])));
+    assert_eq!(seqs_after(store, 0, 10).await, vec![1]);
+    assert_eq!(
+        store.user_channels(&w, &user("bob")).await,
+        Ok(vec![ch("a"), ch("b")])
+    );
+    // The rest, renumbered without bob, goes in; a user at the bound may still rejoin a
+    // channel it is in (that is no new channel).
+    let rest = [joined("c", 2, "carol"), joined("a", 3, "bob")];
+    assert_eq!(
+        store.append_joins(&w, &ch("c"), &rest[..1], 100, 2).await,
+        Ok(1)
+    );
+    assert_eq!(
+        store.append_joins(&w, &ch("a"), &rest[1..], 100, 2).await,
+        Ok(1)
+    );
+    assert_eq!(
+        snapshot(store, "c").await.members,
+        users(&["alice", "carol"])
+    );
+}
+
+async fn channel_counts_and_read_markers_in_follow_the_users_given(store: &dyn CellStore) {
+    with_channel(store).await;
+    let w = ws("w");
+    store
+        .create_channel(&w, &channel("b", "b", ChannelKind::Private))
+        .await
+        .unwrap();
+    append(store, joined("c", 1, "alice")).await;
+    append(store, joined("b", 1, "alice")).await;
+    append(store, joined("c", 2, "bob")).await;
+    store
+        .advance_read_marker(&w, &user("bob"), &ch("c"), 2)
+        .await
+        .unwrap();
+    store
+        .advance_read_marker(&w, &user("bob"), &ch("b"), 9)
+        .await
+        .unwrap();
+    let who = users(&["carol", "alice", "bob", "alice"]);
+    assert_eq!(store.channel_counts(&w, &who).await, Ok(vec![0, 2, 1, 2]));
+    assert_eq!(
+        store.read_markers_in(&w, &ch("c"), &who).await,
+        Ok(vec![0, 0, 2, 0])
+    );
+    assert_eq!(store.channel_counts(&w, &[]).await, Ok(vec![]));
+    assert_eq!(store.read_markers_in(&w, &ch("c"), &[]).await, Ok(vec![]));
+    assert_eq!(store.channel_counts(&ws("x"), &who[..1]).await, Ok(vec![0]));
 }
 
 // ---- retention ----

@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
+use confab_cells::CellConfig;
 use confab_gateway::Limits;
-use confab_shared::limits;
+use confab_shared::{limits, CellId};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,6 +71,38 @@ impl LimitArgs {
     }
 }
 
+/// Bounds on what one workspace's users can create, flags of `dev` and `cell`. They keep
+/// every reply the API can produce far below what one gateway↔cell link frame carries (see
+/// `confab_shared::limits` for the worst cases).
+#[derive(Debug, Clone, Args)]
+pub struct CellLimitArgs {
+    /// Public and private channels one workspace may have (DMs are not counted); creating
+    /// one more answers 409 `conflict`.
+    #[arg(long, env = "CONFAB_MAX_CHANNELS_PER_WORKSPACE", default_value_t = limits::MAX_CHANNELS_PER_WORKSPACE)]
+    pub max_channels_per_workspace: usize,
+    /// Channels, DMs included, one user may be a member of; a join, an add or a creation
+    /// that would make it one more answers 409 `conflict`.
+    #[arg(long, env = "CONFAB_MAX_CHANNELS_PER_USER", default_value_t = limits::MAX_CHANNELS_PER_USER)]
+    pub max_channels_per_user: usize,
+    /// Members one channel may have (at least 2); a join or add beyond answers 409
+    /// `conflict`, a creation naming more answers 400 `bad_request`.
+    #[arg(long, env = "CONFAB_MAX_MEMBERS_PER_CHANNEL", default_value_t = limits::MAX_MEMBERS_PER_CHANNEL)]
+    pub max_members_per_channel: usize,
+}
+
+impl CellLimitArgs {
+    /// The cell's config with these limits.
+    pub fn to_config(&self, id: CellId, retention_events: u64) -> CellConfig {
+        CellConfig {
+            id,
+            retention_events: retention_events.max(1),
+            max_channels_per_workspace: self.max_channels_per_workspace.max(1),
+            max_channels_per_user: self.max_channels_per_user.max(1),
+            max_members_per_channel: self.max_members_per_channel.max(2),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// Address to serve HTTP and WebSockets on (port 0 picks a free port).
@@ -86,6 +119,8 @@ pub struct DevArgs {
     pub retention_events: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub cell_limits: CellLimitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +176,8 @@ pub struct CellArgs {
     /// Events kept per channel for `resume` and `client_msg_id` de-duplication.
     #[arg(long, env = "CONFAB_RETENTION_EVENTS", default_value_t = limits::RETENTION_EVENTS)]
     pub retention_events: u64,
+    #[command(flatten)]
+    pub cell_limits: CellLimitArgs,
 }
 
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use confab_cells::{Cell, CellConfig, MemoryStore};
+use confab_cells::{Cell, MemoryStore};
 use confab_directory::{
     CellLoad, CellRegistration, Directory, MemoryDirectory, MemoryPresence, WorkspaceRecord,
 };
@@ -43,10 +43,8 @@ async fn serve(
     let addr = listener.local_addr()?;
     let cell_id = id::<CellId>(CELL_ID)?;
     let cell = Cell::start(
-        CellConfig {
-            id: cell_id.clone(),
-            retention_events: args.retention_events.max(1),
-        },
+        args.cell_limits
+            .to_config(cell_id.clone(), args.retention_events),
         Arc::new(MemoryStore::new()),
     );
     let directory: Arc<dyn Directory> = Arc::new(MemoryDirectory::new());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use anyhow::Context;
-use confab_cells::{Cell, CellConfig, RedisStore};
+use confab_cells::{Cell, RedisStore};
 use confab_directory::{CellLoad, CellRegistration, Directory, RedisDirectory, RedisPresence};
 use confab_gateway::{Gateway, GatewayConfig};
 use confab_shared::CellId;
@@ -81,10 +81,8 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
     actix_rt::System::new().block_on(async move {
         let store = Arc::new(RedisStore::connect(&args.redis)?);
         let cell = Cell::start(
-            CellConfig {
-                id: id.clone(),
-                retention_events: args.retention_events.max(1),
-            },
+            args.cell_limits
+                .to_config(id.clone(), args.retention_events),
             store.clone(),
         );
         let directory = RedisDirectory::start(&args.directory)?;

@@ -181,13 +181,51 @@ async fn a_duplicate_channel_name_is_409() {
     server
         .create_channel("alice", "random", "public", &[])
         .await;
-    // Unique among public and private channels alike, whoever asks.
+    // Unique among public channels, whoever asks.
     server
         .http_as("bob")
         .post(
             "/v1/channels",
-            json!({"name": "random", "kind": "private", "members": []}),
+            json!({"name": "random", "kind": "public", "members": []}),
         )
+        .await
+        .expect_error(409, "conflict");
+}
+
+#[tokio::test]
+async fn a_private_channel_name_collides_with_nothing() {
+    let server = DevServer::start().await;
+    let (alice, bob) = (server.http_as("alice"), server.http_as("bob"));
+    let create = |name: &str, kind: &str| json!({"name": name, "kind": kind, "members": []});
+    // A private channel with a public channel's name.
+    let private = alice
+        .post("/v1/channels", create(GENERAL, "private"))
+        .await
+        .expect_status(201);
+    assert_eq!(private["name"], GENERAL);
+    assert_eq!(private["kind"], "private");
+    // A public channel with a private channel's name, created by someone who cannot see it:
+    // the answer must not tell that the private one exists.
+    alice
+        .post("/v1/channels", create("secret", "private"))
+        .await
+        .expect_status(201);
+    let public = bob
+        .post("/v1/channels", create("secret", "public"))
+        .await
+        .expect_status(201);
+    assert_eq!(public["kind"], "public");
+    // Two private channels of one name, whoever creates them.
+    bob.post("/v1/channels", create("secret", "private"))
+        .await
+        .expect_status(201);
+    alice
+        .post("/v1/channels", create("secret", "private"))
+        .await
+        .expect_status(201);
+    // The public name is taken now.
+    alice
+        .post("/v1/channels", create("secret", "public"))
         .await
         .expect_error(409, "conflict");
 }

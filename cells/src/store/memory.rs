@@ -41,6 +41,8 @@ struct WorkspaceData {
     dms: HashMap<(UserId, UserId), ChannelId>,
     user_channels: HashMap<UserId, BTreeSet<ChannelId>>,
     markers: HashMap<UserId, HashMap<ChannelId, u64>>,
+    /// Public and private channels (DMs are not counted).
+    named_channels: u64,
 }
 
 struct ChannelData {
@@ -101,6 +103,39 @@ impl ChannelData {
 impl WorkspaceData {
     fn channel(&self, channel: &ChannelId) -> Option<&ChannelData> {
         self.channels.get(channel)
+    }
+
+    /// [`CellStore::append`] within the workspace's lock.
+    fn append(&mut self, channel: &ChannelId, event: &Event, retention: u64) -> StoreResult<()> {
+        let (Some(seq), Some(effect)) = (event.seq(), side_effect(event)) else {
+            return Err(StoreError::NotLoggable(event.type_name()));
+        };
+        let data = self
+            .channels
+            .get_mut(channel)
+            .ok_or_else(|| StoreError::NoSuchChannel(channel.clone()))?;
+        let expected = data.last_seq() + 1;
+        if seq != expected {
+            return Err(StoreError::SeqConflict {
+                channel: channel.clone(),
+                expected,
+                got: seq,
+            });
+        }
+        data.log.push_back(event.clone());
+        self.apply(channel, effect)?;
+        if let Some(data) = self.channels.get_mut(channel) {
+            data.trim(retention);
+        }
+        Ok(())
+    }
+
+    /// Whether `user` may join `channel` without being a member of more than `max` channels.
+    fn has_room(&self, user: &UserId, channel: &ChannelId, max: u64) -> bool {
+        !self
+            .user_channels
+            .get(user)
+            .is_some_and(|set| !set.contains(channel) && set.len() as u64 >= max)
     }
 
     fn apply(&mut self, channel: &ChannelId, effect: SideEffect<'_>) -> StoreResult<()> {
@@ -191,10 +226,20 @@ impl CellStore for MemoryStore {
             }
             ws.dms.insert(pair.clone(), id.clone());
         } else if channel.meta.kind != ChannelKind::Dm {
-            if ws.names.contains_key(&channel.meta.name) {
+            let public = channel.meta.kind == ChannelKind::Public;
+            if public && ws.names.contains_key(&channel.meta.name) {
                 return Ok(CreateOutcome::NameTaken);
             }
-            ws.names.insert(channel.meta.name.clone(), id.clone());
+            if channel
+                .max_channels
+                .is_some_and(|max| ws.named_channels >= max)
+            {
+                return Ok(CreateOutcome::TooManyChannels);
+            }
+            if public {
+                ws.names.insert(channel.meta.name.clone(), id.clone());
+            }
+            ws.named_channels += 1;
         }
         ws.channels
             .insert(id.clone(), ChannelData::new(channel.meta.clone()));
@@ -268,31 +313,38 @@ impl CellStore for MemoryStore {
         event: &Event,
         retention: u64,
     ) -> StoreResult<()> {
-        let (Some(seq), Some(effect)) = (event.seq(), side_effect(event)) else {
+        if side_effect(event).is_none() {
             return Err(StoreError::NotLoggable(event.type_name()));
-        };
+        }
         let ws = self
             .workspace(workspace)
             .ok_or_else(|| StoreError::NoSuchChannel(channel.clone()))?;
         let mut ws = ws.lock();
-        let data = ws
-            .channels
-            .get_mut(channel)
+        ws.append(channel, event, retention)
+    }
+
+    async fn append_joins(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        events: &[Event],
+        retention: u64,
+        max_user_channels: u64,
+    ) -> StoreResult<usize> {
+        let ws = self
+            .workspace(workspace)
             .ok_or_else(|| StoreError::NoSuchChannel(channel.clone()))?;
-        let expected = data.last_seq() + 1;
-        if seq != expected {
-            return Err(StoreError::SeqConflict {
-                channel: channel.clone(),
-                expected,
-                got: seq,
-            });
+        let mut ws = ws.lock();
+        for (appended, event) in events.iter().enumerate() {
+            let Event::MemberJoined { user, .. } = event else {
+                return Err(StoreError::NotAJoin(event.type_name()));
+            };
+            if !ws.has_room(user, channel, max_user_channels) {
+                return Ok(appended);
+            }
+            ws.append(channel, event, retention)?;
         }
-        data.log.push_back(event.clone());
-        ws.apply(channel, effect)?;
-        if let Some(data) = ws.channels.get_mut(channel) {
-            data.trim(retention);
-        }
-        Ok(())
+        Ok(events.len())
     }
 
     async fn events_after(
@@ -395,6 +447,43 @@ impl CellStore for MemoryStore {
             .unwrap_or_default())
     }
 
+    async fn channel_counts(
+        &self,
+        workspace: &WorkspaceId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(vec![0; users.len()]);
+        };
+        let ws = ws.lock();
+        Ok(users
+            .iter()
+            .map(|u| ws.user_channels.get(u).map_or(0, |set| set.len() as u64))
+            .collect())
+    }
+
+    async fn read_markers_in(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(vec![0; users.len()]);
+        };
+        let ws = ws.lock();
+        Ok(users
+            .iter()
+            .map(|u| {
+                ws.markers
+                    .get(u)
+                    .and_then(|m| m.get(channel))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect())
+    }
+
     async fn read_markers(
         &self,
         workspace: &WorkspaceId,
@@ -457,6 +546,7 @@ mod tests {
                 kind: ChannelKind::Public,
             },
             dm_pair: None,
+            max_channels: None,
         };
         assert_eq!(
             store.create_channel(&ws(), &new).await.unwrap(),
@@ -541,19 +631,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn names_and_dm_pairs_are_claimed_once() {
+    async fn public_names_and_dm_pairs_are_claimed_once() {
         let store = store_with_channel().await;
-        let same_name = NewChannel {
+        let same_name = |id: &str, kind| NewChannel {
             meta: ChannelMeta {
-                id: ChannelId::new("other").unwrap(),
+                id: ChannelId::new(id).unwrap(),
                 name: "c".into(),
-                kind: ChannelKind::Private,
+                kind,
             },
             dm_pair: None,
+            max_channels: None,
         };
         assert_eq!(
-            store.create_channel(&ws(), &same_name).await.unwrap(),
+            store
+                .create_channel(&ws(), &same_name("other", ChannelKind::Public))
+                .await
+                .unwrap(),
             CreateOutcome::NameTaken
+        );
+        assert_eq!(
+            store
+                .create_channel(&ws(), &same_name("secret", ChannelKind::Private))
+                .await
+                .unwrap(),
+            CreateOutcome::Created
         );
         let pair = (alice(), UserId::new("bob").unwrap());
         let dm = |id: &str| NewChannel {
@@ -563,6 +664,7 @@ mod tests {
                 kind: ChannelKind::Dm,
             },
             dm_pair: Some(pair.clone()),
+            max_channels: None,
         };
         assert_eq!(
             store.create_channel(&ws(), &dm("d1")).await.unwrap(),

@@ -47,6 +47,9 @@ pub enum StoreError {
     /// `append` was given an ephemeral event (typing, read, ...), which has no place in a log.
     #[error("{0} events are not logged")]
     NotLoggable(&'static str),
+    /// [`CellStore::append_joins`] was given an event that is not a `member_joined`.
+    #[error("append_joins takes member_joined events, not {0}")]
+    NotAJoin(&'static str),
     /// Stored data could not be read back (a bug or a foreign writer).
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -69,6 +72,9 @@ pub struct NewChannel {
     pub meta: ChannelMeta,
     /// For a DM: the two users, sorted; the pair may own at most one channel.
     pub dm_pair: Option<(UserId, UserId)>,
+    /// For a public or private channel: the most public and private channels the workspace
+    /// may have, this one included (`None`: no bound). DMs are never counted.
+    pub max_channels: Option<u64>,
 }
 
 /// The outcome of [`CellStore::create_channel`]; nothing is written unless `Created`.
@@ -79,8 +85,12 @@ pub enum CreateOutcome {
     UnknownWorkspace,
     /// A channel with this id exists.
     IdTaken,
-    /// A public or private channel of the workspace already has this name.
+    /// A public channel of the workspace already has this name. Only public channels claim
+    /// their names (SPEC §3): a private one collides with nothing, so that creating a channel
+    /// never tells whether a private channel of that name exists.
     NameTaken,
+    /// The workspace already has [`NewChannel::max_channels`] public and private channels.
+    TooManyChannels,
     /// The DM pair already has its channel, this one.
     DmExists(ChannelId),
 }
@@ -190,8 +200,8 @@ pub trait CellStore: Send + Sync + 'static {
     /// How many workspaces this cell holds.
     async fn workspace_count(&self) -> StoreResult<u64>;
 
-    /// Creates an empty channel (no members, no events), claiming its id, its name (public and
-    /// private channels) or its DM pair atomically.
+    /// Creates an empty channel (no members, no events), claiming its id, its name (public
+    /// channels) or its DM pair atomically, within the workspace's channel bound.
     async fn create_channel(
         &self,
         workspace: &WorkspaceId,
@@ -232,6 +242,20 @@ pub trait CellStore: Send + Sync + 'static {
         event: &Event,
         retention: u64,
     ) -> StoreResult<()>;
+
+    /// Appends `member_joined` events of consecutive seqs, each as [`CellStore::append`]
+    /// would, in one round trip. It stops before the first event whose user is already a
+    /// member of `max_user_channels` channels (that event and the ones after it are not
+    /// written) and returns how many were appended. Every event is checked and written
+    /// atomically on its own: a failure may leave a prefix written, which a reload finds.
+    async fn append_joins(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        events: &[Event],
+        retention: u64,
+        max_user_channels: u64,
+    ) -> StoreResult<usize>;
 
     /// Up to `max` logged events with seq > `after`, ascending. Events trimmed away are
     /// missing: the caller checks that the first one is `after + 1`.
@@ -275,6 +299,23 @@ pub trait CellStore: Send + Sync + 'static {
         workspace: &WorkspaceId,
         user: &UserId,
     ) -> StoreResult<Vec<ChannelId>>;
+
+    /// How many channels each of `users` is a member of, in the order given, in one round
+    /// trip.
+    async fn channel_counts(
+        &self,
+        workspace: &WorkspaceId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>>;
+
+    /// Each of `users`' read marker in `channel` (0 without one), in the order given, in one
+    /// round trip.
+    async fn read_markers_in(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>>;
 
     /// The user's read markers, by channel (channels without a marker are absent).
     async fn read_markers(

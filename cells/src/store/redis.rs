@@ -4,7 +4,8 @@
 //! under `{ws}:` so that no workspace id can name another workspace's key (ids never hold `:`):
 //! - `{ws}:meta` (hash: name);
 //! - `{ws}:ch:{ch}` (hash: name, kind, last_seq, first_seq) — channel metadata and seq window;
-//! - `{ws}:names` (hash name → id), `{ws}:dms` (hash "a/b" → id), `{ws}:public` (set of ids);
+//! - `{ws}:names` (hash public channel name → id), `{ws}:dms` (hash "a/b" → id), `{ws}:public`
+//!   (set of ids), `{ws}:channel_count` (public and private channels created);
 //! - `{ws}:ch:{ch}:log` (sorted set, score = seq, member = the event's JSON) — the channel log,
 //!   trimmed to the retention window;
 //! - `{ws}:ch:{ch}:msgs` (sorted set, score = seq, member = the message as it stands now) —
@@ -46,12 +47,18 @@ return 1
 /// Appends one event: KEYS = meta, log, msgs, idem, idemseq, members, user channels;
 /// ARGV = seq, event JSON, retention, effect, then the effect's arguments.
 /// Effects: `msg` (message JSON, idem key or "", idem value), `edit`/`del` (target, new message
-/// JSON), `join`/`leave` (user, channel id).
+/// JSON), `join` (user, channel id, optionally the most channels the user may be in), `leave`
+/// (user, channel id). Returns -2 when appended, -1 for a missing channel, -3 for a join of a
+/// user with no room for another channel, else the channel's last seq (a seq conflict).
 const APPEND: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
 if seq ~= last + 1 then return last end
+if ARGV[4] == 'join' and ARGV[7] and redis.call('SISMEMBER', KEYS[7], ARGV[6]) == 0
+    and redis.call('SCARD', KEYS[7]) >= tonumber(ARGV[7]) then
+  return -3
+end
 redis.call('ZADD', KEYS[2], seq, ARGV[2])
 redis.call('HSET', KEYS[1], 'last_seq', seq)
 local effect = ARGV[4]
@@ -92,8 +99,9 @@ end
 return -2
 ";
 
-/// Creates a channel, claiming its id and its name or DM pair: KEYS = meta, names, dms,
-/// public, workspaces; ARGV = workspace, id, name, kind, dm pair or "".
+/// Creates a channel, claiming its id and its public name or DM pair: KEYS = meta, names, dms,
+/// public, workspaces, channel count; ARGV = workspace, id, name, kind, dm pair or "", most
+/// public and private channels of the workspace or "".
 const CREATE_CHANNEL: &str = r"
 if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then return {'unknown_workspace'} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'id_taken'} end
@@ -102,8 +110,13 @@ if ARGV[5] ~= '' then
   if existing then return {'dm_exists', existing} end
   redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
 elseif ARGV[4] ~= 'dm' then
-  if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return {'name_taken'} end
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+  local public = ARGV[4] == 'public'
+  if public and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return {'name_taken'} end
+  if ARGV[6] ~= '' and tonumber(redis.call('GET', KEYS[6]) or '0') >= tonumber(ARGV[6]) then
+    return {'too_many_channels'}
+  end
+  if public then redis.call('HSET', KEYS[2], ARGV[3], ARGV[2]) end
+  redis.call('INCR', KEYS[6])
 end
 redis.call('HSET', KEYS[1], 'name', ARGV[3], 'kind', ARGV[4], 'last_seq', 0, 'first_seq', 1)
 if ARGV[4] == 'public' then redis.call('SADD', KEYS[4], ARGV[2]) end
@@ -316,11 +329,18 @@ impl CellStore for RedisStore {
             .key(ws_key(workspace, "dms"))
             .key(ws_key(workspace, "public"))
             .key(WORKSPACES)
+            .key(ws_key(workspace, "channel_count"))
             .arg(workspace.as_str())
             .arg(meta.id.as_str())
             .arg(&meta.name)
             .arg(kind_name(meta.kind))
             .arg(pair)
+            .arg(
+                channel
+                    .max_channels
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+            )
             .invoke_async(&mut self.conn())
             .await
             .map_err(redis_error)?;
@@ -329,6 +349,7 @@ impl CellStore for RedisStore {
             Some("unknown_workspace") => CreateOutcome::UnknownWorkspace,
             Some("id_taken") => CreateOutcome::IdTaken,
             Some("name_taken") => CreateOutcome::NameTaken,
+            Some("too_many_channels") => CreateOutcome::TooManyChannels,
             Some("dm_exists") => {
                 let id = outcome.get(1).map(String::as_str).unwrap_or("");
                 CreateOutcome::DmExists(
@@ -504,6 +525,74 @@ impl CellStore for RedisStore {
         }
     }
 
+    async fn append_joins(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        events: &[Event],
+        retention: u64,
+        max_user_channels: u64,
+    ) -> StoreResult<usize> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        // One pipeline of one script per event: each checks its seq and the user's room and
+        // writes atomically, as `append` does, but all of them cost one round trip instead of
+        // one each. After a refused join every later script fails its seq check, so nothing
+        // past the refusal is written. Loading the script first spares a NOSCRIPT failure of
+        // the whole pipeline (`invoke_async` retries a single script itself).
+        let key = channel_key(workspace, channel);
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.append).ignore();
+        let mut seqs = Vec::with_capacity(events.len());
+        for event in events {
+            let Event::MemberJoined { seq, user, .. } = event else {
+                return Err(StoreError::NotAJoin(event.type_name()));
+            };
+            let event_json = serde_json::to_string(event).map_err(|e| corrupt("event", e))?;
+            let mut invocation = self.append.prepare_invoke();
+            invocation
+                .key(&key)
+                .key(format!("{key}:log"))
+                .key(format!("{key}:msgs"))
+                .key(format!("{key}:idem"))
+                .key(format!("{key}:idemseq"))
+                .key(format!("{key}:members"))
+                .key(user_key(workspace, user, "channels"))
+                .arg(*seq)
+                .arg(event_json)
+                .arg(retention.max(1))
+                .arg("join")
+                .arg(user.as_str())
+                .arg(channel.as_str())
+                .arg(max_user_channels);
+            pipe.invoke_script(&invocation);
+            seqs.push(*seq);
+        }
+        let outcomes: Vec<i64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)?;
+        for (appended, (outcome, seq)) in outcomes.iter().zip(seqs).enumerate() {
+            match *outcome {
+                -2 => {}
+                -3 => return Ok(appended),
+                -1 => return Err(StoreError::NoSuchChannel(channel.clone())),
+                last => {
+                    return Err(StoreError::SeqConflict {
+                        channel: channel.clone(),
+                        expected: last.max(0) as u64 + 1,
+                        got: seq,
+                    })
+                }
+            }
+        }
+        if outcomes.len() != events.len() {
+            return Err(corrupt("append_joins replies", outcomes.len()));
+        }
+        Ok(events.len())
+    }
+
     async fn events_after(
         &self,
         workspace: &WorkspaceId,
@@ -620,6 +709,43 @@ impl CellStore for RedisStore {
         let mut ids: Vec<ChannelId> = parse_ids(raw);
         ids.sort();
         Ok(ids)
+    }
+
+    async fn channel_counts(
+        &self,
+        workspace: &WorkspaceId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.scard(user_key(workspace, user, "channels"));
+        }
+        pipe.query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)
+    }
+
+    async fn read_markers_in(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.hget(user_key(workspace, user, "read"), channel.as_str());
+        }
+        let markers: Vec<Option<u64>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)?;
+        Ok(markers.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     async fn read_markers(

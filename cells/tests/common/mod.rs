@@ -37,8 +37,8 @@ pub fn sid(s: &str) -> SessionId {
 pub async fn start_with(store: Arc<dyn CellStore>, retention: u64) -> (Cell, Gw) {
     let cell = Cell::start(
         CellConfig {
-            id: CellId::new("c1").unwrap(),
             retention_events: retention,
+            ..CellConfig::new(CellId::new("c1").unwrap())
         },
         store,
     );

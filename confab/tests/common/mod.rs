@@ -111,15 +111,26 @@ pub struct DevServerBuilder {
     admin_token: String,
 }
 
-/// Whether a flag of `confab dev` belongs to the cell in a cluster (every other one is a
+/// The flags of `confab dev` that belong to the cell in a cluster (every other one is a
 /// gateway flag).
+const CELL_FLAGS: [&str; 4] = [
+    "--retention-events",
+    "--max-channels-per-workspace",
+    "--max-channels-per-user",
+    "--max-members-per-channel",
+];
+
+/// Whether a flag of `confab dev` belongs to the cell in a cluster.
 fn is_cell_flag(flag: &str) -> bool {
-    flag == "--retention-events"
+    CELL_FLAGS.contains(&flag)
 }
 
-/// Whether an environment variable of `confab dev` belongs to the cell in a cluster.
+/// Whether an environment variable of `confab dev` belongs to the cell in a cluster: the
+/// variable of a cell flag.
 fn is_cell_env(key: &str) -> bool {
-    key == "CONFAB_RETENTION_EVENTS"
+    CELL_FLAGS
+        .iter()
+        .any(|flag| key == format!("CONFAB_{}", flag[2..].replace('-', "_").to_uppercase()))
 }
 
 /// A `confab` command with none of the tests' own `CONFAB_*` variables: they must not
@@ -138,7 +149,7 @@ fn confab_command(subcommand: &str) -> Command {
 impl DevServerBuilder {
     /// Adds `flag value` to the command line (`--jwt-secret` and `--admin-token` are
     /// remembered so that the harness mints matching tokens). Against a cluster,
-    /// `--retention-events` goes to the cell and every other flag to the gateway.
+    /// the [`CELL_FLAGS`] go to the cell and every other flag to the gateway.
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
         match flag {
             "--jwt-secret" => self.jwt_secret = value.to_string(),
@@ -151,7 +162,7 @@ impl DevServerBuilder {
 
     /// Sets an environment variable of the process (`CONFAB_JWT_SECRET` and
     /// `CONFAB_ADMIN_TOKEN` are remembered like their flags). Against a cluster,
-    /// `CONFAB_RETENTION_EVENTS` goes to the cell and every other variable to the gateway.
+    /// the variables of the [`CELL_FLAGS`] go to the cell and every other one to the gateway.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         match key {
             "CONFAB_JWT_SECRET" => self.jwt_secret = value.to_string(),
