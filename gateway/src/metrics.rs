@@ -19,6 +19,10 @@ pub const ERRORS: &str = "confab_errors_total";
 pub const CLOSES: &str = "confab_closes_total";
 /// Counter: WebSocket upgrades refused because the gateway serves `--max-connections`.
 pub const CONNECTIONS_REFUSED: &str = "confab_connections_refused_total";
+/// Gauge: local sessions with a presence subscription (`presence_sub`).
+pub const PRESENCE_WATCHERS: &str = "confab_presence_watchers";
+/// Gauge: distinct users watched by this gateway's presence subscriptions.
+pub const PRESENCE_WATCHED_USERS: &str = "confab_presence_watched_users";
 
 /// Installs the process-wide Prometheus recorder; call once, at start-up.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
@@ -49,8 +53,18 @@ fn describe() {
         CONNECTIONS_REFUSED,
         "websocket upgrades refused: the gateway serves its maximum of connections"
     );
+    metrics::describe_gauge!(
+        PRESENCE_WATCHERS,
+        "local sessions with a presence subscription"
+    );
+    metrics::describe_gauge!(
+        PRESENCE_WATCHED_USERS,
+        "distinct users watched by this gateway's presence subscriptions"
+    );
     // Zero-valued series exist from the start, so dashboards and scrapers see them.
     metrics::gauge!(CONNECTIONS).set(0.0);
+    metrics::gauge!(PRESENCE_WATCHERS).set(0.0);
+    metrics::gauge!(PRESENCE_WATCHED_USERS).set(0.0);
     metrics::counter!(FRAMES_IN).absolute(0);
     metrics::counter!(FRAMES_OUT).absolute(0);
     metrics::counter!(SLOW_CONSUMER_CLOSES).absolute(0);

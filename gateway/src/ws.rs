@@ -479,6 +479,12 @@ impl Connection {
                 };
             }
             ClientRequest::PresenceSub { users } => {
+                // The watch is made here, in the session's own task, before this task can run
+                // the session's cleanup; only the status read waits, in a task of its own.
+                let users = self
+                    .gateway
+                    .presence
+                    .watch(&handle.id, &handle.workspace, users);
                 actix_rt::spawn(presence_sub(
                     Arc::clone(&self.gateway),
                     Arc::clone(handle),
@@ -602,17 +608,14 @@ async fn forward(
     }
 }
 
+/// Answers a `presence_sub` whose watch is already made: the current statuses of `users`.
 async fn presence_sub(
     gateway: Arc<Gateway>,
     handle: Arc<SessionHandle>,
     id: Option<RequestId>,
     users: Vec<confab_shared::UserId>,
 ) {
-    match gateway
-        .presence
-        .subscribe(&handle.id, &handle.workspace, users)
-        .await
-    {
+    match gateway.presence.statuses(&handle.workspace, users).await {
         Ok(users) => handle.push_reply(encode(&ServerFrame::Presence { id, users })),
         Err(e) => push_error(&handle, id, &CellError::unavailable(e.to_string())),
     }
