@@ -54,6 +54,13 @@ pub struct LimitArgs {
     /// Client WebSockets served at once; further upgrades are answered 503.
     #[arg(long, env = "CONFAB_MAX_CONNECTIONS", default_value_t = limits::MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Upgraded connections from one IP address still without `hello`; further upgrades from
+    /// it are answered 429.
+    #[arg(long, env = "CONFAB_MAX_PENDING_HELLO_PER_IP", default_value_t = limits::MAX_PENDING_HELLO_PER_IP)]
+    pub max_pending_hello_per_ip: usize,
+    /// Time allowed for an HTTP request body to arrive (408 beyond).
+    #[arg(long, env = "CONFAB_HTTP_BODY_TIMEOUT_MS", default_value_t = limits::HTTP_BODY_TIMEOUT_MS)]
+    pub http_body_timeout_ms: u64,
 }
 
 impl LimitArgs {
@@ -67,6 +74,8 @@ impl LimitArgs {
             heartbeat_ms: self.heartbeat_ms.max(1),
             hello_timeout_ms: self.hello_timeout_ms.max(1),
             max_connections: self.max_connections.max(1),
+            max_pending_hello_per_ip: self.max_pending_hello_per_ip.max(1),
+            http_body_timeout_ms: self.http_body_timeout_ms.max(1),
         }
     }
 }

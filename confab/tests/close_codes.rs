@@ -324,6 +324,26 @@ async fn errors_other_than_bad_request_do_not_count_as_abuse() {
     carol.assert_alive().await;
 }
 
+#[tokio::test]
+async fn a_client_that_keeps_sending_past_its_rate_is_closed_with_4003() {
+    let server = DevServer::builder().arg("--client-rate", "2").start().await;
+    let mut alice = server.client("alice").await;
+    // A burst of 4 passes; each further frame is answered rate_limited, and a refused frame
+    // counts as abuse like a bad_request: the 21st within 10 s closes the connection.
+    for i in 0..30 {
+        alice.send_json(&json!({"op": "ping", "id": i})).await;
+    }
+    let before = alice.expect_close(4003).await;
+    let limited = before
+        .iter()
+        .filter(|f| f["op"] == "error" && f["code"] == "rate_limited")
+        .count();
+    assert!(
+        limited >= 20,
+        "closed after {limited} rate_limited answers: {before:?}"
+    );
+}
+
 // ---- 4004 ----
 
 #[tokio::test]

@@ -223,3 +223,46 @@ async fn flags_are_read_from_the_environment() {
         .await
         .expect_error(401, "unauthorized");
 }
+
+/// Polls `/metrics` until `name` reads `want`; panics with the last text after [`WAIT`].
+async fn wait_for_metric(server: &DevServer, name: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics_text(server).await;
+        if metric(&text, name) == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} did not return to {want}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn presence_subscriptions_of_sessions_closed_right_after_presence_sub_are_all_forgotten() {
+    let server = DevServer::start().await;
+    let users: Vec<String> = (0..500).map(|i| format!("user{i}")).collect();
+    let request = json!({"op": "presence_sub", "id": "p", "users": users});
+    // Many sessions, in parallel, each closing in the same write as its presence_sub: the
+    // gateway handles the close before it could answer the subscription.
+    let cycles = (0..8).map(|_| {
+        let token = server.token("bob");
+        let request = request.clone();
+        let server = &server;
+        async move {
+            for _ in 0..25 {
+                let mut bob = server.client_with_token(&token).await;
+                bob.send_json_and_close(&request).await;
+                // Until the server closes too (its reply may or may not come first).
+                while let common::Incoming::Json(_) = bob.read(WAIT).await {}
+            }
+        }
+    });
+    futures_util::future::join_all(cycles).await;
+
+    wait_for_metric(&server, "confab_connections", 0.0).await;
+    wait_for_metric(&server, "confab_presence_watchers", 0.0).await;
+    wait_for_metric(&server, "confab_presence_watched_users", 0.0).await;
+}

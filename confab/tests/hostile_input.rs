@@ -152,7 +152,7 @@ async fn a_bad_request_flood_closes_only_the_abuser() {
 }
 
 #[tokio::test]
-async fn a_frame_flood_is_rate_limited_without_slowing_others() {
+async fn a_frame_flood_is_rate_limited_then_closed_with_4003_without_slowing_others() {
     let server = DevServer::start().await;
     let mut bystanders = Bystanders::join(&server).await;
     let mut attacker = server.client("alice").await;
@@ -166,13 +166,14 @@ async fn a_frame_flood_is_rate_limited_without_slowing_others() {
         }
     }
     bystanders.exchange().await;
+    // The burst is served, the rest is answered rate_limited, and a client that keeps
+    // sending past its rate is abusive: 4003 instead of being answered forever.
+    let before = attacker.expect_close(4003).await;
     let mut acked = 0;
     let mut limited = 0;
-    let mut replies = 0;
-    while replies < 400 {
-        let frame = attacker.next_frame().await;
+    for frame in &before {
         match frame["op"].as_str() {
-            Some("event") => continue,
+            Some("event") => {}
             Some("ack") => acked += 1,
             Some("error") => {
                 assert_eq!(frame["code"], "rate_limited", "{frame}");
@@ -181,15 +182,16 @@ async fn a_frame_flood_is_rate_limited_without_slowing_others() {
             }
             _ => panic!("unexpected reply {frame}"),
         }
-        replies += 1;
     }
+    assert!(acked > 0, "nothing of the flood was served");
     assert!(
         limited > 0,
-        "400 frames at once were all served ({acked} acks)"
+        "the flood was never rate limited ({acked} acks)"
     );
     bystanders.exchange().await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    attacker.assert_alive().await;
+    // The attacker may come back, within its rate.
+    let mut again = server.client("alice").await;
+    again.assert_alive().await;
 }
 
 #[tokio::test]
@@ -271,4 +273,59 @@ async fn requests_before_hello_do_not_open_a_session() {
             .all(|m| m["text"] != "sneaky"),
         "a send before hello was stored: {page}"
     );
+}
+
+#[tokio::test]
+async fn an_http_body_that_trickles_in_is_answered_408_and_cut_off_while_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = DevServer::builder()
+        .arg("--http-body-timeout-ms", "2000")
+        .start()
+        .await;
+    let stream = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let head = format!(
+        "POST /v1/channels/{GENERAL}/messages HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n",
+        server.token("alice")
+    );
+    write.write_all(head.as_bytes()).await.expect("write head");
+    // One byte of the announced 1000 per second, for as long as the server listens.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..1000 {
+            if write.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+
+    // Meanwhile the server serves everyone else.
+    let mut bystanders = Bystanders::join(&server).await;
+    bystanders.exchange().await;
+    assert_eq!(server.anon().get("/healthz").await.status, 200);
+
+    // The slow request is answered 408 and its connection closed, well before its body
+    // could have arrived.
+    let mut response = Vec::new();
+    let ended = tokio::time::timeout(WAIT, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    trickle.abort();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    assert!(ended.is_ok(), "the connection stayed open; got {text:?}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+    assert!(text.contains(r#""code":"bad_request""#), "{text:?}");
+    bystanders.exchange().await;
 }

@@ -240,3 +240,64 @@ async fn an_upgrade_beyond_max_connections_is_answered_503_until_one_closes() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn upgrades_beyond_max_pending_hello_per_ip_are_answered_429_until_one_says_hello() {
+    let server = DevServer::builder()
+        .arg("--max-pending-hello-per-ip", "3")
+        .start()
+        .await;
+    // Sessions past hello do not count: more of them than the cap are fine.
+    let mut ready = Vec::new();
+    for user in ["alice", "bob", "carol", "dave"] {
+        ready.push(server.client(user).await);
+    }
+    // Three upgraded connections from this address that say nothing.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let mut raw = Raw::connect(&server).await;
+        raw.send(upgrade_request("/v1/ws", "GET").as_bytes()).await;
+        let head = raw.response_head().await;
+        assert_eq!(status(&head), "101", "{head}");
+        silent.push(raw);
+    }
+    let mut raw = Raw::connect(&server).await;
+    raw.send(upgrade_request("/v1/ws", "GET").as_bytes()).await;
+    let (head, body) = raw.json_response().await;
+    assert_eq!(status(&head), "429", "{head}");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+
+    // One of them says hello: it no longer counts, and there is room for another.
+    let hello = format!(r#"{{"op":"hello","token":"{}"}}"#, server.token("erin"));
+    silent[0].send(&masked_text_frame(&hello)).await;
+    let (opcode, payload) = silent[0].server_frame().await;
+    assert_eq!(opcode, 1, "a text frame");
+    let frame: Value = serde_json::from_slice(&payload).expect("JSON");
+    assert_eq!(frame["op"], "ready", "{frame}");
+    let mut raw = Raw::connect(&server).await;
+    raw.send(upgrade_request("/v1/ws", "GET").as_bytes()).await;
+    let head = raw.response_head().await;
+    assert_eq!(status(&head), "101", "{head}");
+
+    // A silent connection that goes away frees its place too.
+    drop(raw);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut raw = Raw::connect(&server).await;
+        raw.send(upgrade_request("/v1/ws", "GET").as_bytes()).await;
+        let head = raw.response_head().await;
+        if status(&head) == "101" {
+            break;
+        }
+        assert_eq!(status(&head), "429", "{head}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after a silent connection closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

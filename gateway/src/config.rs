@@ -18,6 +18,11 @@ pub struct Limits {
     pub hello_timeout_ms: u64,
     /// Client WebSockets served at once; further upgrades are answered `503`.
     pub max_connections: usize,
+    /// Upgraded connections from one IP address that have not sent `hello` yet; further
+    /// upgrades from it are answered `429`.
+    pub max_pending_hello_per_ip: usize,
+    /// Time allowed for an HTTP request body to arrive (`408` beyond).
+    pub http_body_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -31,6 +36,8 @@ impl Default for Limits {
             heartbeat_ms: limits::HEARTBEAT_MS,
             hello_timeout_ms: limits::HELLO_TIMEOUT_MS,
             max_connections: limits::MAX_CONNECTIONS,
+            max_pending_hello_per_ip: limits::MAX_PENDING_HELLO_PER_IP,
+            http_body_timeout_ms: limits::HTTP_BODY_TIMEOUT_MS,
         }
     }
 }

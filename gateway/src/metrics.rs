@@ -19,6 +19,15 @@ pub const ERRORS: &str = "confab_errors_total";
 pub const CLOSES: &str = "confab_closes_total";
 /// Counter: WebSocket upgrades refused because the gateway serves `--max-connections`.
 pub const CONNECTIONS_REFUSED: &str = "confab_connections_refused_total";
+/// Counter: WebSocket upgrades refused because their address has `--max-pending-hello-per-ip`
+/// connections without `hello` already.
+pub const PENDING_HELLO_REFUSED: &str = "confab_pending_hello_refused_total";
+/// Counter: HTTP requests answered `408` because their body did not arrive in time.
+pub const SLOW_BODIES: &str = "confab_http_slow_bodies_total";
+/// Gauge: local sessions with a presence subscription (`presence_sub`).
+pub const PRESENCE_WATCHERS: &str = "confab_presence_watchers";
+/// Gauge: distinct users watched by this gateway's presence subscriptions.
+pub const PRESENCE_WATCHED_USERS: &str = "confab_presence_watched_users";
 
 /// Installs the process-wide Prometheus recorder; call once, at start-up.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
@@ -49,10 +58,30 @@ fn describe() {
         CONNECTIONS_REFUSED,
         "websocket upgrades refused: the gateway serves its maximum of connections"
     );
+    metrics::describe_counter!(
+        PENDING_HELLO_REFUSED,
+        "websocket upgrades refused: too many connections without hello from one address"
+    );
+    metrics::describe_counter!(
+        SLOW_BODIES,
+        "http requests answered 408: the body did not arrive in time"
+    );
+    metrics::describe_gauge!(
+        PRESENCE_WATCHERS,
+        "local sessions with a presence subscription"
+    );
+    metrics::describe_gauge!(
+        PRESENCE_WATCHED_USERS,
+        "distinct users watched by this gateway's presence subscriptions"
+    );
     // Zero-valued series exist from the start, so dashboards and scrapers see them.
     metrics::gauge!(CONNECTIONS).set(0.0);
+    metrics::gauge!(PRESENCE_WATCHERS).set(0.0);
+    metrics::gauge!(PRESENCE_WATCHED_USERS).set(0.0);
     metrics::counter!(FRAMES_IN).absolute(0);
     metrics::counter!(FRAMES_OUT).absolute(0);
     metrics::counter!(SLOW_CONSUMER_CLOSES).absolute(0);
     metrics::counter!(CONNECTIONS_REFUSED).absolute(0);
+    metrics::counter!(PENDING_HELLO_REFUSED).absolute(0);
+    metrics::counter!(SLOW_BODIES).absolute(0);
 }

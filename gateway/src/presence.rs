@@ -11,6 +11,7 @@ use confab_shared::server::{encode_event, Event, Status};
 use confab_shared::{SessionId, UserId, WorkspaceId};
 use dashmap::DashMap;
 
+use crate::metrics as m;
 use crate::sessions::SessionRegistry;
 
 /// Local presence subscriptions.
@@ -87,13 +88,18 @@ impl PresenceHub {
         self.store.session_down(&self.gateway_id, session).await
     }
 
-    /// Replaces the set of users `session` watches and returns their current statuses.
-    pub async fn subscribe(
+    /// Replaces the set of users `session` watches and returns it, sorted and deduplicated.
+    ///
+    /// Synchronous on purpose: the task serving the session calls it, and later calls
+    /// [`session_down`](Self::session_down) in the same task, so the cleanup always comes after
+    /// (and removes) every watch the session made. A watch made from another task could run
+    /// after the cleanup and stay behind for a session that no longer exists.
+    pub fn watch(
         &self,
         session: &SessionId,
         workspace: &WorkspaceId,
         users: Vec<UserId>,
-    ) -> Result<BTreeMap<UserId, Status>, EngineError> {
+    ) -> Vec<UserId> {
         let mut users = users;
         users.sort();
         users.dedup();
@@ -106,6 +112,16 @@ impl PresenceHub {
         }
         self.subscriptions
             .insert(session.clone(), (workspace.clone(), users.clone()));
+        self.update_gauges();
+        users
+    }
+
+    /// The current statuses of `users` (a `presence_sub` reply).
+    pub async fn statuses(
+        &self,
+        workspace: &WorkspaceId,
+        users: Vec<UserId>,
+    ) -> Result<BTreeMap<UserId, Status>, EngineError> {
         let statuses = self.store.statuses(workspace, &users).await?;
         Ok(users.into_iter().zip(statuses).collect())
     }
@@ -124,6 +140,12 @@ impl PresenceHub {
                 self.watchers.remove_if(&key, |_, set| set.is_empty());
             }
         }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        metrics::gauge!(m::PRESENCE_WATCHERS).set(self.subscriptions.len() as f64);
+        metrics::gauge!(m::PRESENCE_WATCHED_USERS).set(self.watchers.len() as f64);
     }
 
     /// Keeps this gateway's sessions alive in the engine (for engines that expire them).

@@ -1,7 +1,7 @@
 //! The gateway process: its shared state ([`Gateway`]), the actix-web application, and one
 //! shutdown path (stop accepting, close sessions with `1001`, drain under a deadline).
 
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,9 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Client sockets past the upgrade (see [`SocketGuard`]).
     sockets: AtomicUsize,
+    /// Per client address, its sockets past the upgrade that have not sent `hello` yet (see
+    /// [`PendingHello`]); an address is removed when its count returns to zero.
+    pending_hello: DashMap<IpAddr, usize>,
     http_buckets: DashMap<(WorkspaceId, UserId), Mutex<(TokenBucket, Instant)>>,
 }
 
@@ -72,6 +75,7 @@ impl Gateway {
             metrics,
             shutdown,
             sockets: AtomicUsize::new(0),
+            pending_hello: DashMap::new(),
             http_buckets: DashMap::new(),
         })
     }
@@ -92,6 +96,24 @@ impl Gateway {
             })
             .ok()?;
         Some(SocketGuard(Arc::clone(self)))
+    }
+
+    /// Counts a socket from `ip` as waiting for its `hello` until the returned guard drops;
+    /// `None` when `ip` has `max_pending_hello_per_ip` such sockets already. Without this
+    /// bound, one address could hold every connection slot for a hello timeout each, over and
+    /// over, without ever authenticating.
+    pub fn try_pending_hello(self: &Arc<Self>, ip: IpAddr) -> Option<PendingHello> {
+        let max = self.config.limits.max_pending_hello_per_ip;
+        let mut count = self.pending_hello.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        drop(count);
+        Some(PendingHello {
+            gateway: Arc::clone(self),
+            ip,
+        })
     }
 
     /// Takes one token from the HTTP bucket of a user.
@@ -161,6 +183,25 @@ pub struct SocketGuard(Arc<Gateway>);
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         self.0.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client socket that has not sent `hello` yet, counted against its address until dropped.
+pub struct PendingHello {
+    gateway: Arc<Gateway>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingHello {
+    fn drop(&mut self) {
+        let pending = &self.gateway.pending_hello;
+        let now_zero = pending.get_mut(&self.ip).is_some_and(|mut count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+        if now_zero {
+            pending.remove_if(&self.ip, |_, count| *count == 0);
+        }
     }
 }
 
@@ -244,7 +285,9 @@ fn app(
     >,
 > {
     let body_limit = gateway.config.limits.max_frame_bytes;
+    let body_timeout = Duration::from_millis(gateway.config.limits.http_body_timeout_ms);
     App::new()
+        .wrap_fn(move |req, service| crate::body_timeout::call(req, service, body_timeout))
         .app_data(web::Data::from(gateway))
         .app_data(
             web::JsonConfig::default()

@@ -33,7 +33,7 @@ use crate::api_error::ApiError;
 use crate::links::RouteError;
 use crate::metrics as m;
 use crate::rate::TokenBucket;
-use crate::server::{Gateway, SocketGuard};
+use crate::server::{Gateway, PendingHello, SocketGuard};
 use crate::sessions::SessionHandle;
 use crate::socket::{write_outbox, FrameReader, Incoming, Outbox};
 
@@ -62,6 +62,16 @@ pub async fn upgrade(
         Ok(mut response) => response.finish().drop_body(),
         Err(e) => return respond_and_close(framed, handshake_failed(e)).await,
     };
+    let peer = framed.io_ref().peer_addr()?;
+    let Some(pending) = gateway.try_pending_hello(peer.ip()) else {
+        let mut many = ApiError::new(
+            ErrorCode::RateLimited,
+            "too many connections from this address have not sent hello yet",
+        );
+        many.retry_after_ms = Some(FULL_RETRY_AFTER_MS);
+        metrics::counter!(m::PENDING_HELLO_REFUSED).increment(1);
+        return respond_and_close(framed, many).await;
+    };
     let Some(open) = gateway.try_open_socket() else {
         let mut full = ApiError::unavailable("this gateway serves its maximum of connections");
         full.retry_after_ms = Some(FULL_RETRY_AFTER_MS);
@@ -75,7 +85,7 @@ pub async fn upgrade(
     let (read, write) = parts.io.into_split();
     // Bytes the client sent right behind the request are its first frames.
     let reader = FrameReader::new(read, &parts.read_buf, gateway.config.limits.max_frame_bytes);
-    actix_rt::spawn(serve_socket(gateway, reader, write, open));
+    actix_rt::spawn(serve_socket(gateway, reader, write, open, pending));
     Ok(())
 }
 
@@ -87,13 +97,14 @@ async fn serve_socket(
     mut reader: FrameReader,
     write: OwnedWriteHalf,
     _open: SocketGuard,
+    pending: PendingHello,
 ) {
     let limits = &gateway.config.limits;
     let outbox = Outbox::new(limits.queue_events, limits.queue_bytes);
     // The pump is a task of its own on this thread: a delivery wakes only the pump, without
     // polling the reader's timers and socket too (which a join in one task would).
     let pump = actix_rt::spawn(write_outbox(Arc::clone(&outbox), write));
-    run(gateway, Arc::clone(&outbox), &mut reader).await;
+    run(gateway, Arc::clone(&outbox), &mut reader, pending).await;
     // Every way out of `run` has decided a close code; this only makes sure of it.
     outbox.close(CloseCode::Normal);
     let _ = pump.await;
@@ -145,7 +156,12 @@ impl From<UpgradeError> for Response<BoxBody> {
     }
 }
 
-async fn run(gateway: Arc<Gateway>, outbox: Arc<Outbox>, reader: &mut FrameReader) {
+async fn run(
+    gateway: Arc<Gateway>,
+    outbox: Arc<Outbox>,
+    reader: &mut FrameReader,
+    pending: PendingHello,
+) {
     if gateway.shutdown.is_cancelled() {
         outbox.close(CloseCode::GoingAway);
         return;
@@ -158,6 +174,8 @@ async fn run(gateway: Arc<Gateway>, outbox: Arc<Outbox>, reader: &mut FrameReade
         // Not yet a registered session: the shutdown path cannot reach it, so it listens here.
         () = shutdown.cancelled() => Ok(Err(CloseCode::GoingAway)),
     };
+    // Past hello (or about to close): no longer counted against the client's address.
+    drop(pending);
     let hello = match waited {
         Ok(Ok(hello)) => hello,
         Ok(Err(code)) => return conn.close(code),
@@ -222,7 +240,7 @@ impl Connection {
                     _ => {
                         let e = CellError::bad_request("send hello first");
                         self.reply_error(frame.id, &e, None);
-                        self.count_bad_request()?;
+                        self.count_refused()?;
                     }
                 },
                 Err(e) => self.frame_error(e)?,
@@ -257,6 +275,8 @@ impl Connection {
             };
             let e = CellError::new(ErrorCode::RateLimited, "too many frames");
             self.reply_error(id, &e, Some(retry_after_ms));
+            // A client that keeps sending past its rate would otherwise be answered forever.
+            self.count_refused()?;
             return Ok(None);
         }
         let refused = match incoming {
@@ -270,7 +290,7 @@ impl Connection {
             Incoming::Pong | Incoming::Close => return Ok(None),
         };
         self.reply_error(None, &CellError::bad_request(refused), None);
-        self.count_bad_request()?;
+        self.count_refused()?;
         Ok(None)
     }
 
@@ -278,13 +298,14 @@ impl Connection {
         let error = CellError::new(e.code, e.message);
         self.reply_error(e.id, &error, None);
         if e.code == ErrorCode::BadRequest {
-            self.count_bad_request()?;
+            self.count_refused()?;
         }
         Ok(())
     }
 
-    /// Counts a `bad_request`; over 20 in 10 s is abuse (`4003`).
-    fn count_bad_request(&mut self) -> Result<(), CloseCode> {
+    /// Counts a refused frame (`bad_request` or `rate_limited`); over 20 in 10 s is abuse
+    /// (`4003`).
+    fn count_refused(&mut self) -> Result<(), CloseCode> {
         let now = Instant::now();
         let window = Duration::from_millis(ABUSE_WINDOW_MS);
         while self
@@ -457,7 +478,7 @@ impl Connection {
                 let error = CellError::new(e.code, e.message);
                 handle.push_reply(error_frame(e.id, &error, None));
                 if e.code == ErrorCode::BadRequest {
-                    if let Err(code) = self.count_bad_request() {
+                    if let Err(code) = self.count_refused() {
                         return Step::Close(code);
                     }
                 }
@@ -473,12 +494,18 @@ impl Connection {
             ClientRequest::Hello { .. } => {
                 let e = CellError::bad_request("already said hello");
                 push_error(handle, id, &e);
-                return match self.count_bad_request() {
+                return match self.count_refused() {
                     Ok(()) => Step::Continue,
                     Err(code) => Step::Close(code),
                 };
             }
             ClientRequest::PresenceSub { users } => {
+                // The watch is made here, in the session's own task, before this task can run
+                // the session's cleanup; only the status read waits, in a task of its own.
+                let users = self
+                    .gateway
+                    .presence
+                    .watch(&handle.id, &handle.workspace, users);
                 actix_rt::spawn(presence_sub(
                     Arc::clone(&self.gateway),
                     Arc::clone(handle),
@@ -602,17 +629,14 @@ async fn forward(
     }
 }
 
+/// Answers a `presence_sub` whose watch is already made: the current statuses of `users`.
 async fn presence_sub(
     gateway: Arc<Gateway>,
     handle: Arc<SessionHandle>,
     id: Option<RequestId>,
     users: Vec<confab_shared::UserId>,
 ) {
-    match gateway
-        .presence
-        .subscribe(&handle.id, &handle.workspace, users)
-        .await
-    {
+    match gateway.presence.statuses(&handle.workspace, users).await {
         Ok(users) => handle.push_reply(encode(&ServerFrame::Presence { id, users })),
         Err(e) => push_error(&handle, id, &CellError::unavailable(e.to_string())),
     }

@@ -16,7 +16,14 @@ pub const HEARTBEAT_MS: u64 = 30_000;
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 /// Client WebSockets one gateway serves at once; an upgrade beyond gets `503`.
 pub const MAX_CONNECTIONS: usize = 50_000;
-/// `bad_request` frames tolerated in [`ABUSE_WINDOW_MS`] before `4003`.
+/// Connections from one IP address upgraded but still without `hello`; an upgrade beyond gets
+/// `429`.
+pub const MAX_PENDING_HELLO_PER_IP: usize = 64;
+/// Time allowed for an HTTP request's body to arrive, from the end of its headers (`408`
+/// beyond).
+pub const HTTP_BODY_TIMEOUT_MS: u64 = 10_000;
+/// Refused frames (`bad_request` or `rate_limited`) tolerated in [`ABUSE_WINDOW_MS`] before
+/// `4003`.
 pub const ABUSE_BAD_REQUESTS: u32 = 20;
 /// The window of [`ABUSE_BAD_REQUESTS`].
 pub const ABUSE_WINDOW_MS: u64 = 10_000;

@@ -878,6 +878,21 @@ impl Client {
             .expect("send a close frame");
     }
 
+    /// Sends a JSON frame and a close frame in one socket write, without waiting for any
+    /// reply: the server finds both in one read, so it handles the frame and the close back to
+    /// back.
+    pub async fn send_json_and_close(&mut self, value: &Value) {
+        self.ws
+            .feed(Message::text(value.to_string()))
+            .await
+            .expect("queue a text frame");
+        self.ws
+            .feed(Message::Close(None))
+            .await
+            .expect("queue a close frame");
+        self.ws.flush().await.expect("write both frames");
+    }
+
     /// Sends `hello` and returns the first frame the server answers, which is not checked.
     pub async fn hello_raw(&mut self, token: &str, resume: Option<Value>) -> Incoming {
         let mut hello = json!({"op": "hello", "token": token});
