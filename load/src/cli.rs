@@ -89,6 +89,10 @@ struct ChaosArgs {
     /// Seconds a killed process stays down.
     #[arg(long, default_value_t = 3.0)]
     down_s: f64,
+    /// Mean seconds a client keeps a connection before dropping it (no close frame) and
+    /// resuming, so resumes also happen during outages; 0: never.
+    #[arg(long, default_value_t = 20.0)]
+    churn_s: f64,
     /// Directory for the processes' data and logs, the clients' logs and report.json.
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
@@ -455,6 +459,7 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 send_interval: Duration::from_millis(args.send_interval_ms.max(10)),
                 kill_every: secs(args.kill_every_s),
                 down: secs(args.down_s),
+                churn: (args.churn_s > 0.0).then(|| secs(args.churn_s)),
                 out: args.out,
             })
             .await?;

@@ -44,6 +44,15 @@ struct Pending {
     attempts: u32,
 }
 
+/// How a client behaves over time.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Mean time between two sends.
+    pub interval: Duration,
+    /// Mean connection lifetime before the client drops it itself; `None`: never.
+    pub churn: Option<Duration>,
+}
+
 /// What the runner reads while the client runs.
 #[derive(Debug, Default)]
 pub struct State {
@@ -65,6 +74,9 @@ pub struct ChaosClient {
     gateways: Vec<String>,
     /// Mean time between two sends of this client.
     interval: Duration,
+    /// Mean lifetime of a connection before the client drops it itself (no close frame) and
+    /// resumes, so that resumes also happen while a Redis is down; `None`: never.
+    churn: Option<Duration>,
     started: tokio::time::Instant,
     pub state: Arc<Mutex<State>>,
 }
@@ -116,7 +128,7 @@ impl ChaosClient {
         token: String,
         channels: Vec<String>,
         gateways: Vec<String>,
-        interval: Duration,
+        pace: Pace,
         started: tokio::time::Instant,
     ) -> Self {
         let state = State {
@@ -132,7 +144,8 @@ impl ChaosClient {
             user,
             token,
             gateways,
-            interval,
+            interval: pace.interval,
+            churn: pace.churn,
             started,
             state: Arc::new(Mutex::new(state)),
         }
@@ -278,12 +291,21 @@ impl ChaosClient {
         let mut resend_at = pending.as_ref().map(|_| tokio::time::Instant::now());
         let mut next_send = tokio::time::Instant::now() + self.next_send_in();
         let mut ping = tokio::time::interval(PING_EVERY);
+        let drop_at = self.churn.map(|mean| {
+            let ms = mean.as_millis().max(2) as u64;
+            tokio::time::Instant::now() + Duration::from_millis(ms / 2 + rand::random::<u64>() % ms)
+        });
         loop {
             let now = tokio::time::Instant::now();
             let current = *phase.borrow();
             if current == Phase::Done {
                 let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
                 return Ended::Done;
+            }
+            if current == Phase::Traffic && drop_at.is_some_and(|at| at <= now) {
+                // Dropped without a close frame, like a client whose network went away.
+                drop(ws);
+                return Ended::Lost("dropped by the client (churn)".into());
             }
             if let (Some(p), Some(at)) = (pending.as_mut(), resend_at) {
                 if at <= now {
@@ -314,10 +336,13 @@ impl ChaosClient {
                 resend_at = Some(now + ACK_TIMEOUT);
                 next_send = now + self.next_send_in();
             }
-            let wake = match (pending.is_some(), resend_at) {
+            let mut wake = match (pending.is_some(), resend_at) {
                 (true, Some(at)) => at,
                 _ => next_send.max(now + Duration::from_millis(10)),
             };
+            if let Some(at) = drop_at {
+                wake = wake.min(at.max(now + Duration::from_millis(10)));
+            }
             tokio::select! {
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Text(text))) => {

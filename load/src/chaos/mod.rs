@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use self::check::{ClientLog, Verdict};
-use self::client::{lock, ChaosClient, Phase};
+use self::client::{lock, ChaosClient, Pace, Phase};
 use self::cluster::{Cluster, Victim};
 use crate::api::{self, Api, TokenSource};
 
@@ -48,6 +48,8 @@ pub struct ChaosParams {
     pub kill_every: Duration,
     /// How long a killed process stays down before it is restarted.
     pub down: Duration,
+    /// Mean lifetime of a client connection before the client drops it and resumes.
+    pub churn: Option<Duration>,
     pub out: PathBuf,
 }
 
@@ -217,7 +219,10 @@ async fn drive(params: &ChaosParams, cluster: &mut Cluster) -> Result<Driven> {
             tokens[i].clone(),
             memberships[i].clone(),
             cluster.gateways.clone(),
-            params.send_interval,
+            Pace {
+                interval: params.send_interval,
+                churn: params.churn,
+            },
             started,
         );
         states.push(client.state.clone());
