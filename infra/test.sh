@@ -36,3 +36,14 @@ CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
 
 echo "==> load smoke run (a few seconds per scenario)"
 cargo run -q -p confab-load --locked -- smoke --confab target/debug/confab
+
+# The fuzz targets' short run on stable (docs/fuzzing.md): each check over its committed seeds,
+# its kept crashing inputs and 3,000 seeded random inputs. Part of the workspace tests above;
+# named here so the step shows in the log.
+echo "==> fuzz targets, short run (seed corpus, regressions, seeded random inputs)"
+cargo test -q -p confab-fuzz-checks --locked --test corpus
+
+# docs/chaos.md: 75 s of the chat mix while a gateway, the cell, the cell's Redis and the
+# directory Redis are killed with SIGKILL in turn; fails on any loss, duplicate or reorder.
+echo "==> chaos, short run"
+CONFAB_BIN="${CONFAB_BIN:-target/debug/confab}" infra/chaos.sh --short

@@ -45,7 +45,7 @@ const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(5);
 const LINGER: Duration = Duration::from_secs(1);
 
 /// A frame received from the client.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     Text(ByteString),
     /// A text frame whose payload is not UTF-8.
@@ -60,10 +60,7 @@ pub enum Incoming {
 pub struct FrameReader {
     socket: OwnedReadHalf,
     buf: BytesMut,
-    codec: Codec,
-    /// A fragmented message being aggregated: whether it is text, and its bytes so far.
-    partial: Option<(bool, BytesMut)>,
-    max_frame_bytes: usize,
+    decoder: FrameDecoder,
     /// The client closed its side (or the socket failed).
     ended: bool,
 }
@@ -74,9 +71,7 @@ impl FrameReader {
         FrameReader {
             socket,
             buf: BytesMut::from(already_read),
-            codec: Codec::new().max_size(max_frame_bytes),
-            partial: None,
-            max_frame_bytes,
+            decoder: FrameDecoder::new(max_frame_bytes),
             ended: false,
         }
     }
@@ -85,12 +80,8 @@ impl FrameReader {
     /// frame or message over the size limit (close `1009`). Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<Incoming, ProtocolError>> {
         loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(frame)) => {
-                    if let Some(incoming) = self.take(frame).transpose() {
-                        return Some(incoming);
-                    }
-                }
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(incoming)) => return Some(Ok(incoming)),
                 Ok(None) => {
                     if self.buf.is_empty() {
                         // An idle connection keeps no read buffer.
@@ -159,6 +150,41 @@ impl FrameReader {
             }
         };
         let _ = tokio::time::timeout(LINGER, discard).await;
+    }
+}
+
+/// The pure half of [`FrameReader`]: turns the bytes a client sent into whole frames
+/// (continuations aggregated, bounded), with no socket, so it can be fuzzed on byte buffers.
+pub struct FrameDecoder {
+    codec: Codec,
+    /// A fragmented message being aggregated: whether it is text, and its bytes so far.
+    partial: Option<(bool, BytesMut)>,
+    max_frame_bytes: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder of frames and messages of at most `max_frame_bytes`.
+    pub fn new(max_frame_bytes: usize) -> Self {
+        FrameDecoder {
+            codec: Codec::new().max_size(max_frame_bytes),
+            partial: None,
+            max_frame_bytes,
+        }
+    }
+
+    /// The next whole frame in `buf`, consuming its bytes; `Ok(None)` when `buf` holds no
+    /// whole frame yet (more bytes are needed). After an error the connection must close.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, ProtocolError> {
+        loop {
+            match self.codec.decode(buf)? {
+                Some(frame) => {
+                    if let Some(incoming) = self.take(frame)? {
+                        return Ok(Some(incoming));
+                    }
+                }
+                None => return Ok(None),
+            }
+        }
     }
 
     /// Turns a decoded frame into what the connection sees; `Ok(None)` while a fragmented

@@ -49,6 +49,11 @@ enum Command {
     /// Fanout against the reference server and confab back to back; prints confab/reference
     /// ratios, writes JSON, Markdown and a p99-against-rate PNG.
     Compare(CompareArgs),
+    /// The chat mix through a local cluster (two gateways, a cell, their Redis servers) while
+    /// a gateway, the cell, the cell's Redis and the directory Redis are killed with SIGKILL in
+    /// turn and restarted; exits non-zero unless every acked message reached every member
+    /// exactly once, in seq order.
+    Chaos(ChaosArgs),
     /// A short run of each scenario against `confab dev` (CI); exits non-zero if any scenario
     /// fails to run or loses, duplicates or reorders a message.
     Smoke {
@@ -58,6 +63,39 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+struct ChaosArgs {
+    /// The confab binary.
+    #[arg(long)]
+    confab: PathBuf,
+    /// Seconds of traffic, during which the kills happen.
+    #[arg(long, default_value_t = 600.0)]
+    duration_s: f64,
+    #[arg(long, default_value_t = 12)]
+    users: usize,
+    #[arg(long, default_value_t = 6)]
+    channels: usize,
+    /// Members per channel.
+    #[arg(long, default_value_t = 4)]
+    members: usize,
+    /// Mean milliseconds between two sends of one client.
+    #[arg(long, default_value_t = 500)]
+    send_interval_ms: u64,
+    /// Seconds between two kills.
+    #[arg(long, default_value_t = 20.0)]
+    kill_every_s: f64,
+    /// Seconds a killed process stays down.
+    #[arg(long, default_value_t = 3.0)]
+    down_s: f64,
+    /// Mean seconds a client keeps a connection before dropping it (no close frame) and
+    /// resuming, so resumes also happen during outages; 0: never.
+    #[arg(long, default_value_t = 20.0)]
+    churn_s: f64,
+    /// Directory for the processes' data and logs, the clients' logs and report.json.
+    #[arg(long, default_value = "target/chaos")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -409,6 +447,28 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 &comparison.ratios,
             )?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Chaos(args) => {
+            crate::scenario::raise_nofile(65_536)?;
+            let report = crate::chaos::run(crate::chaos::ChaosParams {
+                confab: args.confab,
+                duration: secs(args.duration_s),
+                users: args.users,
+                channels: args.channels,
+                members: args.members,
+                send_interval: Duration::from_millis(args.send_interval_ms.max(10)),
+                kill_every: secs(args.kill_every_s),
+                down: secs(args.down_s),
+                churn: (args.churn_s > 0.0).then(|| secs(args.churn_s)),
+                out: args.out,
+            })
+            .await?;
+            println!("{}", report.summary());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Smoke { confab, out } => {
             crate::scenario::raise_nofile(u64::MAX)?;

@@ -26,6 +26,7 @@
 //! connections and time.
 
 pub mod api;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod payload;

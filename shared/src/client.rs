@@ -20,8 +20,9 @@ pub enum RequestId {
     Str(String),
 }
 
-/// The requests of SPEC §4, by `op`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// The requests of SPEC §4, by `op`. `Serialize` writes the frame back (without its `id`):
+/// clients and the fuzz round-trip check use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ClientRequest {
     Hello {

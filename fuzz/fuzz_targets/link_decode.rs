@@ -1,0 +1,4 @@
+#![no_main]
+//! cargo-fuzz target; the check is `confab_fuzz_checks::link_decode` (see docs/fuzzing.md).
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| confab_fuzz_checks::link_decode(data));
