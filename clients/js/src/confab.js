@@ -308,12 +308,11 @@ export class Client {
     if (entry.id != null) this._inflight.delete(entry.id);
     entry.id = this._nextId++;
     entry.attempts++;
-    if (entry.attempts > 1) this.stats.retransmits++;
     this._inflight.set(entry.id, entry);
     entry.isSend = true;
     // No ack in time on a live connection: send it again, the same client_msg_id keeps it once.
     entry.timer = this._later(() => this._transmitSend(entry), this.options.requestTimeoutMs);
-    this._write({ ...entry.frame, id: entry.id });
+    this._write({ ...entry.frame, id: entry.id }, entry);
   }
 
   _finishSend(entry, err, ack) {
@@ -717,8 +716,8 @@ export class Client {
   // ---------- rate-paced writes ----------
 
   /** Queues one client frame; frames leave at most `framesPerSecond` (bursts of `frameBurst`). */
-  _write(frame) {
-    this._tx.push(JSON.stringify(frame));
+  _write(frame, send) {
+    this._tx.push({ data: JSON.stringify(frame), send });
     this._pump();
   }
 
@@ -730,8 +729,14 @@ export class Client {
     const ws = this._ws;
     while (this._tx.length && this._tokens >= 1 && ws) {
       this._tokens -= 1;
+      const { data, send } = this._tx.shift();
+      if (send) {
+        // Counted only when a copy really went out before: queued copies dropped do not count.
+        if (send.written) this.stats.retransmits++;
+        send.written = true;
+      }
       try {
-        ws.send(this._tx.shift());
+        ws.send(data);
       } catch {
         return; // the close event follows and sorts it out
       }
