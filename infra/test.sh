@@ -59,4 +59,4 @@ echo "==> schemathesis: docs/openapi.yaml against confab dev"
 infra/api-contract.sh target/ci-venv/bin/schemathesis
 
 echo "==> npm pack --dry-run, and the SDK's size"
-(cd clients/js && npm pack --dry-run --loglevel=warn && echo "minified + gzipped: $(npm run -s size) bytes")
+(cd clients/js && npm pack --dry-run 2>&1 | grep -v "^npm notice *$" && echo "minified + gzipped: $(npm run -s size) bytes")
