@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of confab on a fresh Debian machine with Rust.
-# Installs what the tests need (redis-server, chromium, chromium-driver) when it is missing;
-# tests start their own servers on free ports.
+# Installs what the tests need (redis-server, chromium, chromium-driver, python3-venv, and the
+# pinned npm and PyPI packages of the SDK and API-contract checks) when it is missing; tests
+# start their own servers on free ports. Needs Node >= 20 and Python 3.11.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,7 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_cmd=""
@@ -47,3 +49,25 @@ cargo test -q -p confab-fuzz-checks --locked --test corpus
 # directory Redis are killed with SIGKILL in turn; fails on any loss, duplicate or reorder.
 echo "==> chaos, short run"
 CONFAB_BIN="${CONFAB_BIN:-target/debug/confab}" infra/chaos.sh --short
+
+# The JavaScript SDK (clients/js) and the machine-readable API contracts (docs/openapi.yaml,
+# docs/asyncapi.yaml). npm packages come from the committed package-lock.json; install scripts
+# are not run (none is needed: esbuild's binary is its own optional package).
+echo "==> SDK and API contracts: installing pinned tools"
+cargo build -q -p confab --locked
+(cd clients/js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+[ -x target/ci-venv/bin/python ] || python3 -m venv target/ci-venv
+target/ci-venv/bin/pip install -q --disable-pip-version-check \
+  openapi-spec-validator==0.7.2 schemathesis==4.32.5
+
+echo "==> openapi-spec-validator docs/openapi.yaml"
+target/ci-venv/bin/openapi-spec-validator docs/openapi.yaml
+
+echo "==> node --test clients/js (SDK against confab dev and a cluster; asyncapi and type contract)"
+(cd clients/js && CONFAB_BIN="$PWD/../../target/debug/confab" node --test --test-concurrency=1 test/)
+
+echo "==> schemathesis: docs/openapi.yaml against confab dev"
+infra/api-contract.sh target/ci-venv/bin/schemathesis
+
+echo "==> npm pack --dry-run, and the SDK's size"
+(cd clients/js && npm pack --dry-run 2>&1 | grep -v "^npm notice *$" && echo "minified + gzipped: $(npm run -s size) bytes")

@@ -231,22 +231,39 @@ const MESSAGE_SEQ: &str = r##"
     return n ? Number(n.dataset.seq) : null;
 "##;
 
-/// Loads the page as `user` (prefilled from the URL), connects and opens `general`.
-async fn log_in(page: &Client, base: &str, user: &str) -> Result<(), String> {
-    page.goto(&format!("{base}/?user={user}"))
-        .await
-        .map_err(|e| format!("open {base}/ for {user}: {e}"))?;
-    let prefilled = wait_js(
-        page,
-        "the #user input",
-        "const n = document.querySelector('#user'); return n && n.value;",
-        vec![],
-    )
-    .await?;
-    if prefilled != json!(user) {
-        return Err(format!("?user={user} prefilled #user with {prefilled}"));
+/// How a page logs in: with a user id and the admin token (development), or with a client
+/// token in the `#token=` fragment (what a production gateway's page does).
+enum Login<'a> {
+    AdminToken,
+    ClientToken(&'a str),
+}
+
+/// Loads the page as `user`, connects and opens `general`.
+async fn log_in(page: &Client, base: &str, user: &str, how: Login<'_>) -> Result<(), String> {
+    match how {
+        Login::AdminToken => {
+            page.goto(&format!("{base}/?user={user}"))
+                .await
+                .map_err(|e| format!("open {base}/ for {user}: {e}"))?;
+            let prefilled = wait_js(
+                page,
+                "the #user input",
+                "const n = document.querySelector('#user'); return n && n.value;",
+                vec![],
+            )
+            .await?;
+            if prefilled != json!(user) {
+                return Err(format!("?user={user} prefilled #user with {prefilled}"));
+            }
+            click(page, "#connect").await?;
+        }
+        Login::ClientToken(token) => {
+            // The page connects by itself and takes the token off the address bar.
+            page.goto(&format!("{base}/#token={token}"))
+                .await
+                .map_err(|e| format!("open {base}/#token= for {user}: {e}"))?;
+        }
     }
-    click(page, "#connect").await?;
     wait_js(
         page,
         &format!("{user} to be connected"),
@@ -304,10 +321,36 @@ async fn wait_message(page: &Client, who: &str, text: &str) -> Result<u64, Strin
         .ok_or_else(|| format!("message {text:?} has a non-numeric seq {seq}"))
 }
 
+/// A client token for `user` of `demo`, minted by the admin API (as an app backend would).
+async fn mint_token(base: &str, user: &str) -> Result<String, String> {
+    let body: Value = reqwest::Client::new()
+        .post(format!("{base}/admin/v1/tokens"))
+        .bearer_auth("dev-admin")
+        .json(&json!({"workspace": "demo", "user": user}))
+        .send()
+        .await
+        .map_err(|e| format!("mint a token for {user}: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("mint a token for {user}: {e}"))?;
+    body["token"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("no token in {body}"))
+}
+
 /// The conversation itself; errors instead of panics so the browsers are always closed.
 async fn scenario(alice: &Client, bob: &Client, base: &str) -> Result<(), String> {
-    log_in(alice, base, "alice").await?;
-    log_in(bob, base, "bob").await?;
+    log_in(alice, base, "alice", Login::AdminToken).await?;
+    let bob_token = mint_token(base, "bob").await?;
+    log_in(bob, base, "bob", Login::ClientToken(&bob_token)).await?;
+    let address = bob
+        .current_url()
+        .await
+        .map_err(|e| format!("read bob's address: {e}"))?;
+    if address.as_str().contains("token") {
+        return Err(format!("the token stayed in the address bar: {address}"));
+    }
 
     // Each sees the other online in the members panel, fed by GET members + presence_sub.
     wait_js(

@@ -1,33 +1,23 @@
-// confab web client: one WebSocket session (SPEC §4) plus a few HTTP calls (SPEC §5, §7).
+// confab web client: a chat page on the confab SDK (/sdk/confab.js, clients/js in the
+// repository). The SDK owns the WebSocket session — reconnects, resume, de-duplication, gap
+// filling, the outbox of unacked sends, typing throttle, presence and read markers — so this
+// file only renders what it delivers and calls the HTTP API (SPEC §5) for channel management.
 // User-supplied text only ever reaches the page through textContent, never innerHTML.
-"use strict";
+
+import { Client, State, newClientMsgId } from "/sdk/confab.js";
 
 const $ = (sel) => document.querySelector(sel);
-const TYPING_SEND_MS = 2000; // send `typing` at most this often
 const TYPING_SHOW_MS = 4000; // show "x is typing…" this long after the last typing event
-const BACKOFF_MAX_MS = 15000;
 const HISTORY_PAGE = 50;
 
 const state = {
-  ws: null,
-  token: null,
+  client: null,
+  token: null, // the current token, for the HTTP API
   me: null,
-  workspace: null,
-  wanted: false, // true while the user wants to be connected (drives reconnects)
-  backoffMs: 500,
-  reconnectTimer: null,
-  pingTimer: null,
-  nextId: 1,
-  pending: new Map(), // request id -> what the reply completes
-  channels: new Map(), // channel id -> {id,name,kind,last_seq,read_seq}
-  seen: new Map(), // channel id -> last log seq seen, sent as `resume` on reconnect
   selected: null,
-  hasMore: false,
   members: [], // members of the selected channel
   authors: new Set(), // users seen in the selected channel's messages
-  presence: new Map(), // user -> "online" | "offline"
   typers: new Map(), // user -> timeout handle
-  lastTypingSent: 0,
 };
 
 // ---------- small helpers ----------
@@ -60,13 +50,12 @@ function showError(text) {
   errorTimer = setTimeout(() => (e.hidden = true), 8000);
 }
 
-function randomId() {
-  const bytes = crypto.getRandomValues(new Uint8Array(12));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
 function formatTime(ts) {
   return new Date(ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function channels() {
+  return state.client ? state.client.channels : new Map();
 }
 
 function displayName(ch) {
@@ -94,135 +83,90 @@ async function api(method, path, body, token) {
   return data;
 }
 
-// ---------- the WebSocket session ----------
+// ---------- the session (all of it in the SDK) ----------
 
-function send(frame, onReply) {
-  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return null;
-  if (onReply) {
-    frame.id = state.nextId++;
-    state.pending.set(frame.id, onReply);
+/** The token provider the SDK calls on every (re)connect: a pasted token, or one the admin API mints. */
+function tokenProvider() {
+  const pasted = $("#token").value.trim();
+  if (pasted) {
+    return async () => (state.token = pasted);
   }
-  state.ws.send(JSON.stringify(frame));
-  return frame.id;
-}
-
-async function connect() {
   const user = $("#user").value.trim();
   const workspace = $("#workspace").value.trim();
-  if (!user || !workspace) return showError("enter a workspace and a user id");
-  state.wanted = true;
-  state.me = user;
-  state.workspace = workspace;
-  setFormConnected(true);
-  setStatus("connecting…", "busy");
-  try {
-    // A fresh token on every (re)connect, so an expired one never blocks a reconnect.
-    const minted = await api("POST", "/admin/v1/tokens", { workspace, user }, $("#admin-token").value);
-    state.token = minted.token;
-  } catch (e) {
-    showError(e.message);
-    // A refused admin token or a bad user id will not get better by retrying.
-    if (e.status === 400 || e.status === 401 || e.status === 404) state.wanted = false;
-    return scheduleReconnect();
-  }
-  if (!state.wanted) return;
-  const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${proto}//${location.host}/v1/ws`);
-  state.ws = ws;
-  ws.onopen = () => {
-    const hello = { op: "hello", token: state.token };
-    if (state.seen.size) hello.resume = Object.fromEntries(state.seen);
-    ws.send(JSON.stringify(hello));
-  };
-  ws.onmessage = (ev) => {
-    let frame;
-    try {
-      frame = JSON.parse(ev.data);
-    } catch {
-      return showError("server sent a frame that is not JSON");
-    }
-    onFrame(frame);
-  };
-  ws.onclose = (ev) => {
-    if (state.ws !== ws) return;
-    state.ws = null;
-    clearInterval(state.pingTimer);
-    failPending("connection closed");
-    setStatus(`closed: ${ev.code}${ev.reason ? " " + ev.reason : ""}`, "down");
-    // 4004 (unknown workspace) will not get better by retrying.
-    if (ev.code === 4004) state.wanted = false;
-    if (state.wanted) scheduleReconnect();
-    else setFormConnected(false);
+  const admin = $("#admin-token").value;
+  return async () => {
+    const minted = await api("POST", "/admin/v1/tokens", { workspace, user }, admin);
+    return (state.token = minted.token);
   };
 }
 
-function scheduleReconnect() {
-  if (!state.wanted) return setFormConnected(false);
-  const delay = state.backoffMs * (0.75 + Math.random() / 2);
-  state.backoffMs = Math.min(state.backoffMs * 2, BACKOFF_MAX_MS);
-  const base = $("#status").textContent.replace(/ — reconnecting.*$/, "");
-  setStatus(`${base} — reconnecting in ${(delay / 1000).toFixed(1)} s`, "down");
-  clearTimeout(state.reconnectTimer);
-  state.reconnectTimer = setTimeout(connect, delay);
+function connect() {
+  if (!$("#token").value.trim() && (!$("#user").value.trim() || !$("#workspace").value.trim())) {
+    return showError("paste a token, or enter a workspace and a user id");
+  }
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const client = new Client({ url: `${proto}//${location.host}/v1/ws`, token: tokenProvider() });
+  state.client = client;
+  setFormConnected(true);
+  client.on("state", (s) => onState(client, s));
+  client.on("ready", (f) => client === state.client && onReady(f));
+  client.on("event", (e) => client === state.client && onEvent(e));
+  client.on("error", (err) => client === state.client && showError(err.message || String(err)));
+  client.connect().catch(() => {}); // failures arrive as state and error events
 }
 
 function disconnect() {
-  state.wanted = false;
-  clearTimeout(state.reconnectTimer);
-  if (state.ws) state.ws.close(1000, "bye");
-  else setFormConnected(false);
-  // A new login starts from scratch: nothing of the previous user's session is resumed.
-  state.seen.clear();
-  state.channels.clear();
+  const client = state.client;
+  state.client = null;
+  if (client) client.close();
+  setFormConnected(false);
   state.selected = null;
   renderChannels();
   selectChannel(null);
 }
 
-function failPending(reason) {
-  for (const [, done] of state.pending) done({ op: "error", code: "unavailable", message: reason });
-  state.pending.clear();
+function onState(client, s) {
+  if (client !== state.client) return;
+  switch (s.state) {
+    case State.CONNECTING:
+      setStatus(s.attempt ? `connecting… (attempt ${s.attempt + 1})` : "connecting…", "busy");
+      break;
+    case State.READY:
+      setStatus(`connected as ${client.user} (${client.workspace})`, "up");
+      break;
+    case State.RECONNECTING: {
+      const why = s.lastClose ? `closed: ${s.lastClose.code}${s.lastClose.reason ? " " + s.lastClose.reason : ""}` : "offline";
+      setStatus(`${why} — reconnecting in ${(s.retryInMs / 1000).toFixed(1)} s`, "down");
+      break;
+    }
+    case State.CLOSED:
+      if (s.error) {
+        setStatus(`stopped: ${s.error.message}`, "down");
+        state.client = null;
+        setFormConnected(false);
+      }
+      break;
+  }
+  updateComposer();
 }
 
 function setFormConnected(on) {
-  for (const id of ["#workspace", "#user", "#admin-token", "#connect"]) $(id).disabled = on;
+  for (const id of ["#workspace", "#user", "#admin-token", "#token", "#connect"]) $(id).disabled = on;
   document.querySelectorAll("[data-quick-user]").forEach((b) => (b.disabled = on));
   $("#connect").hidden = on;
   $("#disconnect").hidden = !on;
   if (!on) setStatus("disconnected", "");
 }
 
-function onFrame(f) {
-  if (f.op === "ready") return onReady(f);
-  if (f.op === "event") return onEvent(f);
-  if (f.id != null && state.pending.has(f.id)) {
-    const done = state.pending.get(f.id);
-    state.pending.delete(f.id);
-    return done(f);
-  }
-  if (f.op === "error") showError(`${f.code}: ${f.message}`);
-}
-
 function onReady(f) {
-  state.backoffMs = 500;
   state.me = f.user;
-  setStatus(`connected as ${f.user} (${f.workspace})`, "up");
-  clearInterval(state.pingTimer);
-  state.pingTimer = setInterval(() => send({ op: "ping" }, () => {}), Math.max(1000, f.heartbeat_ms / 2));
-  // ready is authoritative for membership and counters; `seen` survives so resume works.
-  state.channels.clear();
-  for (const ch of f.channels) {
-    state.channels.set(ch.id, ch);
-    if (!state.seen.has(ch.id)) state.seen.set(ch.id, ch.last_seq);
-  }
-  for (const id of state.seen.keys()) if (!state.channels.has(id)) state.seen.delete(id);
   renderChannels();
-  if (state.selected && state.channels.has(state.selected)) {
-    // Events missed while away arrive as the resume replay; members and presence are refreshed.
+  if (state.selected && channels().has(state.selected)) {
+    // Missed events arrive through the SDK's resume; members and presence are refreshed.
     loadMembers(state.selected);
     updateComposer();
   } else {
-    const first = state.channels.has("general") ? "general" : f.channels.length ? f.channels[0].id : null;
+    const first = channels().has("general") ? "general" : f.channels.length ? f.channels[0].id : null;
     selectChannel(first);
   }
 }
@@ -230,11 +174,6 @@ function onReady(f) {
 // ---------- events ----------
 
 function onEvent(e) {
-  const ch = e.channel ? state.channels.get(e.channel) : null;
-  if (e.seq != null && e.channel) {
-    state.seen.set(e.channel, Math.max(state.seen.get(e.channel) || 0, e.seq));
-    if (ch) ch.last_seq = Math.max(ch.last_seq, e.seq);
-  }
   switch (e.type) {
     case "message":
       clearTyping(e.user);
@@ -256,21 +195,12 @@ function onEvent(e) {
     case "typing":
       if (e.channel === state.selected && e.user !== state.me) showTyping(e.user);
       break;
-    case "read":
-      if (ch) ch.read_seq = Math.max(ch.read_seq, e.seq);
-      break;
     case "presence":
-      state.presence.set(e.user, e.status);
       renderPresence();
       break;
-    case "channel_added":
-      state.channels.set(e.info.id, e.info);
-      state.seen.set(e.info.id, Math.max(state.seen.get(e.info.id) || 0, e.info.last_seq));
-      break;
-    case "resync":
-      // The gap was beyond the retention window: what is on screen may be stale.
-      if (ch) state.seen.set(e.channel, ch.last_seq);
-      if (e.channel === state.selected) selectChannel(e.channel);
+    case "resync_done":
+      // After a resync the SDK delivered what history has; a cut-short one shows the latest.
+      if (!e.complete && e.channel === state.selected) selectChannel(e.channel);
       break;
   }
   renderChannels();
@@ -279,25 +209,21 @@ function onEvent(e) {
 function onMembership(e) {
   const joined = e.type === "member_joined";
   if (e.user === state.me && !joined) {
-    state.channels.delete(e.channel);
-    state.seen.delete(e.channel);
     if (state.selected === e.channel) selectChannel(null);
     return;
   }
-  if (e.user === state.me && joined && !state.channels.has(e.channel)) {
+  if (e.user === state.me && joined && !channels().has(e.channel)) {
     // Joined from elsewhere (e.g. another tab): learn the channel's name.
     api("GET", `/v1/channels/${encodeURIComponent(e.channel)}`)
       .then((info) => {
-        state.channels.set(info.id, info);
+        if (!channels().has(info.id)) channels().set(info.id, info);
         renderChannels();
       })
       .catch((err) => showError(err.message));
   }
   if (e.channel !== state.selected) return;
   upsertSystem(e.seq, `${e.user} ${joined ? "joined" : "left"} the channel`);
-  state.members = joined
-    ? [...new Set([...state.members, e.user])]
-    : state.members.filter((u) => u !== e.user);
+  state.members = joined ? [...new Set([...state.members, e.user])] : state.members.filter((u) => u !== e.user);
   subscribePresence();
   renderPresence();
 }
@@ -307,27 +233,28 @@ function onMembership(e) {
 function renderChannels() {
   const list = $("#channels");
   list.replaceChildren();
-  const sorted = [...state.channels.values()].sort((a, b) => displayName(a).localeCompare(displayName(b)));
+  const sorted = [...channels().values()].sort((a, b) => displayName(a).localeCompare(displayName(b)));
   for (const ch of sorted) {
-    const unread = ch.id === state.selected ? 0 : Math.max(0, ch.last_seq - ch.read_seq);
-    const item = el(
-      "li",
-      {
-        dataset: { channel: ch.id, kind: ch.kind },
-        class: ch.id === state.selected ? "selected" : "",
-        onclick: () => selectChannel(ch.id),
-      },
-      el("span", { class: "name", text: displayName(ch) }),
-      unread ? el("span", { class: "unread", text: String(unread), title: "unread" }) : null
+    const read = state.client ? Math.max(state.client.readSeq(ch.id), ch.read_seq || 0) : 0;
+    const unread = ch.id === state.selected ? 0 : Math.max(0, ch.last_seq - read);
+    list.append(
+      el(
+        "li",
+        {
+          dataset: { channel: ch.id, kind: ch.kind },
+          class: ch.id === state.selected ? "selected" : "",
+          onclick: () => selectChannel(ch.id),
+        },
+        el("span", { class: "name", text: displayName(ch) }),
+        unread ? el("span", { class: "unread", text: String(unread), title: "unread" }) : null
+      )
     );
-    list.append(item);
   }
 }
 
 function selectChannel(id) {
   if (readTimer) flushRead();
   state.selected = id;
-  state.hasMore = false;
   state.members = [];
   state.authors.clear();
   for (const t of state.typers.values()) clearTimeout(t);
@@ -335,7 +262,7 @@ function selectChannel(id) {
   renderTyping();
   $("#messages").replaceChildren();
   $("#load-older").hidden = true;
-  const ch = id ? state.channels.get(id) : null;
+  const ch = id ? channels().get(id) : null;
   $("#channel-title").textContent = ch ? displayName(ch) : "No channel selected";
   renderChannels();
   renderPresence();
@@ -346,27 +273,29 @@ function selectChannel(id) {
 }
 
 function updateComposer() {
-  const ok = !!(state.selected && state.ws);
+  // Sends made while reconnecting wait in the SDK's outbox, so the composer stays usable.
+  const ok = !!(state.selected && state.client);
   $("#composer").disabled = !ok;
   $("#send").disabled = !ok;
 }
 
-function loadHistory(channel, before) {
-  const req = { op: "history", channel, limit: HISTORY_PAGE };
-  if (before != null) req.before = before;
-  send(req, (r) => {
-    if (r.op === "error") return showError(`history: ${r.code}: ${r.message}`);
-    if (r.channel !== state.selected) return;
-    const scroller = $("#scroller");
-    const atBottom = before == null;
-    const oldHeight = scroller.scrollHeight;
-    for (const m of r.messages) upsertMessage(m);
-    state.hasMore = r.has_more;
-    $("#load-older").hidden = !r.has_more;
-    // Keep the reader's place when older messages are added above.
-    scroller.scrollTop = atBottom ? scroller.scrollHeight : scroller.scrollHeight - oldHeight;
-    markRead();
-  });
+async function loadHistory(channel, before) {
+  if (!state.client) return;
+  let page;
+  try {
+    page = await state.client.history(channel, before != null ? { before, limit: HISTORY_PAGE } : { limit: HISTORY_PAGE });
+  } catch (err) {
+    return showError(`history: ${err.code}: ${err.message}`);
+  }
+  if (channel !== state.selected) return;
+  const scroller = $("#scroller");
+  const atBottom = before == null;
+  const oldHeight = scroller.scrollHeight;
+  for (const m of page.messages) upsertMessage(m);
+  $("#load-older").hidden = !page.has_more;
+  // Keep the reader's place when older messages are added above.
+  scroller.scrollTop = atBottom ? scroller.scrollHeight : scroller.scrollHeight - oldHeight;
+  markRead();
 }
 
 // Debounced, so a burst of messages on screen costs one `read` frame, not one each; flushed
@@ -384,21 +313,18 @@ function markRead() {
 function flushRead() {
   clearTimeout(readTimer);
   readTimer = null;
-  const ch = state.channels.get(readChannel);
-  if (!ch || ch.last_seq <= ch.read_seq) return;
-  ch.read_seq = ch.last_seq;
-  send({ op: "read", channel: ch.id, seq: ch.last_seq }, (r) => {
-    if (r.op === "error") showError(`read: ${r.code}: ${r.message}`);
-  });
+  const ch = channels().get(readChannel);
+  if (!ch || !state.client) return;
+  state.client.markRead(ch.id, ch.last_seq).catch((err) => showError(`read: ${err.code}: ${err.message}`));
 }
 
 async function loadBrowse() {
   const list = $("#public-channels");
   try {
-    const { channels } = await api("GET", "/v1/channels?scope=public");
+    const { channels: all } = await api("GET", "/v1/channels?scope=public");
     list.replaceChildren();
-    for (const ch of channels) {
-      const joined = state.channels.has(ch.id);
+    for (const ch of all) {
+      const joined = channels().has(ch.id);
       list.append(
         el(
           "li",
@@ -410,24 +336,25 @@ async function loadBrowse() {
         )
       );
     }
-    if (!channels.length) list.append(el("li", { class: "muted", text: "no public channels" }));
+    if (!all.length) list.append(el("li", { class: "muted", text: "no public channels" }));
   } catch (e) {
     showError(e.message);
   }
 }
 
-function joinChannel(info) {
-  send({ op: "join", channel: info.id }, (r) => {
-    if (r.op === "error") return showError(`join: ${r.code}: ${r.message}`);
-    if (!state.channels.has(info.id)) state.channels.set(info.id, { ...info, last_seq: r.seq, read_seq: 0 });
-    state.seen.set(info.id, Math.max(state.seen.get(info.id) || 0, r.seq));
+async function joinChannel(info) {
+  try {
+    const ack = await state.client.join(info.id);
+    if (!channels().has(info.id)) channels().set(info.id, { ...info, last_seq: ack.seq, read_seq: 0 });
     selectChannel(info.id);
     loadBrowse();
-  });
+  } catch (err) {
+    showError(`join: ${err.code}: ${err.message}`);
+  }
 }
 
 function addAndSelect(info) {
-  if (!state.channels.has(info.id)) state.channels.set(info.id, info);
+  if (!channels().has(info.id)) channels().set(info.id, info);
   selectChannel(info.id);
 }
 
@@ -449,23 +376,20 @@ function placeBySeq(node, seq) {
 
 function messageNode(m) {
   const mine = m.user === state.me;
-  const text = el("span", { class: "text", text: m.deleted ? "message deleted" : m.text });
+  const status = state.client && state.client.presence.get(m.user);
   const node = el(
     "li",
     { class: "msg" + (m.deleted ? " deleted" : "") + (mine ? " mine" : ""), dataset: { seq: m.seq, author: m.user } },
     el(
       "div",
       { class: "meta" },
-      el("span", {
-        class: "dot" + (state.presence.get(m.user) === "online" ? " online" : ""),
-        dataset: { presenceOf: m.user },
-      }),
+      el("span", { class: "dot" + (status === "online" ? " online" : ""), dataset: { presenceOf: m.user } }),
       el("span", { class: "author", text: m.user }),
       el("time", { text: formatTime(m.ts), title: new Date(m.ts).toLocaleString() }),
       m.thread ? el("span", { class: "muted", text: `↳ reply to #${m.thread}` }) : null,
       m.edited && !m.deleted ? el("span", { class: "muted edited", text: "(edited)" }) : null
     ),
-    text
+    el("span", { class: "text", text: m.deleted ? "message deleted" : m.text })
   );
   if (mine && !m.deleted) {
     node.append(
@@ -518,58 +442,50 @@ function promptEdit(seq) {
   const node = findSeq(seq);
   const text = prompt("Edit message", node ? node.querySelector(".text").textContent : "");
   if (text == null || !text.trim()) return;
-  send({ op: "edit", channel: state.selected, seq, text }, (r) => {
-    if (r.op === "error") showError(`edit: ${r.code}: ${r.message}`);
-  });
+  state.client.edit(state.selected, seq, text).catch((err) => showError(`edit: ${err.code}: ${err.message}`));
 }
 
 function requestDelete(seq) {
-  send({ op: "delete", channel: state.selected, seq }, (r) => {
-    if (r.op === "error") showError(`delete: ${r.code}: ${r.message}`);
-  });
+  state.client.delete(state.selected, seq).catch((err) => showError(`delete: ${err.code}: ${err.message}`));
 }
 
 function sendMessage() {
   const box = $("#composer");
   const text = box.value;
-  if (!text.trim() || !state.selected) return;
+  if (!text.trim() || !state.selected || !state.client) return;
   const channel = state.selected;
-  const cmid = randomId();
+  // The id is chosen here so the pending line can be matched to its event; the SDK keeps the
+  // send in its outbox and retries it with this same id until the server acks it.
+  const clientMsgId = newClientMsgId();
   const pend = el(
     "li",
-    { class: "msg mine pending", dataset: { cmid } },
+    { class: "msg mine pending", dataset: { cmid: clientMsgId } },
     el("div", { class: "meta" }, el("span", { class: "author", text: state.me }), el("span", { class: "muted", text: "sending…" })),
     el("span", { class: "text", text })
   );
   $("#messages").append(pend);
   $("#scroller").scrollTop = $("#scroller").scrollHeight;
-  const id = send({ op: "send", channel, text, client_msg_id: cmid }, (r) => {
-    if (r.op === "error") {
-      pend.classList.add("failed");
-      pend.querySelector(".meta .muted").textContent = `not sent: ${r.code}`;
-      return showError(`send: ${r.code}: ${r.message}`);
-    }
-    // The message event normally replaces the pending line; if the ack wins the race, the
-    // line stays until the event arrives, marked as delivered.
-    pend.querySelector(".meta .muted").textContent = "";
-    if (pend.isConnected && findSeq(r.seq)) pend.remove();
-  });
-  if (id == null) {
-    pend.classList.add("failed");
-    pend.querySelector(".meta .muted").textContent = "not sent: offline";
-    return;
-  }
   box.value = "";
-  state.lastTypingSent = 0;
+  state.client
+    .send(channel, text, { clientMsgId })
+    .then((ack) => {
+      // The message event normally replaces the pending line; if the ack wins the race, the
+      // line stays until the event arrives, marked as delivered.
+      pend.querySelector(".meta .muted").textContent = "";
+      if (pend.isConnected && findSeq(ack.seq)) pend.remove();
+    })
+    .catch((err) => {
+      pend.classList.add("failed");
+      pend.querySelector(".meta .muted").textContent = `not sent: ${err.code}`;
+      showError(`send: ${err.code}: ${err.message}`);
+    });
 }
 
 // ---------- typing ----------
 
 function onComposerInput() {
-  const now = Date.now();
-  if (!state.selected || !$("#composer").value || now - state.lastTypingSent < TYPING_SEND_MS) return;
-  state.lastTypingSent = now;
-  send({ op: "typing", channel: state.selected });
+  // The SDK throttles typing frames per channel.
+  if (state.selected && state.client && $("#composer").value) state.client.typing(state.selected);
 }
 
 function showTyping(user) {
@@ -587,8 +503,7 @@ function clearTyping(user) {
 
 function renderTyping() {
   const users = [...state.typers.keys()];
-  $("#typing").textContent =
-    users.length === 0 ? "" : users.length === 1 ? `${users[0]} is typing…` : `${users.join(", ")} are typing…`;
+  $("#typing").textContent = users.length === 0 ? "" : users.length === 1 ? `${users[0]} is typing…` : `${users.join(", ")} are typing…`;
 }
 
 // ---------- members and presence ----------
@@ -606,20 +521,21 @@ async function loadMembers(channel) {
 }
 
 function subscribePresence() {
+  if (!state.client) return;
+  // The SDK subscribes this set again after every reconnect.
   const users = [...new Set([...state.members, ...state.authors])].slice(0, 500);
-  send({ op: "presence_sub", users }, (r) => {
-    if (r.op === "error") return showError(`presence: ${r.code}: ${r.message}`);
-    for (const [u, s] of Object.entries(r.users)) state.presence.set(u, s);
-    renderPresence();
-  });
+  state.client
+    .subscribePresence(users)
+    .then(renderPresence)
+    .catch((err) => showError(`presence: ${err.code}: ${err.message}`));
 }
 
 function renderPresence() {
   const list = $("#members");
   list.replaceChildren();
-  const sorted = [...state.members].sort();
-  for (const u of sorted) {
-    const status = state.presence.get(u) === "online" ? "online" : "offline";
+  const presence = state.client ? state.client.presence : new Map();
+  for (const u of [...state.members].sort()) {
+    const status = presence.get(u) === "online" ? "online" : "offline";
     list.append(
       el(
         "li",
@@ -632,7 +548,7 @@ function renderPresence() {
     );
   }
   document.querySelectorAll("#messages [data-presence-of]").forEach((dot) => {
-    dot.classList.toggle("online", state.presence.get(dot.dataset.presenceOf) === "online");
+    dot.classList.toggle("online", presence.get(dot.dataset.presenceOf) === "online");
   });
 }
 
@@ -650,6 +566,14 @@ function init() {
   const params = new URLSearchParams(location.search);
   if (params.get("user")) $("#user").value = params.get("user");
   if (params.get("workspace")) $("#workspace").value = params.get("workspace");
+  // `#token=<jwt>`: a page served by a production gateway logs in with the user's own token,
+  // never the admin token. The fragment never reaches a server; it is taken off the address bar.
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const fromFragment = fragment.get("token");
+  if (fromFragment) {
+    $("#token").value = fromFragment;
+    history.replaceState(null, "", location.pathname + location.search);
+  }
 
   $("#login").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -657,7 +581,10 @@ function init() {
   });
   $("#disconnect").addEventListener("click", disconnect);
   document.querySelectorAll("[data-quick-user]").forEach((b) =>
-    b.addEventListener("click", () => ($("#user").value = b.dataset.quickUser))
+    b.addEventListener("click", () => {
+      $("#user").value = b.dataset.quickUser;
+      $("#token").value = "";
+    })
   );
   $("#compose").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -697,6 +624,7 @@ function init() {
     if (user) openDm(user).then(() => e.target.reset());
   });
   document.addEventListener("visibilitychange", markRead);
+  if (fromFragment) connect();
 }
 
 init();
