@@ -16,7 +16,9 @@ use confab_gateway::auth::TokenKeys;
 use confab_gateway::socket::{FrameDecoder, Incoming};
 use confab_shared::client::{parse_frame, validate, ClientFrame, ClientRequest, RequestId};
 use confab_shared::limits;
-use confab_shared::link::{self, LinkHello, LinkWelcome, ToCell, ToGateway};
+use confab_shared::link::{
+    self, LinkAuth, LinkChallenge, LinkHello, LinkWelcome, Reassembler, ToCell, ToGateway,
+};
 use confab_shared::{UserId, WorkspaceId};
 use serde::Serialize;
 
@@ -107,9 +109,33 @@ pub fn link_decode(data: &[u8]) {
     round_trip::<ToCell>(data);
     round_trip::<ToGateway>(data);
     round_trip::<LinkHello>(data);
+    round_trip::<LinkChallenge>(data);
+    round_trip::<LinkAuth>(data);
     round_trip::<LinkWelcome>(data);
     batch_round_trip::<ToCell>(data);
     batch_round_trip::<ToGateway>(data);
+    reassemble(data);
+}
+
+/// Bound of one reassembled message in [`reassemble`]: small, so fragments reach it.
+const FUZZ_MAX_MESSAGE: usize = 256;
+
+/// The link's frame reassembly on arbitrary frames: `data` is cut into frames, each led by a
+/// length byte. Whatever the frames, the reassembler errs or yields messages, and never holds
+/// more than its bound of one unfinished message.
+fn reassemble(mut data: &[u8]) {
+    let mut to_cell = Reassembler::new(FUZZ_MAX_MESSAGE);
+    let mut to_gateway = Reassembler::new(FUZZ_MAX_MESSAGE);
+    while let Some((&len, rest)) = data.split_first() {
+        let (frame, after) = rest.split_at(usize::from(len).min(rest.len()));
+        data = after;
+        if let Ok(messages) = to_cell.push::<ToCell>(frame) {
+            for message in messages {
+                assert!(link::encode(&message).len() <= FUZZ_MAX_MESSAGE.max(frame.len()));
+            }
+        }
+        let _ = to_gateway.push::<ToGateway>(frame);
+    }
 }
 
 fn round_trip<T>(data: &[u8])

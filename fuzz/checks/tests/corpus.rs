@@ -15,7 +15,8 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use confab_fuzz_checks as checks;
 use confab_shared::link::{
-    self, Attach, Caller, CellError, CellOp, CellReply, Frame, LinkHello, ToCell, ToGateway,
+    self, Attach, Caller, CellError, CellOp, CellReply, Frame, LinkAuth, LinkChallenge, LinkHello,
+    ToCell, ToGateway,
 };
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::{ChannelId, CloseCode, ErrorCode, SessionId, UserId, WorkspaceId};
@@ -218,9 +219,18 @@ fn link_seeds() -> Vec<(&'static str, Vec<u8>)> {
             "hello",
             link::encode(&LinkHello {
                 gateway: "g1".into(),
-                secret: Some("s".into()),
+                nonce: [7; 32],
             }),
         ),
+        (
+            "challenge",
+            link::encode(&LinkChallenge {
+                cell: "c1".parse().unwrap_or_else(|e| panic!("{e}")),
+                nonce: [9; 32],
+                proof: Some([3; 32]),
+            }),
+        ),
+        ("auth", link::encode(&LinkAuth { proof: None })),
     ]
 }
 
