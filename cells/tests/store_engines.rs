@@ -1487,6 +1487,43 @@ async fn fails_fast<T: std::fmt::Debug>(
 }
 
 #[tokio::test]
+async fn redis_store_ignores_a_private_channels_name_claimed_by_an_earlier_version() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).unwrap();
+    with_channel(&store).await;
+    let w = ws("w");
+    store
+        .create_channel(&w, &channel("p", "secret", ChannelKind::Private))
+        .await
+        .unwrap();
+    // Earlier versions claimed private names too, in the same hash as public ones.
+    let mut conn = ::redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("HSET")
+        .arg("confab:cs:w:names")
+        .arg("secret")
+        .arg("p")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .create_channel(&w, &channel("q", "secret", ChannelKind::Public))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+    assert_eq!(
+        store
+            .create_channel(&w, &channel("r", "secret", ChannelKind::Public))
+            .await,
+        Ok(CreateOutcome::NameTaken)
+    );
+}
+
+#[tokio::test]
 async fn redis_calls_fail_fast_while_redis_is_down_and_work_again_after_restart() {
     let mut server = RedisServer::start_durable();
     let store = RedisStore::connect(&server.url()).unwrap();

@@ -111,7 +111,10 @@ if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
 elseif ARGV[4] ~= 'dm' then
   local public = ARGV[4] == 'public'
-  if public and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return {'name_taken'} end
+  -- A name held by a channel that is not public is a private channel's claim from before
+  -- private names stopped claiming anything: it takes nothing.
+  local holder = public and redis.call('HGET', KEYS[2], ARGV[3])
+  if holder and redis.call('SISMEMBER', KEYS[4], holder) == 1 then return {'name_taken'} end
   if ARGV[6] ~= '' and tonumber(redis.call('GET', KEYS[6]) or '0') >= tonumber(ARGV[6]) then
     return {'too_many_channels'}
   end
