@@ -427,3 +427,73 @@ async fn ctl_lists_cells_creates_workspaces_and_mints_tokens() {
     let (ok, out, _) = ctl(&["cell", "drain", "c1"]);
     assert!(ok && out.contains("draining"), "{out}");
 }
+
+#[tokio::test]
+async fn users_are_online_again_after_the_directory_redis_was_down_longer_than_the_ttl() {
+    let mut cluster = Cluster::new()
+        .cell("c1", "us-east")
+        .gateways(2)
+        .presence_ttl_ms(1500)
+        .durable_directory()
+        .start()
+        .await;
+    cluster.create_workspace("acme", "us-east").await;
+    let (alice_token, bob_token) = (
+        cluster.token("acme", "alice").await,
+        cluster.token("acme", "bob").await,
+    );
+    let mut bob = Client::connect(&cluster.gateway(1).ws_url(), &bob_token, None).await;
+    let reply = bob
+        .request(json!({"op": "presence_sub", "users": ["alice"]}))
+        .await;
+    assert_eq!(reply["users"], json!({"alice": "offline"}));
+    let _alice = Client::connect(&cluster.gateway(0).ws_url(), &alice_token, None).await;
+    let event = bob.next_event("presence").await;
+    assert_eq!(event["status"], "online", "{event}");
+
+    // The directory Redis is down for twice the TTL: alice's session expires in it, and
+    // whoever sweeps first when it is back announces her offline.
+    cluster.directory.kill();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    cluster.directory.restart();
+
+    // Alice's gateway still holds her session: she is online again, for GET and for bob.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = cluster
+            .api(1, &bob_token, Method::GET, "/v1/presence?users=alice", None)
+            .await;
+        if status == 200 && body["users"]["alice"] == "online" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice never came back online: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A sweep runs every 5 s: past the next one, bob's last word on alice is `online`.
+    let mut last = None;
+    let quiet_until = Instant::now() + Duration::from_secs(7);
+    loop {
+        let left = quiet_until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match bob.read(left).await {
+            Incoming::Frame(frame) if frame["type"] == "presence" => {
+                last = Some(frame["status"].clone());
+            }
+            Incoming::Frame(_) => {}
+            Incoming::Timeout => break,
+            other => panic!("bob's session ended: {other:?}"),
+        }
+    }
+    if let Some(last) = last {
+        assert_eq!(last, "online", "bob was last told alice is {last}");
+    }
+    let (status, body) = cluster
+        .api(1, &bob_token, Method::GET, "/v1/presence?users=alice", None)
+        .await;
+    assert_eq!((status, &body["users"]), (200, &json!({"alice": "online"})));
+}

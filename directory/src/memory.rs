@@ -170,6 +170,8 @@ impl Directory for MemoryDirectory {
 pub struct MemoryPresence {
     sessions: Mutex<HashMap<(WorkspaceId, UserId), HashSet<SessionId>>>,
     changes: broadcast::Sender<PresenceChange>,
+    /// Never moves: the in-process change stream cannot miss a change.
+    resets: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for MemoryPresence {
@@ -183,6 +185,7 @@ impl MemoryPresence {
         MemoryPresence {
             sessions: Mutex::new(HashMap::new()),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
+            resets: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -258,6 +261,10 @@ impl PresenceStore for MemoryPresence {
 
     fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
         self.changes.subscribe()
+    }
+
+    fn resets(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.resets.subscribe()
     }
 }
 

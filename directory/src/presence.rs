@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use confab_shared::server::Status;
 use confab_shared::{SessionId, UserId, WorkspaceId};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::EngineError;
 
@@ -36,7 +36,8 @@ pub trait PresenceStore: Send + Sync + 'static {
         gateway: &str,
         session: &PresenceSession,
     ) -> Result<(), EngineError>;
-    /// The gateway is alive and still holds `sessions`: extend their lifetime.
+    /// The gateway is alive and still holds `sessions`: extend their lifetime, adding back any
+    /// that expired meanwhile (a user that was announced offline is announced online again).
     async fn refresh(&self, gateway: &str, sessions: &[PresenceSession])
         -> Result<(), EngineError>;
     /// The statuses of `users` of `workspace`, in the given order.
@@ -47,4 +48,8 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> Result<Vec<Status>, EngineError>;
     /// Status changes from now on, for every workspace.
     fn subscribe(&self) -> broadcast::Receiver<PresenceChange>;
+    /// Moves each time the change stream (re)connects to where changes are published: changes
+    /// made while it was not connected never reach [`subscribe`](Self::subscribe), so a
+    /// subscriber re-reads the statuses it shows when this moves.
+    fn resets(&self) -> watch::Receiver<u64>;
 }

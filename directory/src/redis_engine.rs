@@ -7,7 +7,8 @@
 //!   being refreshed and expire.
 //! - `presence:users`: sorted set of `{ws}/{user}` with at least one session, scored by the
 //!   latest expiry, so a sweep finds users whose sessions all expired and announces them
-//!   offline.
+//!   offline. A user is in it exactly while announced online: a refresh that finds its user
+//!   missing (swept during an outage longer than the TTL) announces it online again.
 //! - `cells` (set of ids) and `cell:{id}` (hash: region, url, draining, heartbeat, connections).
 //! - `ws:{id}`: a workspace's record (JSON); `cellws`: workspaces per cell (hash).
 //! - Pub/sub channels `presence` and `directory` carry changes to every process.
@@ -27,7 +28,7 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::directory::{
     CellLoad, CellRecord, CellRegistration, CreateWorkspaceError, Directory, DirectoryChange,
@@ -40,6 +41,13 @@ use crate::EngineError;
 pub const SESSION_TTL: Duration = Duration::from_secs(30);
 /// How often each process sweeps for users whose sessions all expired.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Users expired in one sweep script (one Redis round trip); a sweep runs batches until none
+/// is left, so a dead gateway's sessions expire within one sweep at any size.
+const SWEEP_BATCH: usize = 1000;
+/// Most batches in one sweep (a million users); the next sweep goes on from there.
+const SWEEP_MAX_BATCHES: usize = 1000;
+/// Sessions refreshed in one refresh script.
+const REFRESH_BATCH: usize = 1000;
 const PRESENCE_CHANNEL: &str = "confab:presence";
 const DIRECTORY_CHANNEL: &str = "confab:directory";
 const USERS_KEY: &str = "confab:presence:users";
@@ -62,16 +70,22 @@ pub fn connect(url: &str) -> Result<ConnectionManager, EngineError> {
     ConnectionManager::new_lazy_with_config(client, config).map_err(engine_error)
 }
 
-/// Forwards the messages of a pub/sub channel into `sink`, reconnecting forever.
-fn spawn_subscriber<T, F>(url: String, channel: &'static str, sink: broadcast::Sender<T>, parse: F)
-where
+/// Forwards the messages of a pub/sub channel into `sink`, reconnecting forever; `connected`,
+/// if given, counts the subscriptions made (messages published in between were never received).
+fn spawn_subscriber<T, F>(
+    url: String,
+    channel: &'static str,
+    sink: broadcast::Sender<T>,
+    connected: Option<watch::Sender<u64>>,
+    parse: F,
+) where
     T: Clone + Send + 'static,
     F: Fn(&[u8]) -> Option<T> + Send + Sync + 'static,
 {
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         loop {
-            match subscribe_once(&url, channel, &sink, &parse).await {
+            match subscribe_once(&url, channel, &sink, connected.as_ref(), &parse).await {
                 Ok(()) => delay = Duration::from_millis(100),
                 Err(e) => tracing::warn!(channel, error = %e, "redis subscription lost"),
             }
@@ -85,6 +99,7 @@ async fn subscribe_once<T, F>(
     url: &str,
     channel: &str,
     sink: &broadcast::Sender<T>,
+    connected: Option<&watch::Sender<u64>>,
     parse: &F,
 ) -> Result<(), redis::RedisError>
 where
@@ -93,6 +108,9 @@ where
     let client = redis::Client::open(url)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channel).await?;
+    if let Some(connected) = connected {
+        connected.send_modify(|n| *n += 1);
+    }
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {
         if let Some(change) = parse(message.get_payload_bytes()) {
@@ -140,13 +158,60 @@ end
 return count
 ";
 
+/// Extends the lifetime of a batch of sessions (KEYS[2..]: their users' keys; ARGV: expiry,
+/// channel, now, then session, member and `online` payload per key), adding back what
+/// expired. A user that counted as offline — not in the users set (swept offline, or lost with
+/// Redis), or with every session expired (which `statuses` already reads as offline) — is
+/// announced online again.
+const REFRESH: &str = r"
+local expiry = tonumber(ARGV[1])
+local announced = 0
+for i = 2, #KEYS do
+  local base = 3 * (i - 2) + 3
+  local live = redis.call('ZCOUNT', KEYS[i], ARGV[3], '+inf')
+  redis.call('ZADD', KEYS[i], expiry, ARGV[base + 1])
+  redis.call('PEXPIREAT', KEYS[i], expiry + 60000)
+  local added = redis.call('ZADD', KEYS[1], 'GT', expiry, ARGV[base + 2])
+  if added == 1 or live == 0 then
+    redis.call('PUBLISH', ARGV[2], ARGV[base + 3])
+    announced = announced + 1
+  end
+end
+return announced
+";
+
+/// Expires a batch of users (KEYS[2..]: their keys; ARGV: now, channel, then member and
+/// `offline` payload per key): as [`SESSION_DOWN`] without a session, for each.
+const SWEEP: &str = r"
+local announced = 0
+for i = 2, #KEYS do
+  local base = 2 * (i - 2) + 2
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+  if redis.call('ZCARD', KEYS[i]) == 0 then
+    redis.call('DEL', KEYS[i])
+    if redis.call('ZREM', KEYS[1], ARGV[base + 1]) == 1 then
+      redis.call('PUBLISH', ARGV[2], ARGV[base + 2])
+      announced = announced + 1
+    end
+  else
+    local top = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
+    redis.call('ZADD', KEYS[1], top[2], ARGV[base + 1])
+  end
+end
+return announced
+";
+
 /// The Redis presence engine.
 pub struct RedisPresence {
     conn: ConnectionManager,
     ttl_ms: u64,
     changes: broadcast::Sender<PresenceChange>,
+    /// Counts the change subscriber's (re)connections.
+    resets: watch::Sender<u64>,
     up: Script,
     down: Script,
+    refresh: Script,
+    sweep: Script,
 }
 
 fn user_member(workspace: &WorkspaceId, user: &UserId) -> String {
@@ -166,21 +231,32 @@ impl RedisPresence {
     /// As [`start`](Self::start), with sessions expiring `ttl` after their last refresh.
     pub fn start_with_ttl(url: &str, ttl: Duration) -> Result<Arc<RedisPresence>, EngineError> {
         let (changes, _) = broadcast::channel(4096);
+        let (resets, _) = watch::channel(0);
         let presence = Arc::new(RedisPresence {
             conn: connect(url)?,
             ttl_ms: ttl.as_millis() as u64,
             changes: changes.clone(),
+            resets: resets.clone(),
             up: Script::new(SESSION_UP),
             down: Script::new(SESSION_DOWN),
+            refresh: Script::new(REFRESH),
+            sweep: Script::new(SWEEP),
         });
-        spawn_subscriber(url.to_string(), PRESENCE_CHANNEL, changes, |bytes| {
-            let wire: PresenceWire = serde_json::from_slice(bytes).ok()?;
-            Some(PresenceChange {
-                workspace: wire.workspace,
-                user: wire.user,
-                status: wire.status,
-            })
-        });
+        let connected = Some(resets);
+        spawn_subscriber(
+            url.to_string(),
+            PRESENCE_CHANNEL,
+            changes,
+            connected,
+            |bytes| {
+                let wire: PresenceWire = serde_json::from_slice(bytes).ok()?;
+                Some(PresenceChange {
+                    workspace: wire.workspace,
+                    user: wire.user,
+                    status: wire.status,
+                })
+            },
+        );
         let sweeper = Arc::clone(&presence);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -203,36 +279,52 @@ impl RedisPresence {
         .unwrap_or_default()
     }
 
-    /// Announces `offline` for users whose sessions all expired (their gateway died).
-    pub async fn sweep(&self) -> Result<(), EngineError> {
-        let now = confab_shared::now_ms();
+    /// Announces `offline` for users whose sessions all expired (their gateway died), in
+    /// batches of one script each until none is left; returns how many it announced.
+    pub async fn sweep(&self) -> Result<usize, EngineError> {
         let mut conn = self.conn.clone();
-        let expired: Vec<String> = conn
-            .zrangebyscore_limit(USERS_KEY, "-inf", now, 0, 500)
-            .await
-            .map_err(engine_error)?;
-        for member in expired {
-            let Some((ws, user)) = member.split_once('/') else {
-                let _: Result<(), _> = conn.zrem(USERS_KEY, &member).await;
-                continue;
-            };
-            let (Ok(ws), Ok(user)) = (WorkspaceId::new(ws), UserId::new(user)) else {
-                let _: Result<(), _> = conn.zrem(USERS_KEY, &member).await;
-                continue;
-            };
-            self.down
-                .key(user_key(&member))
-                .key(USERS_KEY)
-                .arg("")
-                .arg(now)
-                .arg(&member)
-                .arg(PRESENCE_CHANNEL)
-                .arg(Self::payload(&ws, &user, Status::Offline))
-                .invoke_async::<i64>(&mut conn)
+        let mut announced = 0;
+        for _ in 0..SWEEP_MAX_BATCHES {
+            let now = confab_shared::now_ms();
+            let expired: Vec<String> = conn
+                .zrangebyscore_limit(USERS_KEY, "-inf", now, 0, SWEEP_BATCH as isize)
                 .await
                 .map_err(engine_error)?;
+            let mut batch = self.sweep.prepare_invoke();
+            batch.key(USERS_KEY).arg(now).arg(PRESENCE_CHANNEL);
+            let mut users = 0;
+            let mut malformed = Vec::new();
+            for member in &expired {
+                let parsed = member.split_once('/').and_then(|(ws, user)| {
+                    Some((WorkspaceId::new(ws).ok()?, UserId::new(user).ok()?))
+                });
+                let Some((ws, user)) = parsed else {
+                    malformed.push(member.as_str());
+                    continue;
+                };
+                batch.key(user_key(member)).arg(member).arg(Self::payload(
+                    &ws,
+                    &user,
+                    Status::Offline,
+                ));
+                users += 1;
+            }
+            if !malformed.is_empty() {
+                conn.zrem::<_, _, ()>(USERS_KEY, &malformed)
+                    .await
+                    .map_err(engine_error)?;
+            }
+            if users > 0 {
+                announced += batch
+                    .invoke_async::<usize>(&mut conn)
+                    .await
+                    .map_err(engine_error)?;
+            }
+            if expired.len() < SWEEP_BATCH {
+                break;
+            }
         }
-        Ok(())
+        Ok(announced)
     }
 }
 
@@ -277,26 +369,26 @@ impl PresenceStore for RedisPresence {
         _gateway: &str,
         sessions: &[PresenceSession],
     ) -> Result<(), EngineError> {
-        let expiry = confab_shared::now_ms() + self.ttl_ms;
-        // One pipeline per batch: a refresh is a few round trips, not one per session.
-        for batch in sessions.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for s in batch {
+        let now = confab_shared::now_ms();
+        let expiry = now + self.ttl_ms;
+        // One script per batch: a refresh is a few round trips, not one per session.
+        for chunk in sessions.chunks(REFRESH_BATCH) {
+            let mut batch = self.refresh.prepare_invoke();
+            batch
+                .key(USERS_KEY)
+                .arg(expiry)
+                .arg(PRESENCE_CHANNEL)
+                .arg(now);
+            for s in chunk {
                 let member = user_member(&s.workspace, &s.user);
-                let key = user_key(&member);
-                pipe.zadd(&key, s.session.as_str(), expiry).ignore();
-                pipe.cmd("PEXPIREAT")
-                    .arg(&key)
-                    .arg(expiry + 60_000)
-                    .ignore();
-                pipe.cmd("ZADD")
-                    .arg(USERS_KEY)
-                    .arg("GT")
-                    .arg(expiry)
+                batch
+                    .key(user_key(&member))
+                    .arg(s.session.as_str())
                     .arg(&member)
-                    .ignore();
+                    .arg(Self::payload(&s.workspace, &s.user, Status::Online));
             }
-            pipe.query_async::<()>(&mut self.conn.clone())
+            batch
+                .invoke_async::<usize>(&mut self.conn.clone())
                 .await
                 .map_err(engine_error)?;
         }
@@ -334,6 +426,10 @@ impl PresenceStore for RedisPresence {
 
     fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
         self.changes.subscribe()
+    }
+
+    fn resets(&self) -> watch::Receiver<u64> {
+        self.resets.subscribe()
     }
 }
 
@@ -390,7 +486,7 @@ impl RedisDirectory {
             changes: changes.clone(),
             move_script: Script::new(MOVE_WORKSPACE),
         });
-        spawn_subscriber(url.to_string(), DIRECTORY_CHANNEL, changes, |bytes| {
+        spawn_subscriber(url.to_string(), DIRECTORY_CHANNEL, changes, None, |bytes| {
             Some(match serde_json::from_slice(bytes).ok()? {
                 DirectoryWire::Moved { workspace, cell } => {
                     DirectoryChange::WorkspaceMoved { workspace, cell }

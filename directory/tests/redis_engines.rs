@@ -11,6 +11,7 @@ use confab_directory::{
 use confab_shared::server::Status;
 use confab_shared::{CellId, SessionId, UserId, WorkspaceId};
 use confab_testkit::RedisServer;
+use futures_util::StreamExt;
 use tokio::sync::broadcast;
 
 fn session(ws: &str, user: &str, id: &str) -> PresenceSession {
@@ -239,4 +240,139 @@ async fn engines_answer_unavailable_quickly_while_redis_is_down_and_recover() {
         recovered,
         "the engine did not recover after redis came back"
     );
+}
+
+#[tokio::test]
+async fn a_refresh_after_the_users_sessions_were_swept_announces_it_online_again() {
+    let redis = RedisServer::start();
+    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
+    let mut changes = presence.subscribe();
+    wait_subscribed(&presence, &mut changes).await;
+
+    let s = session("w", "erin", "s1");
+    presence.session_up("g", &s).await.unwrap();
+    assert_eq!(next_change(&mut changes).await.status, Status::Online);
+    // The gateway cannot reach Redis for longer than the TTL: another process sweeps.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    presence.sweep().await.unwrap();
+    assert_eq!(next_change(&mut changes).await.status, Status::Offline);
+    // The gateway is back and refreshes its session: erin is online, and announced so.
+    presence
+        .refresh("g", std::slice::from_ref(&s))
+        .await
+        .unwrap();
+    let change = next_change(&mut changes).await;
+    assert_eq!(
+        (change.user.as_str(), change.status),
+        ("erin", Status::Online)
+    );
+    let statuses = presence
+        .statuses(&s.workspace, std::slice::from_ref(&s.user))
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec![Status::Online]);
+    // Further refreshes of a user that is online announce nothing.
+    presence
+        .refresh("g", std::slice::from_ref(&s))
+        .await
+        .unwrap();
+    presence.session_down("g", &s).await.unwrap();
+    assert_eq!(next_change(&mut changes).await.status, Status::Offline);
+}
+
+#[tokio::test]
+async fn a_refresh_of_a_user_whose_sessions_all_expired_announces_it_online_again() {
+    let redis = RedisServer::start();
+    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
+    let mut changes = presence.subscribe();
+    wait_subscribed(&presence, &mut changes).await;
+
+    let s = session("w", "fay", "s1");
+    presence.session_up("g", &s).await.unwrap();
+    assert_eq!(next_change(&mut changes).await.status, Status::Online);
+    // Expired but not swept yet: statuses already read fay as offline.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let statuses = presence
+        .statuses(&s.workspace, std::slice::from_ref(&s.user))
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec![Status::Offline]);
+    presence
+        .refresh("g", std::slice::from_ref(&s))
+        .await
+        .unwrap();
+    let change = next_change(&mut changes).await;
+    assert_eq!(
+        (change.user.as_str(), change.status),
+        ("fay", Status::Online)
+    );
+}
+
+#[tokio::test]
+async fn the_change_stream_reports_a_reset_when_it_reconnects_after_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let presence = RedisPresence::start(&redis.url()).unwrap();
+    let mut resets = presence.resets();
+    tokio::time::timeout(Duration::from_secs(10), resets.changed())
+        .await
+        .expect("the first subscription was not reported")
+        .unwrap();
+    redis.restart();
+    tokio::time::timeout(Duration::from_secs(20), resets.changed())
+        .await
+        .expect("the resubscription after the restart was not reported")
+        .unwrap();
+    assert!(*resets.borrow() >= 2);
+}
+
+#[tokio::test]
+async fn a_dead_gateways_twenty_thousand_sessions_all_go_offline_within_60_s() {
+    const SESSIONS: usize = 20_000;
+    let redis = RedisServer::start();
+    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_secs(5)).unwrap();
+    // Count the offline announcements on a subscription of the test's own.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("confab:presence").await.unwrap();
+    let offline = tokio::spawn(async move {
+        let mut messages = pubsub.on_message();
+        let mut offline = 0;
+        while offline < SESSIONS {
+            let Some(message) = messages.next().await else {
+                break;
+            };
+            let payload: serde_json::Value =
+                serde_json::from_slice(message.get_payload_bytes()).unwrap();
+            if payload["status"] == "offline" {
+                offline += 1;
+            }
+        }
+        offline
+    });
+
+    let sessions: Vec<PresenceSession> = (0..SESSIONS)
+        .map(|i| session("w", &format!("user{i}"), &format!("s{i}")))
+        .collect();
+    presence.refresh("dead-gateway", &sessions).await.unwrap();
+    let statuses = presence
+        .statuses(&sessions[0].workspace, &[sessions[0].user.clone()])
+        .await
+        .unwrap();
+    assert_eq!(statuses, vec![Status::Online]);
+    // The gateway dies: nobody refreshes them again. SPEC: gone within 60 s.
+    let started = std::time::Instant::now();
+    let announced = tokio::time::timeout(Duration::from_secs(60), offline)
+        .await
+        .unwrap_or_else(|_| panic!("not all {SESSIONS} users went offline within 60 s"))
+        .unwrap();
+    assert_eq!(announced, SESSIONS);
+    eprintln!(
+        "{SESSIONS} sessions offline {:.1} s after their last refresh (ttl 5 s)",
+        started.elapsed().as_secs_f64()
+    );
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let left: u64 = redis::AsyncCommands::zcard(&mut conn, "confab:presence:users")
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 }

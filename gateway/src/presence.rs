@@ -2,7 +2,7 @@
 //! engine's change stream: each change is encoded once and queued to every local session that
 //! subscribed to that user.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use confab_directory::{EngineError, PresenceChange, PresenceSession, PresenceStore};
@@ -10,9 +10,13 @@ use confab_shared::link::Frame;
 use confab_shared::server::{encode_event, Event, Status};
 use confab_shared::{SessionId, UserId, WorkspaceId};
 use dashmap::DashMap;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::metrics as m;
 use crate::sessions::SessionRegistry;
+
+/// Users whose statuses one resync reads at a time.
+const RESYNC_BATCH: usize = 1000;
 
 /// Local presence subscriptions.
 pub struct PresenceHub {
@@ -45,15 +49,73 @@ impl PresenceHub {
     }
 
     /// Forwards the engine's changes to watching sessions; runs until the stream ends.
+    ///
+    /// Changes can be missed: while the engine's stream reconnects (the presence Redis
+    /// restarted, say, and users were swept offline and then announced online again before it
+    /// was back), or when this task lags behind a burst (a dead gateway's users all going
+    /// offline at once). Either way the hub re-reads the status of every watched user and
+    /// tells the watchers, so what they show is right again.
     pub async fn follow_changes(self: Arc<Self>) {
         let mut changes = self.store.subscribe();
+        let mut resets = self.store.resets();
+        let mut resets_open = true;
         loop {
-            match changes.recv().await {
-                Ok(change) => self.announce(&change),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "presence changes lagged");
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(change) => self.announce(&change),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "presence changes lagged; re-reading statuses");
+                        self.resync().await;
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                reset = resets.changed(), if resets_open => {
+                    if reset.is_err() {
+                        resets_open = false;
+                        continue;
+                    }
+                    // What arrived before the reset is older than what the re-read returns.
+                    loop {
+                        match changes.try_recv() {
+                            Ok(change) => self.announce(&change),
+                            Err(TryRecvError::Lagged(_)) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    self.resync().await;
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+
+    /// Tells every watcher the current status of each user it watches (a status may repeat
+    /// one it was told already).
+    async fn resync(&self) {
+        let mut watched: HashMap<WorkspaceId, Vec<UserId>> = HashMap::new();
+        for entry in self.watchers.iter() {
+            let (workspace, user) = entry.key();
+            watched
+                .entry(workspace.clone())
+                .or_default()
+                .push(user.clone());
+        }
+        for (workspace, users) in watched {
+            for chunk in users.chunks(RESYNC_BATCH) {
+                let statuses = match self.store.statuses(&workspace, chunk).await {
+                    Ok(statuses) => statuses,
+                    Err(e) => {
+                        // The stream is down again: its next reset re-reads.
+                        tracing::warn!(error = %e, "presence resync failed");
+                        return;
+                    }
+                };
+                for (user, status) in chunk.iter().zip(statuses) {
+                    self.announce(&PresenceChange {
+                        workspace: workspace.clone(),
+                        user: user.clone(),
+                        status,
+                    });
+                }
             }
         }
     }

@@ -171,6 +171,21 @@ impl Gateway {
                 });
                 if let Err(e) = gateway.presence.refresh(&sessions).await {
                     tracing::warn!(error = %e, "presence refresh failed");
+                    continue;
+                }
+                // A session that closed while the refresh was under way may have been added
+                // back by it: take it out again (a second session_down announces nothing).
+                for session in &sessions {
+                    if gateway.sessions.get(&session.session).is_none() {
+                        if let Err(e) = gateway
+                            .presence
+                            .store()
+                            .session_down(&gateway.config.gateway_id, session)
+                            .await
+                        {
+                            tracing::warn!(error = %e, "presence session_down failed");
+                        }
+                    }
                 }
             }
         });

@@ -840,13 +840,13 @@ export class Client {
           break;
         }
         // Stop at the first live event buffered: from there on, live events are the truth.
-        const until = st.buffer.length ? st.buffer[0].seq : Infinity;
+        const until = minSeq(st.buffer);
         if (after + 1 >= until) break;
         const r = await this._request({ op: "history", channel, after, limit: HISTORY_MAX });
         let reached = false;
         for (const m of r.messages) {
           if (m.seq <= after) continue;
-          const stop = st.buffer.length ? st.buffer[0].seq : Infinity;
+          const stop = minSeq(st.buffer);
           if (m.seq >= stop) {
             reached = true;
             break;
@@ -867,7 +867,8 @@ export class Client {
     }
     st.busy = false;
     if (!this._seq.has(channel)) return;
-    const buffered = st.buffer.splice(0);
+    // Sorted: a reconnect during the catch-up replays events behind ones already held.
+    const buffered = st.buffer.splice(0).sort((a, b) => a.seq - b.seq);
     if (resync) this._dispatch({ op: "event", type: "resync_done", channel, complete });
     for (const e of buffered) {
       if (st.last != null && e.seq <= st.last) {
@@ -905,6 +906,12 @@ export class Client {
   _jitter(ms) {
     return Math.floor(ms / 2 + Math.random() * (ms / 2));
   }
+}
+
+function minSeq(events) {
+  let min = Infinity;
+  for (const e of events) if (e.seq < min) min = e.seq;
+  return min;
 }
 
 function now() {

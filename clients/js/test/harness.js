@@ -114,7 +114,9 @@ export async function startDev(extra = []) {
       if (m) resolveUrl(m[1].replace(/\/$/, ""));
     },
   });
-  const base = await Promise.race([got, exited(child).then(() => Promise.reject(new Error("confab dev exited"))), sleep(WAIT_MS).then(() => Promise.reject(new Error("confab dev did not print its URL")))]);
+  let timer;
+  const timeout = new Promise((_, fail) => (timer = setTimeout(() => fail(new Error("confab dev did not print its URL")), WAIT_MS)));
+  const base = await Promise.race([got, exited(child).then(() => Promise.reject(new Error("confab dev exited"))), timeout]).finally(() => clearTimeout(timer));
   await waitHttp(`${base}/readyz`);
   return new Deployment([base], { stop: () => kill9(child) });
 }

@@ -157,6 +157,7 @@ pub struct Cluster {
     gateways: usize,
     presence_ttl_ms: u64,
     retention: u64,
+    durable_directory: bool,
 }
 
 /// A running cluster.
@@ -174,6 +175,7 @@ impl Cluster {
             gateways: 1,
             presence_ttl_ms: 30_000,
             retention: 10_000,
+            durable_directory: false,
         }
     }
 
@@ -192,8 +194,18 @@ impl Cluster {
         self
     }
 
+    /// Runs the presence + directory Redis with `appendonly`, so a restart keeps its data.
+    pub fn durable_directory(mut self) -> Cluster {
+        self.durable_directory = true;
+        self
+    }
+
     pub async fn start(self) -> Running {
-        let directory = RedisServer::start();
+        let directory = if self.durable_directory {
+            RedisServer::start_durable()
+        } else {
+            RedisServer::start()
+        };
         let mut cells = Vec::new();
         for (id, region) in self.cells {
             let mut cell = CellProc {
