@@ -131,6 +131,13 @@ pub struct CellArgs {
     /// Events kept per channel for `resume` and `client_msg_id` de-duplication.
     #[arg(long, env = "CONFAB_RETENTION_EVENTS", default_value_t = limits::RETENTION_EVENTS)]
     pub retention_events: u64,
+    /// How the store fsyncs, as the operator states it. Unset (the default): the store must be
+    /// verified (`CONFIG GET`) to run `appendonly yes` with `appendfsync always`, else the cell
+    /// refuses to start. `always`: the same, and where `CONFIG GET` is refused (managed Redis)
+    /// the operator vouches for it. `everysec`: `appendfsync everysec` is accepted too, with up
+    /// to a second of acked events lost on a crash of the store.
+    #[arg(long, env = "CONFAB_STORE_FSYNC", value_enum)]
+    pub store_fsync: Option<crate::durability::StoreFsync>,
 }
 
 #[derive(Debug, Args)]
