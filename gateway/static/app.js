@@ -529,6 +529,13 @@ function requestDelete(seq) {
   });
 }
 
+// A send that answered `unavailable` may still have been stored (the store timed out after
+// the write), so it is retried with the same client_msg_id, which the server de-duplicates:
+// the retry gets the first ack instead of storing the message twice.
+const SEND_RETRY_FIRST_MS = 500;
+const SEND_RETRY_MAX_MS = 8000;
+const SEND_ATTEMPTS = 12;
+
 function sendMessage() {
   const box = $("#composer");
   const text = box.value;
@@ -543,24 +550,53 @@ function sendMessage() {
   );
   $("#messages").append(pend);
   $("#scroller").scrollTop = $("#scroller").scrollHeight;
-  const id = send({ op: "send", channel, text, client_msg_id: cmid }, (r) => {
+  trySend({
+    channel,
+    text,
+    cmid,
+    pend,
+    user: state.me,
+    workspace: state.workspace,
+    attempts: 0,
+    delayMs: SEND_RETRY_FIRST_MS,
+  });
+  box.value = "";
+  state.lastTypingSent = 0;
+}
+
+// One attempt of a send; `unavailable` (including a connection lost before the reply, or no
+// connection at all) schedules another with the same client_msg_id.
+function trySend(msg) {
+  const fail = (why) => {
+    msg.pend.classList.add("failed");
+    msg.pend.querySelector(".meta .muted").textContent = `not sent: ${why}`;
+  };
+  // A logout (or a login as someone else) ends the retries: never send as another user.
+  if (!state.wanted || state.me !== msg.user || state.workspace !== msg.workspace) return fail("offline");
+  const retry = (why) => {
+    if (msg.attempts >= SEND_ATTEMPTS) {
+      fail(why);
+      return showError(`send: ${why}`);
+    }
+    msg.pend.querySelector(".meta .muted").textContent = "sending… (retrying)";
+    const delay = msg.delayMs * (0.75 + Math.random() / 2);
+    msg.delayMs = Math.min(msg.delayMs * 2, SEND_RETRY_MAX_MS);
+    setTimeout(() => trySend(msg), delay);
+  };
+  const id = send({ op: "send", channel: msg.channel, text: msg.text, client_msg_id: msg.cmid }, (r) => {
     if (r.op === "error") {
-      pend.classList.add("failed");
-      pend.querySelector(".meta .muted").textContent = `not sent: ${r.code}`;
+      if (r.code === "unavailable") return retry(r.code);
+      fail(r.code);
       return showError(`send: ${r.code}: ${r.message}`);
     }
     // The message event normally replaces the pending line; if the ack wins the race, the
     // line stays until the event arrives, marked as delivered.
-    pend.querySelector(".meta .muted").textContent = "";
-    if (pend.isConnected && findSeq(r.seq)) pend.remove();
+    msg.pend.querySelector(".meta .muted").textContent = "";
+    if (msg.pend.isConnected && findSeq(r.seq)) msg.pend.remove();
   });
-  if (id == null) {
-    pend.classList.add("failed");
-    pend.querySelector(".meta .muted").textContent = "not sent: offline";
-    return;
-  }
-  box.value = "";
-  state.lastTypingSent = 0;
+  // Offline: wait for the reconnect without spending an attempt.
+  if (id == null) return retry("offline");
+  msg.attempts += 1;
 }
 
 // ---------- typing ----------
