@@ -212,3 +212,71 @@ async fn seqs_are_not_reused_after_the_store_lost_writes_and_sessions_resync() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn a_store_back_from_an_outage_with_lost_writes_is_caught_on_reload() {
+    let mut cluster = Cluster::new().cell("c1", "us-east").start().await;
+    cluster.create_workspace("acme", "us-east").await;
+    let token = cluster.token("acme", "alice").await;
+    let (status, body) = cluster
+        .api(
+            0,
+            &token,
+            Method::POST,
+            "/v1/channels",
+            Some(json!({"name": "room", "kind": "public"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let room = body["id"].as_str().unwrap().to_string();
+    let mut alice = Client::connect(&cluster.gateway(0).ws_url(), &token, None).await;
+    let mut highest = 0;
+    for i in 0..4 {
+        let ack = alice
+            .request(
+                json!({"op": "send", "channel": room, "text": format!("m{i}"),
+                            "client_msg_id": format!("m{i}")}),
+            )
+            .await;
+        highest = ack["seq"].as_u64().unwrap();
+    }
+
+    // The store goes away; a send fails and the channel must reload before its next op.
+    cluster.cells[0].store.kill();
+    let reply = alice
+        .request(json!({"op": "send", "channel": room, "text": "during",
+                        "client_msg_id": "during"}))
+        .await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    // It comes back without its last writes (an older copy, a lagging replica).
+    cluster.cells[0].store.restart();
+    let key = format!("confab:cs:acme:ch:{room}");
+    cluster.cells[0].store_cli(&["HSET", &key, "last_seq", "1"]);
+    cluster.cells[0].store_cli(&["ZREMRANGEBYSCORE", &format!("{key}:log"), "(1", "+inf"]);
+
+    // The retry (same client_msg_id) lands above every seq handed out; sessions resync.
+    let deadline = Instant::now() + WAIT;
+    let ack = loop {
+        let reply = alice
+            .request(json!({"op": "send", "channel": room, "text": "during",
+                            "client_msg_id": "during"}))
+            .await;
+        if reply["op"] == "ack" || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ack["seq"].as_u64(), Some(highest + 1), "{ack}");
+    assert_eq!(alice.next_event("resync").await["channel"], room.as_str());
+    let page = reqwest::get(format!("{}/metrics", cluster.cells[0].url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        counter(&page, "confab_store_regressions_total"),
+        1,
+        "{page}"
+    );
+}
