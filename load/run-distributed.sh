@@ -63,7 +63,8 @@ done
 export CONFAB_CLIENT_RATE=${CONFAB_CLIENT_RATE:-1000000}
 "$confab" cell --id c1 --region local --listen "127.0.0.1:$cell_port" \
     --advertise "http://127.0.0.1:$cell_port" --redis "redis://127.0.0.1:$store_port" \
-    --directory "redis://127.0.0.1:$dir_port" --cluster-secret "$cluster" >"$work/cell.log" 2>&1 &
+    --directory "redis://127.0.0.1:$dir_port" --cluster-secret "$cluster" \
+    --store-fsync everysec >"$work/cell.log" 2>&1 &
 pids+=($!)
 cell_pid=$!
 gateway_pids=()

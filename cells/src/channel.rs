@@ -7,6 +7,13 @@
 //! marks itself stale and reloads from the store before its next op, so a write whose outcome
 //! is unknown is neither reused nor skipped (if it landed, the reload delivers it late).
 //! Reads that need no ordering (history) run beside the queue with `ctx.spawn`.
+//!
+//! Seqs are never reused, even when the store loses writes (an async replica promoted, an
+//! append-only file truncated): the actor remembers the highest seq it handed out, and when the
+//! store's `last_seq` is found below it, raises the store's to it, continues above, counts the
+//! regression (`confab_store_regressions_total`) and tells the channel's sessions to `resync`.
+//! The mark is kept in memory (across actor restarts, in the registry), so a regression while
+//! the cell runs is caught; one that happens while the cell is down is not.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -58,6 +65,9 @@ enum Outcome {
         events: Vec<Event>,
         created_us: u64,
         invited: HashMap<UserId, u64>,
+        /// The store's `last_seq` when it was found below the events' predecessor (it lost
+        /// writes) and raised before the append.
+        regressed: Option<u64>,
     },
     /// A `send` whose `client_msg_id` was already used: the first ack again.
     Duplicate { seq: u64, ts: u64 },
@@ -75,13 +85,76 @@ async fn append_one(
     retention: u64,
     created_us: u64,
 ) -> Result<Outcome, StoreError> {
-    store.append(workspace, channel, &event, retention).await?;
+    let regressed = append_above(store, workspace, channel, &event, retention).await?;
     Ok(Outcome::Appended {
         events: vec![event],
         created_us,
         invited: HashMap::new(),
+        regressed,
     })
 }
+
+/// Appends `event` at the seq the actor assigned. When the store's `last_seq` is below the
+/// event's predecessor, the store lost writes the actor had committed (and clients had seen):
+/// the store's `last_seq` is raised first, so the event still lands above every seq handed
+/// out. Returns the `last_seq` the store had in that case.
+async fn append_above(
+    store: &dyn CellStore,
+    workspace: &WorkspaceId,
+    channel: &ChannelId,
+    event: &Event,
+    retention: u64,
+) -> Result<Option<u64>, StoreError> {
+    match store.append(workspace, channel, event, retention).await {
+        Ok(()) => Ok(None),
+        Err(StoreError::SeqConflict { expected, got, .. }) if expected < got => {
+            let found = expected - 1;
+            store
+                .raise_last_seq(workspace, channel, found, got - 1)
+                .await?;
+            store.append(workspace, channel, event, retention).await?;
+            Ok(Some(found))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`append_above`] for a batch of joins (`CellStore::append_joins`): when the store's
+/// `last_seq` is found below the first join's predecessor, it is raised first. Returns how
+/// many joins were appended and the `last_seq` the store had in that case.
+async fn append_joins_above(
+    store: &dyn CellStore,
+    workspace: &WorkspaceId,
+    channel: &ChannelId,
+    joins: &[Event],
+    retention: u64,
+    max_user_channels: u64,
+) -> Result<(usize, Option<u64>), StoreError> {
+    let first = joins.first().and_then(Event::seq);
+    match store
+        .append_joins(workspace, channel, joins, retention, max_user_channels)
+        .await
+    {
+        Ok(appended) => Ok((appended, None)),
+        Err(StoreError::SeqConflict { expected, got, .. })
+            if expected < got && Some(got) == first =>
+        {
+            let found = expected - 1;
+            store
+                .raise_last_seq(workspace, channel, found, got - 1)
+                .await?;
+            let appended = store
+                .append_joins(workspace, channel, joins, retention, max_user_channels)
+                .await?;
+            Ok((appended, Some(found)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a reload found: the snapshot, events that landed although their write was reported
+/// failed, and the store's `last_seq` if it was found below the highest seq handed out.
+type Loaded = (Option<ChannelSnapshot>, Vec<Event>, Option<u64>);
 
 /// The actor of one active channel.
 pub(crate) struct ChannelActor {
@@ -97,6 +170,9 @@ pub(crate) struct ChannelActor {
     typing: HashMap<UserId, Instant>,
     recent: VecDeque<(u64, Frame)>,
     last_op: Instant,
+    /// The highest seq this process handed out in the channel: the store's `last_seq` must
+    /// never be found below it (else it lost writes, and the actor continues above it).
+    high_water: u64,
     /// `confab_events_published_total`, registered once per actor instead of per event.
     published: metrics::Counter,
 }
@@ -113,6 +189,7 @@ impl Actor for ChannelActor {
 
 impl ChannelActor {
     pub(crate) fn new(reg: Arc<Registry>, workspace: WorkspaceId, id: ChannelId) -> Self {
+        let high_water = reg.high_water(&(workspace.clone(), id.clone()));
         ChannelActor {
             reg,
             workspace,
@@ -124,18 +201,28 @@ impl ChannelActor {
             typing: HashMap::new(),
             recent: VecDeque::new(),
             last_op: Instant::now(),
+            high_water,
             published: metrics::counter!("confab_events_published_total"),
         }
     }
 
     /// Loads the channel from the store. With a previous state, events the store has beyond
     /// it (a write reported failed that landed anyway) are committed now, so none is lost.
+    /// A store found below the highest seq handed out lost writes: its `last_seq` is raised
+    /// to that seq before the actor goes on.
     fn reload(&mut self) -> LocalBoxActorFuture<Self, ()> {
         let store = self.reg.store.clone();
         let (ws, id) = (self.workspace.clone(), self.id.clone());
         let known = self.state.as_ref().map(|s| s.last_seq);
+        let high = self.high_water.max(known.unwrap_or(0));
         let load = async move {
-            let snapshot = store.load_channel(&ws, &id).await?;
+            let mut snapshot = store.load_channel(&ws, &id).await?;
+            let mut regressed = None;
+            if let Some(s) = snapshot.as_mut().filter(|s| s.last_seq < high) {
+                store.raise_last_seq(&ws, &id, s.last_seq, high).await?;
+                regressed = Some(s.last_seq);
+                s.last_seq = high;
+            }
             let missed = match (&snapshot, known) {
                 (Some(s), Some(known)) if s.last_seq > known => {
                     let count = usize::try_from(s.last_seq - known).unwrap_or(usize::MAX);
@@ -143,20 +230,39 @@ impl ChannelActor {
                 }
                 _ => Vec::new(),
             };
-            Ok::<_, StoreError>((snapshot, missed))
+            Ok::<_, StoreError>((snapshot, missed, regressed))
         };
         load.into_actor(self)
             .map(|result, act, ctx| act.apply_load(result, ctx))
             .boxed_local()
     }
 
-    fn apply_load(
-        &mut self,
-        result: Result<(Option<ChannelSnapshot>, Vec<Event>), StoreError>,
-        ctx: &mut Context<Self>,
-    ) {
+    /// The store lost writes: seqs from `found + 1` up to the highest handed out are gone from
+    /// it, and clients saw them with content the store no longer has. Count it, say it, drop
+    /// the cached events (replays now come from the store, and find the gap) and tell every
+    /// subscribed session to resync.
+    fn regressed(&mut self, found: u64) {
+        metrics::counter!("confab_store_regressions_total").increment(1);
+        tracing::warn!(
+            workspace = %self.workspace,
+            channel = %self.id,
+            store_last_seq = found,
+            handed_out = self.high_water,
+            "the store lost writes; continuing above the highest seq handed out, sessions resync"
+        );
+        self.recent.clear();
+        let event = Event::Resync {
+            channel: self.id.clone(),
+        };
+        self.publish(&fanout::frame(&event, now_us()));
+    }
+
+    fn apply_load(&mut self, result: Result<Loaded, StoreError>, ctx: &mut Context<Self>) {
         match result {
-            Ok((Some(snapshot), missed)) => {
+            Ok((Some(snapshot), missed, regressed)) => {
+                if let Some(found) = regressed {
+                    self.regressed(found);
+                }
                 for event in missed {
                     tracing::warn!(channel = %self.id, seq = ?event.seq(), "delivering an event whose write was reported failed");
                     self.commit(event, now_us());
@@ -171,7 +277,7 @@ impl ChannelActor {
                 self.stale = false;
                 self.missing = false;
             }
-            Ok((None, _)) => {
+            Ok((None, _, _)) => {
                 self.state = None;
                 self.stale = false;
                 self.missing = true;
@@ -213,6 +319,8 @@ impl ChannelActor {
 
     fn stop(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(channel = %self.id, "channel actor stopping");
+        self.reg
+            .remember_high_water((self.workspace.clone(), self.id.clone()), self.high_water);
         self.reg
             .forget_channel(&(self.workspace.clone(), self.id.clone()), &ctx.address());
         ctx.stop();
@@ -270,6 +378,7 @@ impl ChannelActor {
             state.last_seq = seq;
             state.first_seq = state.first_seq.max((seq + 1).saturating_sub(retention));
         }
+        self.high_water = self.high_water.max(seq);
         if let Event::MemberJoined { user, .. } = &event {
             self.add_member(user);
         }
@@ -344,7 +453,11 @@ impl ChannelActor {
                 events,
                 created_us,
                 invited,
+                regressed,
             }) => {
+                if let Some(found) = regressed {
+                    self.regressed(found);
+                }
                 let mut last = None;
                 for event in events {
                     if let Event::MemberJoined { user, .. } = &event {
@@ -733,6 +846,7 @@ impl ChannelActor {
             let markers: HashMap<UserId, u64> = invited.into_iter().zip(markers).collect();
             let mut events = Vec::with_capacity(users.len());
             let mut left_out = None;
+            let mut regressed = None;
             let mut pending = users.as_slice();
             while !pending.is_empty() {
                 let first = next + events.len() as u64;
@@ -745,9 +859,16 @@ impl ChannelActor {
                         user: user.clone(),
                     })
                     .collect();
-                let appended = store
-                    .append_joins(&ws, &channel, &batch, retention, max_channels as u64)
-                    .await?;
+                let (appended, found) = append_joins_above(
+                    &*store,
+                    &ws,
+                    &channel,
+                    &batch,
+                    retention,
+                    max_channels as u64,
+                )
+                .await?;
+                regressed = regressed.or(found);
                 events.extend(batch.into_iter().take(appended));
                 let Some(full) = pending.get(appended) else {
                     break;
@@ -763,6 +884,7 @@ impl ChannelActor {
                     events,
                     created_us,
                     invited: markers,
+                    regressed,
                 }),
             }
         }

@@ -102,6 +102,10 @@ pub(crate) struct Registry {
     users: DashMap<UserKey, Addr<UserActor>>,
     sessions: DashMap<SessionId, Arc<SessionEntry>>,
     user_sessions: DashMap<UserKey, Vec<Arc<SessionEntry>>>,
+    /// The highest seq this process handed out in each channel whose actor stopped, so that
+    /// the next actor of the channel still notices a store that lost writes (see
+    /// `ChannelActor::high_water`). One number per channel ever active in this process.
+    high_water: DashMap<ChannelKey, u64>,
     pub(crate) workspaces: AtomicU64,
     next_link: AtomicU64,
 }
@@ -120,8 +124,22 @@ impl Registry {
             users: DashMap::new(),
             sessions: DashMap::new(),
             user_sessions: DashMap::new(),
+            high_water: DashMap::new(),
             workspaces: AtomicU64::new(0),
             next_link: AtomicU64::new(1),
+        }
+    }
+
+    /// The highest seq handed out in the channel by an earlier actor of this process.
+    pub(crate) fn high_water(&self, key: &ChannelKey) -> u64 {
+        self.high_water.get(key).map_or(0, |seq| *seq)
+    }
+
+    /// Keeps a stopping channel actor's highest seq for the channel's next actor.
+    pub(crate) fn remember_high_water(&self, key: ChannelKey, seq: u64) {
+        if seq > 0 {
+            let mut entry = self.high_water.entry(key).or_insert(0);
+            *entry = (*entry).max(seq);
         }
     }
 

@@ -160,6 +160,18 @@ impl CellStore for FlakyStore {
         }
         Ok(appended)
     }
+    async fn raise_last_seq(
+        &self,
+        w: &WorkspaceId,
+        c: &ChannelId,
+        expected: u64,
+        to: u64,
+    ) -> StoreResult<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        self.inner.raise_last_seq(w, c, expected, to).await
+    }
     async fn events_after(
         &self,
         w: &WorkspaceId,

@@ -78,6 +78,7 @@ conformance!(
     public_channels_are_ordered_by_id_without_private_or_dm_channels,
     append_refuses_a_seq_that_is_not_the_next_one,
     append_to_a_missing_channel_is_no_such_channel,
+    raise_last_seq_moves_last_seq_up_from_the_expected_value_only,
     append_refuses_ephemeral_events_and_writes_nothing,
     concurrent_appends_of_the_same_seq_let_exactly_one_win,
     a_message_is_stored_as_sent_with_its_idempotency_key,
@@ -660,6 +661,38 @@ async fn append_refuses_a_seq_that_is_not_the_next_one(store: &dyn CellStore) {
     assert_eq!(store.user_channels(&w, &user("mallory")).await, Ok(vec![]));
     append(store, msg(3)).await;
     assert_eq!(snapshot(store, "c").await.last_seq, 3);
+}
+
+async fn raise_last_seq_moves_last_seq_up_from_the_expected_value_only(store: &dyn CellStore) {
+    with_channel(store).await;
+    let (w, c) = (ws("w"), ch("c"));
+    append(store, msg(1)).await;
+    append(store, msg(2)).await;
+    let conflict = |expected, got| {
+        Err(StoreError::SeqConflict {
+            channel: ch("c"),
+            expected,
+            got,
+        })
+    };
+    // Only from the current last_seq, and only upwards.
+    assert_eq!(store.raise_last_seq(&w, &c, 1, 9).await, conflict(3, 9));
+    assert_eq!(store.raise_last_seq(&w, &c, 2, 2).await, conflict(3, 2));
+    assert_eq!(store.raise_last_seq(&w, &c, 2, 1).await, conflict(3, 1));
+    assert_eq!(snapshot(store, "c").await.last_seq, 2);
+    assert_eq!(
+        store.raise_last_seq(&w, &ch("nope"), 0, 5).await,
+        Err(StoreError::NoSuchChannel(ch("nope")))
+    );
+    // After the raise the seqs between are never handed out: the next append is above them.
+    assert_eq!(store.raise_last_seq(&w, &c, 2, 9).await, Ok(()));
+    assert_eq!(snapshot(store, "c").await.last_seq, 9);
+    assert_eq!(store.append(&w, &c, &msg(3), 10).await, conflict(10, 3));
+    append(store, msg(10)).await;
+    assert_eq!(snapshot(store, "c").await.last_seq, 10);
+    assert_eq!(seqs_after(store, 2, 100).await, vec![10]);
+    // The messages before the gap are kept for history.
+    assert!(store.message(&w, &c, 2).await.unwrap().is_some());
 }
 
 async fn append_to_a_missing_channel_is_no_such_channel(store: &dyn CellStore) {
@@ -1467,6 +1500,49 @@ async fn redis_store_survives_a_restart_when_durable() {
     // The log continues where it was, and the append script is loaded again by itself.
     append(s, msg(7)).await;
     assert_eq!(snapshot(s, "c").await.last_seq, 7);
+}
+
+#[tokio::test]
+async fn a_store_claimed_by_a_newer_epoch_refuses_every_write_of_the_older_one() {
+    let server = RedisServer::start();
+    let old = RedisStore::connect(&server.url()).unwrap();
+    let new = RedisStore::connect(&server.url()).unwrap();
+    assert_eq!(old.fence_epoch().await, Ok(0));
+    old.claim(3).await.unwrap();
+    with_channel(&old).await;
+    append(&old, joined("c", 1, "alice")).await;
+    assert_eq!(old.fence_epoch().await, Ok(3));
+    // A claim must be newer than the epoch holding the store.
+    assert!(matches!(new.claim(3).await, Err(StoreError::Fenced(_))));
+    new.claim(4).await.unwrap();
+    let mut fenced = Box::pin(old.fenced());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut fenced)
+            .await
+            .is_err(),
+        "fenced before any refused write"
+    );
+    let (w, c, alice) = (ws("w"), ch("c"), user("alice"));
+    let refused = [
+        old.append(&w, &c, &msg(2), 10).await,
+        old.create_workspace(&ws("w2"), None).await.map(|_| ()),
+        old.create_channel(&w, &channel("d", "d", ChannelKind::Public))
+            .await
+            .map(|_| ()),
+        old.advance_read_marker(&w, &alice, &c, 1).await.map(|_| ()),
+        old.raise_last_seq(&w, &c, 1, 5).await,
+    ];
+    for result in refused {
+        assert!(matches!(result, Err(StoreError::Fenced(_))), "{result:?}");
+    }
+    tokio::time::timeout(Duration::from_secs(5), fenced)
+        .await
+        .expect("the older store announces that it is fenced");
+    // Nothing of the refused writes landed; the newer process writes on.
+    assert_eq!(snapshot(&new, "c").await.last_seq, 1);
+    assert_eq!(new.workspace_exists(&ws("w2")).await, Ok(false));
+    append(&new, msg(2)).await;
+    assert_eq!(snapshot(&new, "c").await.last_seq, 2);
 }
 
 /// Asserts that `call` fails with `Unavailable` well within [`FAIL_FAST`].

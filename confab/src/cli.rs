@@ -187,6 +187,13 @@ pub struct CellArgs {
     pub retention_events: u64,
     #[command(flatten)]
     pub cell_limits: CellLimitArgs,
+    /// How the store fsyncs, as the operator states it. Unset (the default): the store must be
+    /// verified (`CONFIG GET`) to run `appendonly yes` with `appendfsync always`, else the cell
+    /// refuses to start. `always`: the same, and where `CONFIG GET` is refused (managed Redis)
+    /// the operator vouches for it. `everysec`: `appendfsync everysec` is accepted too, with up
+    /// to a second of acked events lost on a crash of the store.
+    #[arg(long, env = "CONFAB_STORE_FSYNC", value_enum)]
+    pub store_fsync: Option<crate::durability::StoreFsync>,
 }
 
 #[derive(Debug, Args)]

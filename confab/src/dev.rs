@@ -48,13 +48,15 @@ async fn serve(
         Arc::new(MemoryStore::new()),
     );
     let directory: Arc<dyn Directory> = Arc::new(MemoryDirectory::new());
-    directory
-        .register_cell(
+    let claim = directory
+        .claim_cell(
             CellRegistration {
                 id: cell_id.clone(),
                 region: REGION.into(),
                 url: format!("inproc://{CELL_ID}"),
             },
+            "dev",
+            0,
             confab_shared::now_ms(),
         )
         .await?;
@@ -62,7 +64,7 @@ async fn serve(
     spawn_cell_heartbeat(
         cell.clone(),
         Arc::clone(&directory),
-        cell_id.clone(),
+        (cell_id.clone(), claim.epoch),
         shutdown.clone(),
     );
 
@@ -133,7 +135,7 @@ async fn seed_demo(gateway: &Arc<Gateway>, cell: &CellId) -> anyhow::Result<()> 
 fn spawn_cell_heartbeat(
     cell: Cell,
     directory: Arc<dyn Directory>,
-    id: CellId,
+    (id, epoch): (CellId, u64),
     shutdown: CancellationToken,
 ) {
     actix_rt::spawn(async move {
@@ -147,7 +149,7 @@ fn spawn_cell_heartbeat(
                 connections: cell.stats().connections,
             };
             if let Err(e) = directory
-                .heartbeat_cell(&id, load, confab_shared::now_ms())
+                .heartbeat_cell(&id, epoch, load, confab_shared::now_ms())
                 .await
             {
                 tracing::warn!(error = %e, "cell heartbeat failed");

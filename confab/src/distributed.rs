@@ -7,7 +7,9 @@ use std::time::Duration;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use anyhow::Context;
 use confab_cells::{Cell, RedisStore};
-use confab_directory::{CellLoad, CellRegistration, Directory, RedisDirectory, RedisPresence};
+use confab_directory::{
+    CellLoad, CellRegistration, CellTenure, Directory, RedisDirectory, RedisPresence,
+};
 use confab_gateway::{Gateway, GatewayConfig};
 use confab_shared::CellId;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +22,8 @@ use crate::link_ws::{link_route, LinkEndpoint, WsConnector};
 const CELL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Smallest `--link-max-frame-bytes` honoured: every handshake message fits in it.
 const MIN_LINK_FRAME: usize = 4096;
+/// How long a starting cell waits between attempts to reach its store or the directory.
+const STORE_WAIT: Duration = Duration::from_secs(1);
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let metrics = confab_gateway::metrics::install().context("installing metrics")?;
@@ -79,24 +83,33 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("invalid --id {:?}: {e}", args.id))?;
     actix_rt::System::new().block_on(async move {
+        // Nothing is served before the store is known to be durable and this process holds
+        // the cell id: an ack must mean "on disk", and only one process may write the store.
         let store = Arc::new(RedisStore::connect(&args.redis)?);
-        let cell = Cell::start(
-            args.cell_limits
-                .to_config(id.clone(), args.retention_events),
-            store.clone(),
-        );
+        check_store_durability(&store, args.store_fsync).await?;
         let directory = RedisDirectory::start(&args.directory)?;
-        let shutdown = CancellationToken::new();
         let registration = CellRegistration {
             id: id.clone(),
             region: args.region.clone(),
             url: args.advertise.clone(),
         };
+        let process = process_name();
+        let epoch = claim_cell_id(&directory, &store, &registration, &process).await?;
+        let holder = Holder { process, epoch };
+        let cell = Cell::start(
+            args.cell_limits
+                .to_config(id.clone(), args.retention_events),
+            store.clone(),
+        );
+        let shutdown = CancellationToken::new();
+        let superseded = CancellationToken::new();
         actix_rt::spawn(heartbeat(
             cell.clone(),
             Arc::clone(&directory),
             registration,
+            holder.clone(),
             shutdown.clone(),
+            superseded.clone(),
         ));
         let secret = args.cluster_secret.filter(|s| !s.is_empty());
         if secret.is_none() {
@@ -112,7 +125,7 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
             args.link_max_frame_bytes.max(MIN_LINK_FRAME),
         ));
         let http = web::Data::new(CellHttp {
-            store,
+            store: store.clone(),
             directory,
             metrics,
         });
@@ -131,27 +144,149 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
         .listen(listener)?
         .run();
         println!(
-            "confab cell {id} (region {}) listening on http://{addr}",
-            args.region
+            "confab cell {id} (region {}, epoch {}) listening on http://{addr}",
+            args.region, holder.epoch
         );
         let stopper = server.handle();
-        actix_rt::spawn(async move {
-            wait_for_signal(shutdown).await;
-            stopper.stop(true).await;
+        let fenced = store.fenced();
+        let stopping = actix_rt::spawn(async move {
+            let reason = tokio::select! {
+                () = wait_for_signal(shutdown) => None,
+                () = fenced => Some("a store write was refused: the store is claimed by a newer process"),
+                () = superseded.cancelled() => Some("the directory names a newer process for this cell id"),
+            };
+            // A fenced process stops at once: its links drop, and gateways reconnect to the
+            // process now registered for the cell and tell their sessions to resume (4010).
+            stopper.stop(reason.is_none()).await;
+            reason
         });
         server.await?;
+        if let Ok(Some(reason)) = stopping.await {
+            tracing::error!(cell = %id, epoch = holder.epoch, reason, "cell fenced, exiting");
+            anyhow::bail!("cell {id} (epoch {}) fenced: {reason}", holder.epoch);
+        }
         Ok(())
     })
 }
 
-/// Registers the cell (again after any failure, e.g. a directory restart) and heartbeats.
+/// This process as the directory records the holder of its cell id.
+#[derive(Debug, Clone)]
+struct Holder {
+    /// `pid N on HOST`, named in the warning of a process that starts while this one runs.
+    process: String,
+    /// The epoch this process claimed the id with.
+    epoch: u64,
+}
+
+fn process_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "an unknown host".into());
+    format!("pid {} on {host}", std::process::id())
+}
+
+/// Reads the store's persistence settings (waiting while the store is unreachable) and
+/// refuses to go on unless they are durable enough for what `--store-fsync` states.
+async fn check_store_durability(
+    store: &RedisStore,
+    stated: Option<crate::durability::StoreFsync>,
+) -> anyhow::Result<()> {
+    let persistence = loop {
+        match store.persistence().await {
+            Ok(persistence) => break persistence,
+            Err(e) => {
+                tracing::warn!(error = %e, "store unreachable; waiting for it before starting");
+                tokio::time::sleep(STORE_WAIT).await;
+            }
+        }
+    };
+    match crate::durability::check(&persistence, stated) {
+        Ok(accepted) => {
+            match accepted.warning {
+                Some(warning) => tracing::warn!(?persistence, "{warning}"),
+                None => tracing::info!(?persistence, "store is durable"),
+            }
+            Ok(())
+        }
+        Err(refusal) => anyhow::bail!("refusing to start: {refusal}"),
+    }
+}
+
+/// Claims the cell id: a new epoch in the directory, at least one above the epoch that holds
+/// the store (a directory that lost its data must not hand out an old epoch again), then the
+/// store's fence. Never waits for an earlier holder, so a restart after a crash serves at once;
+/// a holder still running is fenced by the claim.
+async fn claim_cell_id(
+    directory: &RedisDirectory,
+    store: &RedisStore,
+    registration: &CellRegistration,
+    process: &str,
+) -> anyhow::Result<u64> {
+    loop {
+        let floor = match store.fence_epoch().await {
+            Ok(held) => held + 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the store's fence yet");
+                tokio::time::sleep(STORE_WAIT).await;
+                continue;
+            }
+        };
+        let now = confab_shared::now_ms();
+        let claim = match directory
+            .claim_cell(registration.clone(), process, floor, now)
+            .await
+        {
+            Ok(claim) => claim,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim the cell id in the directory yet");
+                tokio::time::sleep(STORE_WAIT).await;
+                continue;
+            }
+        };
+        match store.claim(claim.epoch).await {
+            Ok(()) => {}
+            // A process that claimed after this one holds the store already: it is the cell.
+            Err(e @ confab_cells::StoreError::Fenced(_)) => {
+                anyhow::bail!("cell {} claimed by a newer process: {e}", registration.id)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim the store yet");
+                tokio::time::sleep(STORE_WAIT).await;
+                continue;
+            }
+        }
+        if let Some(previous) = claim.previous.filter(|p| {
+            now.saturating_sub(p.last_heartbeat_ms)
+                <= confab_directory::directory::CELL_DOWN_AFTER_MS
+        }) {
+            tracing::warn!(
+                cell = %registration.id,
+                holder = %previous.process,
+                url = %previous.url,
+                epoch = previous.epoch,
+                heartbeat_age_ms = now.saturating_sub(previous.last_heartbeat_ms),
+                "another process held this cell id recently and may still run; it is fenced \
+                 from now on and stops at its next write or heartbeat"
+            );
+        }
+        tracing::info!(cell = %registration.id, epoch = claim.epoch, "claimed the cell id");
+        return Ok(claim.epoch);
+    }
+}
+
+/// Heartbeats in the directory under this process's epoch (registering again if the
+/// directory lost the record); cancels `superseded` when a newer process claimed the id.
 async fn heartbeat(
     cell: Cell,
     directory: Arc<RedisDirectory>,
     registration: CellRegistration,
+    holder: Holder,
     shutdown: CancellationToken,
+    superseded: CancellationToken,
 ) {
-    let mut registered = false;
     let mut tick = tokio::time::interval(CELL_HEARTBEAT);
     loop {
         tokio::select! {
@@ -159,24 +294,29 @@ async fn heartbeat(
             _ = tick.tick() => {}
         }
         let now = confab_shared::now_ms();
-        if !registered {
-            match directory.register_cell(registration.clone(), now).await {
-                Ok(()) => {
-                    registered = true;
-                    tracing::info!(cell = %registration.id, "registered in the directory");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot register in the directory yet");
-                    continue;
-                }
-            }
-        }
         let load = CellLoad {
             connections: cell.stats().connections,
         };
-        if let Err(e) = directory.heartbeat_cell(&registration.id, load, now).await {
-            tracing::warn!(error = %e, "heartbeat failed");
-            registered = false;
+        let tenure = match directory
+            .heartbeat_cell(&registration.id, holder.epoch, load, now)
+            .await
+        {
+            Ok(CellTenure::Unregistered) => {
+                directory
+                    .register_cell(registration.clone(), &holder.process, holder.epoch, now)
+                    .await
+            }
+            other => other,
+        };
+        match tenure {
+            Ok(CellTenure::Held) => {}
+            Ok(CellTenure::Unregistered) => {}
+            Ok(CellTenure::Superseded { epoch }) => {
+                tracing::error!(cell = %registration.id, ours = holder.epoch, newer = epoch, "a newer process claimed this cell id");
+                superseded.cancel();
+                break;
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
     }
 }

@@ -5,6 +5,7 @@ mod cli;
 mod ctl;
 mod dev;
 mod distributed;
+mod durability;
 mod inproc;
 mod link_ws;
 mod listen;

@@ -6,6 +6,8 @@
 //! override the paths). When they are missing the test fails and says so: a browser test that
 //! passes without a browser would prove nothing.
 
+mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -475,6 +477,153 @@ async fn two_browser_users_exchange_messages_and_see_each_other_online() {
     alice.close().await;
     bob.close().await;
 
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+}
+
+/// Records every frame the page sends, in `window.confabSent` (an observer around the real
+/// socket's `send`; the frames still go out unchanged).
+const RECORD_SENDS: &str = r##"
+    window.confabSent = [];
+    const send = WebSocket.prototype.send;
+    WebSocket.prototype.send = function (data) {
+        try { window.confabSent.push(JSON.parse(data)); } catch (e) {}
+        return send.call(this, data);
+    };
+    return true;
+"##;
+
+/// The `send` frames recorded for `arguments[0]` (a message text).
+const SENDS_OF: &str = r##"
+    return (window.confabSent || []).filter((f) => f.op === "send" && f.text === arguments[0]);
+"##;
+
+/// Alice sends while the cell's store is down: the send answers `unavailable`, and the page
+/// sends again with the same client_msg_id until the store is back. The message is stored once.
+async fn resend_scenario(
+    page: &Client,
+    cluster: &mut cluster::Running,
+    room: &str,
+) -> Result<(), String> {
+    let base = cluster.gateway(0).url();
+    page.goto(&format!("{base}/?user=alice&workspace=acme"))
+        .await
+        .map_err(|e| format!("open {base}/: {e}"))?;
+    wait_js(page, "the #user input", EXISTS, vec![json!("#user")]).await?;
+    click(page, "#connect").await?;
+    wait_js(
+        page,
+        "alice to be connected",
+        "return document.querySelector('#status').textContent.includes('connected as alice');",
+        vec![],
+    )
+    .await?;
+    let entry = format!("#channels [data-channel={room}]");
+    wait_js(page, "the room in #channels", EXISTS, vec![json!(entry)]).await?;
+    click(page, &entry).await?;
+    wait_js(
+        page,
+        "the room to be selected",
+        EXISTS,
+        vec![json!(format!("{entry}.selected"))],
+    )
+    .await?;
+    page.execute(RECORD_SENDS, vec![])
+        .await
+        .map_err(|e| format!("install the frame recorder: {e}"))?;
+
+    cluster.cells[0].store.kill();
+    let text = "sent while the store was down";
+    type_into_composer(page, text).await?;
+    type_into_composer(page, &Key::Enter.to_string()).await?;
+    wait_js(
+        page,
+        "the page to send the message again after unavailable",
+        "return (window.confabSent || []).filter((f) => f.op === 'send' && f.text === arguments[0]).length >= 2;",
+        vec![json!(text)],
+    )
+    .await?;
+    cluster.cells[0].store.restart();
+    wait_message(page, "alice", text).await?;
+
+    let sends = page
+        .execute(SENDS_OF, vec![json!(text)])
+        .await
+        .map_err(|e| format!("read the recorded frames: {e}"))?;
+    let ids: std::collections::HashSet<String> = sends
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| f["client_msg_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    if ids.len() != 1 || ids.contains("") {
+        return Err(format!(
+            "the attempts did not share one client_msg_id: {sends}"
+        ));
+    }
+    let shown = page
+        .execute(
+            "return [...document.querySelectorAll('#messages [data-seq]')]\
+             .filter((m) => m.textContent.includes(arguments[0])).length;",
+            vec![json!(text)],
+        )
+        .await
+        .map_err(|e| format!("count the shown messages: {e}"))?;
+    if shown != json!(1) {
+        return Err(format!("the message is shown {shown} times"));
+    }
+    let token = cluster.token("acme", "alice").await;
+    let (status, history) = cluster
+        .api(
+            0,
+            &token,
+            reqwest::Method::GET,
+            &format!("/v1/channels/{room}/messages?limit=50"),
+            None,
+        )
+        .await;
+    let stored = history["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["text"] == text)
+        .count();
+    if status != 200 || stored != 1 {
+        return Err(format!("stored {stored} times ({status}): {history}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_client_resends_with_the_same_client_msg_id_after_unavailable() {
+    let chromium = required_binary("CONFAB_CHROMIUM", "/usr/bin/chromium", "chromium");
+    let chromedriver = required_binary(
+        "CONFAB_CHROMEDRIVER",
+        "/usr/bin/chromedriver",
+        "chromium-driver",
+    );
+    let mut cluster = cluster::Cluster::new().cell("c1", "us-east").start().await;
+    cluster.create_workspace("acme", "us-east").await;
+    let token = cluster.token("acme", "alice").await;
+    let (status, body) = cluster
+        .api(
+            0,
+            &token,
+            reqwest::Method::POST,
+            "/v1/channels",
+            Some(json!({"name": "room", "kind": "public"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let room = body["id"].as_str().unwrap_or_default().to_string();
+    let (_driver, driver_url) = start_chromedriver(&chromedriver).await;
+    let alice = match open_browser(&driver_url, &chromium, "alice-resend").await {
+        Ok(browser) => browser,
+        Err(e) => panic!("{e}"),
+    };
+    let outcome = resend_scenario(&alice.page, &mut cluster, &room).await;
+    alice.close().await;
     if let Err(e) = outcome {
         panic!("{e}");
     }

@@ -360,6 +360,62 @@ async fn a_repeated_client_msg_id_over_http_returns_the_first_result() {
 }
 
 #[tokio::test]
+async fn an_idempotency_key_header_is_the_client_msg_id_of_an_http_post() {
+    let server = DevServer::start().await;
+    let mut alice = server.client("alice").await;
+    let bob = server.http_as("bob");
+    let path = "/v1/channels/general/messages";
+    let first = bob
+        .post_with_header(
+            path,
+            ("Idempotency-Key", "retry-1"),
+            json!({"text": "once"}),
+        )
+        .await
+        .expect_status(201);
+    // A retry with the same key (after `unavailable`, say) is the same message.
+    let again = bob
+        .post_with_header(
+            path,
+            ("Idempotency-Key", "retry-1"),
+            json!({"text": "once"}),
+        )
+        .await
+        .expect_status(201);
+    assert_eq!((&again["seq"], &again["ts"]), (&first["seq"], &first["ts"]));
+    // So is the same id given in the body.
+    let body_id = bob
+        .post(path, json!({"text": "once", "client_msg_id": "retry-1"}))
+        .await
+        .expect_status(201);
+    assert_eq!(body_id["seq"], first["seq"]);
+    let event = alice.next_event("message", WAIT).await;
+    assert_eq!(event["client_msg_id"], "retry-1");
+    alice.expect_no_event("message", QUIET).await;
+    // Both given: they must agree.
+    bob.post_with_header(
+        path,
+        ("Idempotency-Key", "retry-1"),
+        json!({"text": "once", "client_msg_id": "retry-1"}),
+    )
+    .await
+    .expect_status(201);
+    bob.post_with_header(
+        path,
+        ("Idempotency-Key", "retry-2"),
+        json!({"text": "twice", "client_msg_id": "other"}),
+    )
+    .await
+    .expect_error(400, "bad_request");
+    // The header obeys the client_msg_id limits.
+    let long = "k".repeat(65);
+    bob.post_with_header(path, ("Idempotency-Key", &long), json!({"text": "x"}))
+        .await
+        .expect_error(400, "bad_request");
+    alice.expect_no_event("message", QUIET).await;
+}
+
+#[tokio::test]
 async fn a_message_posted_over_http_may_reply_in_a_thread() {
     let server = DevServer::start().await;
     let mut alice = server.client("alice").await;

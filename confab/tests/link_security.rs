@@ -180,12 +180,14 @@ async fn register_foreign_cell(directory: &RedisServer, cell: &str, url: &str, w
     let engine = RedisDirectory::start(&directory.url()).unwrap();
     let id = CellId::new(cell).unwrap();
     engine
-        .register_cell(
+        .claim_cell(
             CellRegistration {
                 id: id.clone(),
                 region: format!("{cell}-region"),
                 url: url.to_string(),
             },
+            "a foreign process",
+            0,
             confab_shared::now_ms(),
         )
         .await

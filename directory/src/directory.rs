@@ -19,6 +19,38 @@ pub struct CellRegistration {
     pub url: String,
 }
 
+/// Who held a cell id before a process claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellHolder {
+    /// The epoch it claimed the id with.
+    pub epoch: u64,
+    /// How it described itself (`pid N on HOST`), empty if unknown.
+    pub process: String,
+    pub url: String,
+    /// Unix ms of its last heartbeat.
+    pub last_heartbeat_ms: u64,
+}
+
+/// The outcome of [`Directory::claim_cell`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellClaim {
+    /// This process's epoch: higher than any earlier claim of the id.
+    pub epoch: u64,
+    /// The previous holder, if the id was claimed before.
+    pub previous: Option<CellHolder>,
+}
+
+/// Whether a cell process still holds its id, as a heartbeat or a registration finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellTenure {
+    /// The id is still this process's: the heartbeat (or registration) was recorded.
+    Held,
+    /// A newer process claimed the id (split brain): this one must stop serving.
+    Superseded { epoch: u64 },
+    /// The directory has no record of the cell (it lost its data): register again.
+    Unregistered,
+}
+
 /// A cell's load, reported with each heartbeat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellLoad {
@@ -95,15 +127,34 @@ pub enum CreateWorkspaceError {
 /// The directory engine.
 #[async_trait]
 pub trait Directory: Send + Sync + 'static {
-    /// Registers (or re-registers after a restart) a cell; keeps its draining flag.
-    async fn register_cell(&self, cell: CellRegistration, now_ms: u64) -> Result<(), EngineError>;
-    /// Records a cell's heartbeat and load.
+    /// Claims a cell id for a starting process and registers the cell (keeping its draining
+    /// flag): the id's epoch goes up by one (to at least `min_epoch`), so every process that
+    /// claimed it before is superseded. `process` says who claims (`pid N on HOST`). Never
+    /// waits for an earlier holder: a restart after a crash claims at once.
+    async fn claim_cell(
+        &self,
+        cell: CellRegistration,
+        process: &str,
+        min_epoch: u64,
+        now_ms: u64,
+    ) -> Result<CellClaim, EngineError>;
+    /// Registers the cell again under the epoch it claimed (after the directory lost its
+    /// record), unless a newer process claimed the id meanwhile.
+    async fn register_cell(
+        &self,
+        cell: CellRegistration,
+        process: &str,
+        epoch: u64,
+        now_ms: u64,
+    ) -> Result<CellTenure, EngineError>;
+    /// Records a cell's heartbeat and load, if the process (by its epoch) still holds the id.
     async fn heartbeat_cell(
         &self,
         id: &CellId,
+        epoch: u64,
         load: CellLoad,
         now_ms: u64,
-    ) -> Result<(), EngineError>;
+    ) -> Result<CellTenure, EngineError>;
     /// Every known cell, with its workspace count.
     async fn cells(&self) -> Result<Vec<CellRecord>, EngineError>;
     /// Marks a cell draining; `false` when no such cell exists.

@@ -11,8 +11,8 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use crate::directory::{
-    CellLoad, CellRecord, CellRegistration, CreateWorkspaceError, Directory, DirectoryChange,
-    WorkspaceRecord,
+    CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellTenure,
+    CreateWorkspaceError, Directory, DirectoryChange, WorkspaceRecord,
 };
 use crate::presence::{PresenceChange, PresenceSession, PresenceStore};
 use crate::EngineError;
@@ -30,7 +30,28 @@ pub struct MemoryDirectory {
 #[derive(Default)]
 struct DirectoryState {
     cells: HashMap<CellId, CellRecord>,
+    /// Each cell id's epoch and the process that claimed it.
+    holders: HashMap<CellId, (u64, String)>,
     workspaces: HashMap<WorkspaceId, WorkspaceRecord>,
+}
+
+impl DirectoryState {
+    /// Records a cell's registration, keeping its draining flag.
+    fn register(&mut self, cell: CellRegistration, now_ms: u64) {
+        let draining = self.cells.get(&cell.id).is_some_and(|c| c.draining);
+        self.cells.insert(
+            cell.id.clone(),
+            CellRecord {
+                id: cell.id,
+                region: cell.region,
+                url: cell.url,
+                draining,
+                last_heartbeat_ms: now_ms,
+                connections: 0,
+                workspaces: 0,
+            },
+        );
+    }
 }
 
 impl Default for MemoryDirectory {
@@ -55,42 +76,81 @@ impl MemoryDirectory {
 
 #[async_trait]
 impl Directory for MemoryDirectory {
-    async fn register_cell(&self, cell: CellRegistration, now_ms: u64) -> Result<(), EngineError> {
+    async fn claim_cell(
+        &self,
+        cell: CellRegistration,
+        process: &str,
+        min_epoch: u64,
+        now_ms: u64,
+    ) -> Result<CellClaim, EngineError> {
+        let id = cell.id.clone();
+        let claim = {
+            let mut state = self.state.lock();
+            let previous = state.holders.get(&id).map(|(epoch, process)| CellHolder {
+                epoch: *epoch,
+                process: process.clone(),
+                url: state
+                    .cells
+                    .get(&id)
+                    .map(|c| c.url.clone())
+                    .unwrap_or_default(),
+                last_heartbeat_ms: state.cells.get(&id).map_or(0, |c| c.last_heartbeat_ms),
+            });
+            let epoch = previous.as_ref().map_or(1, |p| p.epoch + 1).max(min_epoch);
+            state
+                .holders
+                .insert(id.clone(), (epoch, process.to_string()));
+            state.register(cell, now_ms);
+            CellClaim { epoch, previous }
+        };
+        self.announce(DirectoryChange::CellChanged { cell: id });
+        Ok(claim)
+    }
+
+    async fn register_cell(
+        &self,
+        cell: CellRegistration,
+        process: &str,
+        epoch: u64,
+        now_ms: u64,
+    ) -> Result<CellTenure, EngineError> {
         let id = cell.id.clone();
         {
             let mut state = self.state.lock();
-            let draining = state.cells.get(&cell.id).is_some_and(|c| c.draining);
-            state.cells.insert(
-                cell.id.clone(),
-                CellRecord {
-                    id: cell.id,
-                    region: cell.region,
-                    url: cell.url,
-                    draining,
-                    last_heartbeat_ms: now_ms,
-                    connections: 0,
-                    workspaces: 0,
-                },
-            );
+            if let Some((held, _)) = state.holders.get(&id).filter(|(e, _)| *e != epoch) {
+                return Ok(CellTenure::Superseded { epoch: *held });
+            }
+            state
+                .holders
+                .insert(id.clone(), (epoch, process.to_string()));
+            state.register(cell, now_ms);
         }
         self.announce(DirectoryChange::CellChanged { cell: id });
-        Ok(())
+        Ok(CellTenure::Held)
     }
 
     async fn heartbeat_cell(
         &self,
         id: &CellId,
+        epoch: u64,
         load: CellLoad,
         now_ms: u64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<CellTenure, EngineError> {
         let mut state = self.state.lock();
+        match state.holders.get(id) {
+            Some((held, _)) if *held != epoch => {
+                return Ok(CellTenure::Superseded { epoch: *held })
+            }
+            Some(_) => {}
+            None => return Ok(CellTenure::Unregistered),
+        }
         match state.cells.get_mut(id) {
             Some(cell) => {
                 cell.last_heartbeat_ms = now_ms;
                 cell.connections = load.connections;
-                Ok(())
+                Ok(CellTenure::Held)
             }
-            None => Err(EngineError(format!("cell {id} is not registered"))),
+            None => Ok(CellTenure::Unregistered),
         }
     }
 
@@ -321,12 +381,14 @@ mod tests {
     async fn workspaces_are_created_once_and_counted_per_cell() {
         let dir = MemoryDirectory::new();
         let cell = CellId::new("c1").unwrap_or_else(|e| panic!("{e}"));
-        dir.register_cell(
+        dir.claim_cell(
             CellRegistration {
                 id: cell.clone(),
                 region: "local".into(),
                 url: "inproc".into(),
             },
+            "test",
+            0,
             1,
         )
         .await

@@ -9,7 +9,8 @@
 //!   latest expiry, so a sweep finds users whose sessions all expired and announces them
 //!   offline. A user is in it exactly while announced online: a refresh that finds its user
 //!   missing (swept during an outage longer than the TTL) announces it online again.
-//! - `cells` (set of ids) and `cell:{id}` (hash: region, url, draining, heartbeat, connections).
+//! - `cells` (set of ids) and `cell:{id}` (hash: region, url, draining, heartbeat, connections,
+//!   and `epoch` and `process`: the epoch of the id's latest claim and who made it).
 //! - `ws:{id}`: a workspace's record (JSON); `cellws`: workspaces per cell (hash).
 //! - Pub/sub channels `presence` and `directory` carry changes to every process.
 //!
@@ -31,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::directory::{
-    CellLoad, CellRecord, CellRegistration, CreateWorkspaceError, Directory, DirectoryChange,
-    WorkspaceRecord,
+    CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellTenure,
+    CreateWorkspaceError, Directory, DirectoryChange, WorkspaceRecord,
 };
 use crate::presence::{PresenceChange, PresenceSession, PresenceStore};
 use crate::EngineError;
@@ -462,11 +463,59 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 ";
 
+/// Claims a cell id: KEYS = cell hash, cells set; ARGV = id, region, url, now, process,
+/// min epoch. Returns {epoch, then the previous epoch, process, url, heartbeat or ''}.
+const CLAIM_CELL: &str = r"
+local prev = redis.call('HMGET', KEYS[1], 'epoch', 'process', 'url', 'heartbeat')
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+if epoch < tonumber(ARGV[6]) then
+  epoch = tonumber(ARGV[6])
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'region', ARGV[2], 'url', ARGV[3], 'heartbeat', ARGV[4], 'process', ARGV[5])
+return {tostring(epoch), prev[1] or '', prev[2] or '', prev[3] or '', prev[4] or ''}
+";
+
+/// Registers a cell again under its epoch: KEYS = cell hash, cells set; ARGV = id, region, url,
+/// now, process, epoch. Returns -2 when registered, else the newer epoch holding the id.
+const REGISTER_CELL: &str = r"
+local held = redis.call('HGET', KEYS[1], 'epoch')
+if held and held ~= ARGV[6] then return tonumber(held) end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'region', ARGV[2], 'url', ARGV[3], 'heartbeat', ARGV[4], 'process', ARGV[5], 'epoch', ARGV[6])
+return -2
+";
+
+/// A heartbeat under an epoch: KEYS = cell hash; ARGV = epoch, now, connections. Returns -2
+/// when recorded, -1 when the cell is not registered, else the epoch now holding the id.
+const HEARTBEAT_CELL: &str = r"
+local held = redis.call('HGET', KEYS[1], 'epoch')
+if not held or redis.call('HEXISTS', KEYS[1], 'url') == 0 then return -1 end
+if held ~= ARGV[1] then return tonumber(held) end
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'connections', ARGV[3])
+return -2
+";
+
 /// The Redis directory engine.
 pub struct RedisDirectory {
     conn: ConnectionManager,
     changes: broadcast::Sender<DirectoryChange>,
     move_script: Script,
+    claim_script: Script,
+    register_script: Script,
+    heartbeat_script: Script,
+}
+
+/// A registration or heartbeat script's answer.
+fn tenure(outcome: i64) -> CellTenure {
+    match outcome {
+        -2 => CellTenure::Held,
+        -1 => CellTenure::Unregistered,
+        epoch => CellTenure::Superseded {
+            epoch: epoch.max(0) as u64,
+        },
+    }
 }
 
 fn cell_key(id: &CellId) -> String {
@@ -485,6 +534,9 @@ impl RedisDirectory {
             conn: connect(url)?,
             changes: changes.clone(),
             move_script: Script::new(MOVE_WORKSPACE),
+            claim_script: Script::new(CLAIM_CELL),
+            register_script: Script::new(REGISTER_CELL),
+            heartbeat_script: Script::new(HEARTBEAT_CELL),
         });
         spawn_subscriber(url.to_string(), DIRECTORY_CHANNEL, changes, None, |bytes| {
             Some(match serde_json::from_slice(bytes).ok()? {
@@ -524,44 +576,84 @@ fn cell_from_hash(id: &str, hash: &HashMap<String, String>) -> Option<CellRecord
 
 #[async_trait]
 impl Directory for RedisDirectory {
-    async fn register_cell(&self, cell: CellRegistration, now_ms: u64) -> Result<(), EngineError> {
-        let key = cell_key(&cell.id);
-        redis::pipe()
-            .atomic()
-            .sadd(CELLS_KEY, cell.id.as_str())
-            .ignore()
-            .hset_multiple(
-                &key,
-                &[
-                    ("region", cell.region.clone()),
-                    ("url", cell.url.clone()),
-                    ("heartbeat", now_ms.to_string()),
-                ],
-            )
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
+    async fn claim_cell(
+        &self,
+        cell: CellRegistration,
+        process: &str,
+        min_epoch: u64,
+        now_ms: u64,
+    ) -> Result<CellClaim, EngineError> {
+        let reply: Vec<String> = self
+            .claim_script
+            .key(cell_key(&cell.id))
+            .key(CELLS_KEY)
+            .arg(cell.id.as_str())
+            .arg(&cell.region)
+            .arg(&cell.url)
+            .arg(now_ms)
+            .arg(process)
+            .arg(min_epoch)
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(engine_error)?;
-        self.publish(&DirectoryWire::Cell { cell: cell.id }).await
+        let field = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
+        let epoch = field(0)
+            .parse()
+            .map_err(|e| EngineError(format!("bad epoch from claim: {e}")))?;
+        let previous = field(1).parse().ok().map(|epoch| CellHolder {
+            epoch,
+            process: field(2).to_string(),
+            url: field(3).to_string(),
+            last_heartbeat_ms: field(4).parse().unwrap_or(0),
+        });
+        self.publish(&DirectoryWire::Cell { cell: cell.id }).await?;
+        Ok(CellClaim { epoch, previous })
+    }
+
+    async fn register_cell(
+        &self,
+        cell: CellRegistration,
+        process: &str,
+        epoch: u64,
+        now_ms: u64,
+    ) -> Result<CellTenure, EngineError> {
+        let outcome: i64 = self
+            .register_script
+            .key(cell_key(&cell.id))
+            .key(CELLS_KEY)
+            .arg(cell.id.as_str())
+            .arg(&cell.region)
+            .arg(&cell.url)
+            .arg(now_ms)
+            .arg(process)
+            .arg(epoch)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(engine_error)?;
+        let tenure = tenure(outcome);
+        if tenure == CellTenure::Held {
+            self.publish(&DirectoryWire::Cell { cell: cell.id }).await?;
+        }
+        Ok(tenure)
     }
 
     async fn heartbeat_cell(
         &self,
         id: &CellId,
+        epoch: u64,
         load: CellLoad,
         now_ms: u64,
-    ) -> Result<(), EngineError> {
-        self.conn
-            .clone()
-            .hset_multiple::<_, _, _, ()>(
-                cell_key(id),
-                &[
-                    ("heartbeat", now_ms.to_string()),
-                    ("connections", load.connections.to_string()),
-                ],
-            )
+    ) -> Result<CellTenure, EngineError> {
+        let outcome: i64 = self
+            .heartbeat_script
+            .key(cell_key(id))
+            .arg(epoch)
+            .arg(now_ms)
+            .arg(load.connections)
+            .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(engine_error)
+            .map_err(engine_error)?;
+        Ok(tenure(outcome))
     }
 
     async fn cells(&self) -> Result<Vec<CellRecord>, EngineError> {

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use confab_directory::{
-    CellLoad, CellRegistration, CreateWorkspaceError, Directory, DirectoryChange, PresenceSession,
-    PresenceStore, RedisDirectory, RedisPresence, WorkspaceRecord,
+    CellLoad, CellRegistration, CellTenure, CreateWorkspaceError, Directory, DirectoryChange,
+    PresenceSession, PresenceStore, RedisDirectory, RedisPresence, WorkspaceRecord,
 };
 use confab_shared::server::Status;
 use confab_shared::{CellId, SessionId, UserId, WorkspaceId};
@@ -149,23 +149,33 @@ async fn directory_registers_cells_places_workspaces_and_announces_moves() {
     let mut changes = directory.subscribe();
     let c1 = CellId::new("c1").unwrap();
     let c2 = CellId::new("c2").unwrap();
+    let mut epochs = Vec::new();
     for (id, region) in [(&c1, "us-east"), (&c2, "eu-west")] {
-        directory
-            .register_cell(
+        let claim = directory
+            .claim_cell(
                 CellRegistration {
                     id: id.clone(),
                     region: region.into(),
                     url: format!("http://{id}"),
                 },
+                "test",
+                0,
                 confab_shared::now_ms(),
             )
             .await
             .unwrap();
+        epochs.push(claim.epoch);
     }
-    directory
-        .heartbeat_cell(&c1, CellLoad { connections: 7 }, confab_shared::now_ms())
+    let tenure = directory
+        .heartbeat_cell(
+            &c1,
+            epochs[0],
+            CellLoad { connections: 7 },
+            confab_shared::now_ms(),
+        )
         .await
         .unwrap();
+    assert_eq!(tenure, CellTenure::Held);
     let ws = WorkspaceId::new("acme").unwrap();
     let record = WorkspaceRecord {
         id: ws.clone(),
@@ -375,4 +385,73 @@ async fn a_dead_gateways_twenty_thousand_sessions_all_go_offline_within_60_s() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn a_second_claim_of_a_cell_id_supersedes_the_first_process() {
+    let redis = RedisServer::start();
+    let directory = RedisDirectory::start(&redis.url()).unwrap();
+    let c1 = CellId::new("c1").unwrap();
+    let registration = |url: &str| CellRegistration {
+        id: c1.clone(),
+        region: "us-east".into(),
+        url: url.into(),
+    };
+    let now = confab_shared::now_ms();
+    let first = directory
+        .claim_cell(registration("http://a"), "pid 1 on a", 0, now)
+        .await
+        .unwrap();
+    assert_eq!(first.previous, None);
+    // The second claim does not wait for the first holder, names it, and supersedes it.
+    let second = directory
+        .claim_cell(registration("http://b"), "pid 2 on b", 0, now + 1)
+        .await
+        .unwrap();
+    assert!(second.epoch > first.epoch);
+    let previous = second.previous.expect("the first holder");
+    assert_eq!(
+        (
+            previous.epoch,
+            previous.process.as_str(),
+            previous.url.as_str()
+        ),
+        (first.epoch, "pid 1 on a", "http://a")
+    );
+    let load = CellLoad { connections: 0 };
+    assert_eq!(
+        directory
+            .heartbeat_cell(&c1, first.epoch, load, now + 2)
+            .await
+            .unwrap(),
+        CellTenure::Superseded {
+            epoch: second.epoch
+        }
+    );
+    // The superseded process cannot take the registration back either.
+    assert_eq!(
+        directory
+            .register_cell(registration("http://a"), "pid 1 on a", first.epoch, now + 3)
+            .await
+            .unwrap(),
+        CellTenure::Superseded {
+            epoch: second.epoch
+        }
+    );
+    assert_eq!(
+        directory
+            .heartbeat_cell(&c1, second.epoch, load, now + 4)
+            .await
+            .unwrap(),
+        CellTenure::Held
+    );
+    let cells = directory.cells().await.unwrap();
+    assert_eq!(cells.first().map(|c| c.url.as_str()), Some("http://b"));
+    // A claim never goes below a floor (the cell's store may know a higher epoch than a
+    // directory that lost its data).
+    let third = directory
+        .claim_cell(registration("http://c"), "pid 3 on c", 100, now + 5)
+        .await
+        .unwrap();
+    assert_eq!(third.epoch, 100);
 }

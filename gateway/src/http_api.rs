@@ -168,12 +168,36 @@ struct PostMessageBody {
     thread: Option<u64>,
 }
 
+/// The `Idempotency-Key` header, an alias of the body's `client_msg_id` (SPEC additions: a
+/// retry after `unavailable` must carry the same key, since the first attempt may have been
+/// stored). Both given and different is a contradiction the client must resolve.
+fn idempotency_key(
+    req: &HttpRequest,
+    client_msg_id: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let Some(header) = req.headers().get("idempotency-key") else {
+        return Ok(client_msg_id);
+    };
+    let header = header
+        .to_str()
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?
+        .to_string();
+    match client_msg_id {
+        Some(id) if id != header => Err(ApiError::bad_request(
+            "Idempotency-Key and client_msg_id differ",
+        )),
+        _ => Ok(Some(header)),
+    }
+}
+
 async fn post_message(
     auth: UserAuth,
+    req: HttpRequest,
     id: web::Path<ChannelId>,
     body: web::Json<PostMessageBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
+    let mut body = body.into_inner();
+    body.client_msg_id = idempotency_key(&req, body.client_msg_id)?;
     check_text(&body.text, auth.gateway.config.limits.max_text_bytes)
         .map_err(|(code, message)| ApiError::new(code, message))?;
     if body

@@ -43,7 +43,7 @@ spawn() { # name command...
 start_redis() { # name port
   mkdir -p "$state/$1"
   spawn "$1" redis-server --port "$2" --bind 127.0.0.1 --dir "$state/$1" \
-    --appendonly yes --appendfsync everysec --save ""
+    --appendonly yes --appendfsync always --save ""
   for _ in $(seq 1 100); do
     redis-cli -p "$2" ping >/dev/null 2>&1 && return 0
     sleep 0.1

@@ -35,10 +35,19 @@ pub fn now_us() -> u64 {
 }
 
 /// A confab `send` request. Channel ids are `[A-Za-z0-9_-]` and texts from [`make_text`] are
-/// plain ASCII, so no JSON escaping is needed; this runs once per published message.
-pub fn send_frame(channel: &str, text: &str) -> String {
-    debug_assert!(!needs_escape(channel) && !needs_escape(text));
-    format!(r#"{{"op":"send","channel":"{channel}","text":"{text}"}}"#)
+/// plain ASCII, so no JSON escaping is needed; this runs once per published message. Like every
+/// client confab ships, it carries a `client_msg_id` (see [`client_msg_id`]), so the server
+/// de-duplicates it and the store does the work real clients cause.
+pub fn send_frame(channel: &str, text: &str, client_msg_id: &str) -> String {
+    debug_assert!(!needs_escape(channel) && !needs_escape(text) && !needs_escape(client_msg_id));
+    format!(
+        r#"{{"op":"send","channel":"{channel}","text":"{text}","client_msg_id":"{client_msg_id}"}}"#
+    )
+}
+
+/// A `client_msg_id` unique per sender: the publish time and the sender's own count.
+pub fn client_msg_id(publish_us: u64, count: u64) -> String {
+    format!("l{publish_us:x}-{count}")
 }
 
 /// A confab `typing` request.
@@ -152,10 +161,15 @@ mod tests {
 
     #[test]
     fn send_and_hello_frames_are_valid_json() {
-        let send: serde_json::Value =
-            serde_json::from_str(&send_frame("general", &make_text(1, 30))).unwrap();
+        let send: serde_json::Value = serde_json::from_str(&send_frame(
+            "general",
+            &make_text(1, 30),
+            &client_msg_id(1, 7),
+        ))
+        .unwrap();
         assert_eq!(send["op"], "send");
         assert_eq!(send["channel"], "general");
+        assert_eq!(send["client_msg_id"], "l1-7");
         let hello: serde_json::Value =
             serde_json::from_str(&hello_frame("tok", [("general", 5)])).unwrap();
         assert_eq!(hello["resume"]["general"], 5);

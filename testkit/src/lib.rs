@@ -1,7 +1,10 @@
 //! Test support: a real `redis-server` on a free loopback port, in its own directory, that a
 //! test can kill (`SIGKILL`) and restart on the same port with the same data files.
 //!
-//! Tests use real Redis rather than a fake, so what they check is what production runs.
+//! Tests use real Redis rather than a fake, so what they check is what production runs. Every
+//! server is durable as production requires (`appendonly yes`, `appendfsync always`) unless a
+//! test asks for other settings with [`RedisServer::start_with_args`] (to check that a cell
+//! refuses a store that is not durable).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,23 +24,26 @@ pub fn free_port() -> u16 {
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
-    appendonly: bool,
+    /// Extra `redis-server` arguments, after the durable defaults (so they override them).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    /// Starts a server without persistence.
-    pub fn start() -> RedisServer {
-        Self::start_with(false)
-    }
-
     /// Starts a server that writes every command to its append-only file before answering
-    /// (`appendfsync always`), for tests of durability across restarts.
-    pub fn start_durable() -> RedisServer {
-        Self::start_with(true)
+    /// (`appendonly yes`, `appendfsync always`), the settings a cell requires of its store.
+    pub fn start() -> RedisServer {
+        Self::start_with_args(&[])
     }
 
-    fn start_with(appendonly: bool) -> RedisServer {
+    /// The same as [`RedisServer::start`]: every test server is durable.
+    pub fn start_durable() -> RedisServer {
+        Self::start()
+    }
+
+    /// Starts a server with extra arguments after the durable defaults, e.g.
+    /// `&["--appendfsync", "everysec"]` or `&["--rename-command", "CONFIG", ""]`.
+    pub fn start_with_args(args: &[&str]) -> RedisServer {
         // A free port can be taken by another test between our probe and redis binding it;
         // then redis exits at once and we try another port.
         for _ in 0..10 {
@@ -48,7 +54,7 @@ impl RedisServer {
             let mut server = RedisServer {
                 port,
                 dir,
-                appendonly,
+                args: args.iter().map(|a| a.to_string()).collect(),
                 child: None,
             };
             if server.try_spawn() {
@@ -80,17 +86,13 @@ impl RedisServer {
             .arg("")
             .arg("--daemonize")
             .arg("no")
+            .arg("--appendonly")
+            .arg("yes")
+            .arg("--appendfsync")
+            .arg("always")
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if self.appendonly {
-            command
-                .arg("--appendonly")
-                .arg("yes")
-                .arg("--appendfsync")
-                .arg("always");
-        } else {
-            command.arg("--appendonly").arg("no");
-        }
         let child = command.spawn().unwrap_or_else(|e| {
             panic!("cannot start redis-server ({e}); install it: apt-get install redis-server")
         });

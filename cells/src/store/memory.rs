@@ -347,6 +347,36 @@ impl CellStore for MemoryStore {
         Ok(events.len())
     }
 
+    async fn raise_last_seq(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        expected: u64,
+        to: u64,
+    ) -> StoreResult<()> {
+        let ws = self
+            .workspace(workspace)
+            .ok_or_else(|| StoreError::NoSuchChannel(channel.clone()))?;
+        let mut ws = ws.lock();
+        let data = ws
+            .channels
+            .get_mut(channel)
+            .ok_or_else(|| StoreError::NoSuchChannel(channel.clone()))?;
+        let last = data.last_seq();
+        if last != expected || to <= last {
+            return Err(StoreError::SeqConflict {
+                channel: channel.clone(),
+                expected: last + 1,
+                got: to,
+            });
+        }
+        // The log is contiguous here, so it restarts empty above the gap; the retained events
+        // before it are dropped (their messages stay, for history).
+        data.log.clear();
+        data.first_seq = to + 1;
+        Ok(())
+    }
+
     async fn events_after(
         &self,
         workspace: &WorkspaceId,

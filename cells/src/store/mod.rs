@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use confab_shared::server::{ChannelKind, Event, MessageView};
 use confab_shared::{ChannelId, UserId, WorkspaceId};
 
-pub use self::redis::RedisStore;
+pub use self::redis::{Persistence, RedisStore};
 pub use memory::MemoryStore;
 
 /// Why a store call failed. Every variant reaches clients as `unavailable`: they are the
@@ -53,6 +53,10 @@ pub enum StoreError {
     /// Stored data could not be read back (a bug or a foreign writer).
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// Another process claimed the store with a newer epoch (same cell id started twice):
+    /// this process's writes are refused and it must stop serving.
+    #[error("store fenced: {0}")]
+    Fenced(String),
 }
 
 /// Shorthand for store results.
@@ -256,6 +260,19 @@ pub trait CellStore: Send + Sync + 'static {
         retention: u64,
         max_user_channels: u64,
     ) -> StoreResult<usize>;
+    /// Moves the channel's `last_seq` from `expected` up to `to`, leaving the seqs between
+    /// unused, in one atomic step. For a store that lost writes (an async replica promoted, an
+    /// append-only file truncated): seqs a cell already handed out must not be handed out
+    /// again with other content, so it continues above them. `SeqConflict` when `last_seq` is
+    /// not `expected` (or `to` is not above it). Retained events up to `expected` may be
+    /// dropped from the log by the step (an engine that keeps the log contiguous does).
+    async fn raise_last_seq(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        expected: u64,
+        to: u64,
+    ) -> StoreResult<()>;
 
     /// Up to `max` logged events with seq > `after`, ascending. Events trimmed away are
     /// missing: the caller checks that the first one is `after + 1`.

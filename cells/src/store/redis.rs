@@ -14,14 +14,23 @@
 //!   (sorted set of those keys by seq, to drop them when their message leaves retention);
 //! - `{ws}:ch:{ch}:members` (set), `{ws}:u:{user}:channels` (set), `{ws}:u:{user}:read` (hash).
 //!
+//! - `fence` (string): the epoch of the cell process that claimed the store last.
+//!
 //! Every write is one Lua script, so it is atomic. [`CellStore::append`] checks the seq, writes
 //! the event, applies its side effect and trims, in one script; with `appendonly yes` and
 //! `appendfsync always` the write is on disk before the script returns, so before the cell
 //! acks. Multi-key reads that must agree with each other (a channel's seq window and its
 //! members) run in one `MULTI`. Every command times out quickly (`unavailable`) and the
 //! connection manager reconnects by itself.
+//!
+//! Fencing: a cell process [claims](RedisStore::claim) the store with its epoch when it starts,
+//! and every write script first checks that `fence` still holds that epoch. A newer process
+//! with the same cell id claims a higher one, so an older process still running (split brain)
+//! has its next write refused (`FENCED`, [`StoreError::Fenced`]) instead of forking the log;
+//! [`RedisStore::fenced`] then tells it to stop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +38,7 @@ use confab_shared::server::{ChannelKind, Event, MessageView};
 use confab_shared::{ChannelId, UserId, WorkspaceId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{
     side_effect, CellStore, ChannelMeta, ChannelSnapshot, ChannelSummary, CreateOutcome,
@@ -36,18 +46,51 @@ use super::{
 };
 
 const WORKSPACES: &str = "confab:cs:workspaces";
+const FENCE: &str = "confab:cs:fence";
 
-/// Creates a workspace once: KEYS = workspaces, workspace meta; ARGV = workspace, name.
+/// The first lines of every write script: the last key is `fence` and the last argument the
+/// writer's epoch; a store claimed by another epoch refuses the write. An unclaimed store
+/// holds epoch 0, the epoch of a store that was never claimed (tests, tools).
+const FENCE_GUARD: &str = r"
+local fence = redis.call('GET', KEYS[#KEYS]) or '0'
+if fence ~= ARGV[#ARGV] then
+  return redis.error_reply('FENCED the store is claimed by epoch ' .. fence .. ', not ' .. ARGV[#ARGV])
+end
+";
+
+/// Claims the store for an epoch: KEYS = fence; ARGV = epoch. Returns -1 when claimed, else
+/// the epoch already holding it (equal or newer: this process is late and must not serve).
+const CLAIM: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current >= tonumber(ARGV[1]) then return current end
+redis.call('SET', KEYS[1], ARGV[1])
+return -1
+";
+
+/// Moves a channel's `last_seq` from an expected value up to a higher one, after the store lost
+/// writes: KEYS = meta, fence; ARGV = expected, new, epoch. Returns -2 when moved, -1 for no
+/// such channel, else the `last_seq` found.
+const RAISE_LAST_SEQ: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+if last ~= tonumber(ARGV[1]) or tonumber(ARGV[2]) <= last then return last end
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[2])
+return -2
+";
+
+/// Creates a workspace once: KEYS = workspaces, workspace meta, fence; ARGV = workspace, name,
+/// epoch.
 const CREATE_WORKSPACE: &str = r"
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], 'name', ARGV[2])
 return 1
 ";
 
-/// Appends one event: KEYS = meta, log, msgs, idem, idemseq, members, user channels;
-/// ARGV = seq, event JSON, retention, effect, then the effect's arguments.
+/// Appends one event: KEYS = meta, log, msgs, idem, idemseq, members, user channels, fence;
+/// ARGV = seq, event JSON, retention, effect, then the effect's arguments, then the epoch.
 /// Effects: `msg` (message JSON, idem key or "", idem value), `edit`/`del` (target, new message
-/// JSON), `join` (user, channel id, optionally the most channels the user may be in), `leave`
+/// JSON), `join` (user, channel id, optionally the most channels the user may be in: a join has
+/// eight arguments with it, seven without), `leave`
 /// (user, channel id). Returns -2 when appended, -1 for a missing channel, -3 for a join of a
 /// user with no room for another channel, else the channel's last seq (a seq conflict).
 const APPEND: &str = r"
@@ -55,7 +98,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local seq = tonumber(ARGV[1])
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
 if seq ~= last + 1 then return last end
-if ARGV[4] == 'join' and ARGV[7] and redis.call('SISMEMBER', KEYS[7], ARGV[6]) == 0
+if ARGV[4] == 'join' and #ARGV >= 8 and redis.call('SISMEMBER', KEYS[7], ARGV[6]) == 0
     and redis.call('SCARD', KEYS[7]) >= tonumber(ARGV[7]) then
   return -3
 end
@@ -100,8 +143,8 @@ return -2
 ";
 
 /// Creates a channel, claiming its id and its public name or DM pair: KEYS = meta, names, dms,
-/// public, workspaces, channel count; ARGV = workspace, id, name, kind, dm pair or "", most
-/// public and private channels of the workspace or "".
+/// public, workspaces, channel count, fence; ARGV = workspace, id, name, kind, dm pair or "",
+/// most public and private channels of the workspace or "", epoch.
 const CREATE_CHANNEL: &str = r"
 if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then return {'unknown_workspace'} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'id_taken'} end
@@ -126,8 +169,8 @@ if ARGV[4] == 'public' then redis.call('SADD', KEYS[4], ARGV[2]) end
 return {'created'}
 ";
 
-/// Moves a read marker forward only: KEYS = read hash, workspaces; ARGV = channel, seq,
-/// workspace. Returns `{previous, current}` as strings, or `{}` for an unknown workspace.
+/// Moves a read marker forward only: KEYS = read hash, workspaces, fence; ARGV = channel, seq,
+/// workspace, epoch. Returns `{previous, current}` as strings, or `{}` for an unknown workspace.
 /// Seqs are compared as decimal strings (length first), not as Lua numbers: those are doubles,
 /// which would round a marker above 2^53 and then store it in exponent form.
 const ADVANCE_READ: &str = r"
@@ -141,6 +184,20 @@ end
 return {previous, previous}
 ";
 
+/// What a Redis store says of its persistence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Persistence {
+    /// `CONFIG GET` answered.
+    Known {
+        /// `appendonly yes`.
+        appendonly: bool,
+        /// `always`, `everysec` or `no`.
+        appendfsync: String,
+    },
+    /// Redis refused to tell (why, in words).
+    Unknown(String),
+}
+
 /// The Redis cell store.
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -148,6 +205,17 @@ pub struct RedisStore {
     append: Script,
     create_channel: Script,
     advance_read: Script,
+    raise_last_seq: Script,
+    claim: Script,
+    /// The epoch this process claimed the store with (0 until it claims).
+    epoch: AtomicU64,
+    /// Cancelled on the first write refused because a newer epoch claimed the store.
+    fenced: CancellationToken,
+}
+
+/// A write script: the fence guard, then the script's own lines.
+fn fenced_script(body: &str) -> Script {
+    Script::new(&format!("{FENCE_GUARD}{body}"))
 }
 
 /// A failed command: Redis unreachable, timed out or refusing (`unavailable`), or a reply of
@@ -205,11 +273,64 @@ impl RedisStore {
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_error)?;
         Ok(RedisStore {
             conn,
-            create_workspace: Script::new(CREATE_WORKSPACE),
-            append: Script::new(APPEND),
-            create_channel: Script::new(CREATE_CHANNEL),
-            advance_read: Script::new(ADVANCE_READ),
+            create_workspace: fenced_script(CREATE_WORKSPACE),
+            append: fenced_script(APPEND),
+            create_channel: fenced_script(CREATE_CHANNEL),
+            advance_read: fenced_script(ADVANCE_READ),
+            raise_last_seq: fenced_script(RAISE_LAST_SEQ),
+            claim: Script::new(CLAIM),
+            epoch: AtomicU64::new(0),
+            fenced: CancellationToken::new(),
         })
+    }
+
+    /// The epoch holding the store now (0 when it was never claimed).
+    pub async fn fence_epoch(&self) -> StoreResult<u64> {
+        let epoch: Option<u64> = self.conn().get(FENCE).await.map_err(redis_error)?;
+        Ok(epoch.unwrap_or(0))
+    }
+
+    /// Claims the store for `epoch`: from now on every write of this store carries it, and a
+    /// process that claimed the store with an older epoch has its writes refused. Fails with
+    /// [`StoreError::Fenced`] when the store is already held by `epoch` or a newer one.
+    pub async fn claim(&self, epoch: u64) -> StoreResult<()> {
+        let held: i64 = self
+            .claim
+            .key(FENCE)
+            .arg(epoch)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(redis_error)?;
+        if held >= 0 {
+            return Err(StoreError::Fenced(format!(
+                "the store is held by epoch {held}, not older than {epoch}"
+            )));
+        }
+        self.epoch.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
+    /// Resolves on the first write refused because another process claimed the store with a
+    /// newer epoch: this process must stop serving.
+    pub fn fenced(&self) -> WaitForCancellationFutureOwned {
+        self.fenced.clone().cancelled_owned()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The error of a failed write: a refusal by the fence is remembered (and announced
+    /// through [`RedisStore::fenced`]) rather than reported as a passing outage.
+    fn write_error(&self, e: redis::RedisError) -> StoreError {
+        if e.code() == Some("FENCED") {
+            if !self.fenced.is_cancelled() {
+                tracing::error!(epoch = self.epoch(), error = %e, "store write fenced: a newer process holds this cell");
+                self.fenced.cancel();
+            }
+            return StoreError::Fenced(e.to_string());
+        }
+        redis_error(e)
     }
 
     /// Whether Redis answers.
@@ -219,6 +340,43 @@ impl RedisStore {
             .await
             .map(|_| ())
             .map_err(redis_error)
+    }
+
+    /// The store's persistence settings, read with `CONFIG GET` (a cell checks them before it
+    /// serves: see `confab cell --store-fsync`). `Unavailable` when Redis cannot be reached;
+    /// [`Persistence::Unknown`] when it answers but refuses to say (a managed Redis that
+    /// renames or forbids `CONFIG`).
+    pub async fn persistence(&self) -> StoreResult<Persistence> {
+        let mut conn = self.conn();
+        let mut settings = HashMap::new();
+        for name in ["appendonly", "appendfsync"] {
+            let reply: Result<HashMap<String, String>, _> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut conn)
+                .await;
+            match reply {
+                Ok(mut pairs) => match pairs.remove(name) {
+                    Some(value) => settings.insert(name, value.to_ascii_lowercase()),
+                    None => {
+                        return Ok(Persistence::Unknown(format!("CONFIG GET {name}: no value")))
+                    }
+                },
+                Err(e)
+                    if e.is_io_error()
+                        || e.is_timeout()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal() =>
+                {
+                    return Err(redis_error(e))
+                }
+                Err(e) => return Ok(Persistence::Unknown(format!("CONFIG GET {name}: {e}"))),
+            };
+        }
+        Ok(Persistence::Known {
+            appendonly: settings.get("appendonly").is_some_and(|v| v == "yes"),
+            appendfsync: settings.remove("appendfsync").unwrap_or_default(),
+        })
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -295,11 +453,13 @@ impl CellStore for RedisStore {
             .create_workspace
             .key(WORKSPACES)
             .key(ws_key(workspace, "meta"))
+            .key(FENCE)
             .arg(workspace.as_str())
             .arg(name.unwrap_or(""))
+            .arg(self.epoch())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.write_error(e))?;
         Ok(added == 1)
     }
 
@@ -333,6 +493,7 @@ impl CellStore for RedisStore {
             .key(ws_key(workspace, "public"))
             .key(WORKSPACES)
             .key(ws_key(workspace, "channel_count"))
+            .key(FENCE)
             .arg(workspace.as_str())
             .arg(meta.id.as_str())
             .arg(&meta.name)
@@ -344,9 +505,10 @@ impl CellStore for RedisStore {
                     .map(|m| m.to_string())
                     .unwrap_or_default(),
             )
+            .arg(self.epoch())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.write_error(e))?;
         Ok(match outcome.first().map(String::as_str) {
             Some("created") => CreateOutcome::Created,
             Some("unknown_workspace") => CreateOutcome::UnknownWorkspace,
@@ -472,6 +634,7 @@ impl CellStore for RedisStore {
         };
         invocation
             .key(user_channels)
+            .key(FENCE)
             .arg(seq)
             .arg(event_json)
             .arg(retention.max(1));
@@ -514,9 +677,10 @@ impl CellStore for RedisStore {
             }
         }
         let outcome: i64 = invocation
+            .arg(self.epoch())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.write_error(e))?;
         match outcome {
             -2 => Ok(()),
             -1 => Err(StoreError::NoSuchChannel(channel.clone())),
@@ -562,20 +726,22 @@ impl CellStore for RedisStore {
                 .key(format!("{key}:idemseq"))
                 .key(format!("{key}:members"))
                 .key(user_key(workspace, user, "channels"))
+                .key(FENCE)
                 .arg(*seq)
                 .arg(event_json)
                 .arg(retention.max(1))
                 .arg("join")
                 .arg(user.as_str())
                 .arg(channel.as_str())
-                .arg(max_user_channels);
+                .arg(max_user_channels)
+                .arg(self.epoch());
             pipe.invoke_script(&invocation);
             seqs.push(*seq);
         }
         let outcomes: Vec<i64> = pipe
             .query_async(&mut self.conn())
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.write_error(e))?;
         for (appended, (outcome, seq)) in outcomes.iter().zip(seqs).enumerate() {
             match *outcome {
                 -2 => {}
@@ -594,6 +760,34 @@ impl CellStore for RedisStore {
             return Err(corrupt("append_joins replies", outcomes.len()));
         }
         Ok(events.len())
+    }
+
+    async fn raise_last_seq(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        expected: u64,
+        to: u64,
+    ) -> StoreResult<()> {
+        let outcome: i64 = self
+            .raise_last_seq
+            .key(channel_key(workspace, channel))
+            .key(FENCE)
+            .arg(expected)
+            .arg(to)
+            .arg(self.epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        match outcome {
+            -2 => Ok(()),
+            -1 => Err(StoreError::NoSuchChannel(channel.clone())),
+            last => Err(StoreError::SeqConflict {
+                channel: channel.clone(),
+                expected: last.max(0) as u64 + 1,
+                got: to,
+            }),
+        }
     }
 
     async fn events_after(
@@ -778,12 +972,14 @@ impl CellStore for RedisStore {
             .advance_read
             .key(user_key(workspace, user, "read"))
             .key(WORKSPACES)
+            .key(FENCE)
             .arg(channel.as_str())
             .arg(seq)
             .arg(workspace.as_str())
+            .arg(self.epoch())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.write_error(e))?;
         match marker[..] {
             [previous, current] => Ok(ReadMarker { previous, current }),
             [] => Err(StoreError::NoSuchChannel(channel.clone())),

@@ -9,7 +9,8 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use confab_testkit::{free_port, RedisServer};
@@ -48,6 +49,27 @@ impl Proc {
         false
     }
 
+    /// The exit status, if the process exits within `wait`.
+    fn exit_status_within(&mut self, wait: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Some(child) = self.0.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.0 = None;
+                    return Some(status);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
     fn kill9(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
@@ -74,11 +96,13 @@ pub struct CellProc {
 }
 
 impl CellProc {
-    fn spawn(&mut self) {
-        let child = Command::new(binary())
+    /// The command line of this cell's process, listening on `port`.
+    fn command(&self, port: u16) -> Command {
+        let mut command = Command::new(binary());
+        command
             .args(["cell", "--id", &self.id, "--region", &self.region])
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--advertise", &format!("http://127.0.0.1:{}", self.port)])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--advertise", &format!("http://127.0.0.1:{port}")])
             .args([
                 "--redis",
                 &self.store.url(),
@@ -88,11 +112,75 @@ impl CellProc {
             .args(["--cluster-secret", CLUSTER_SECRET])
             .args(["--retention-events", &self.retention.to_string()])
             .env("CONFAB_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(Stdio::null());
+        command
+    }
+
+    fn spawn(&mut self) {
+        let child = self
+            .command(self.port)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start confab cell");
         self.proc = Proc(Some(child));
+    }
+
+    /// The process id while the cell runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// The exit status, if the cell exits within `wait`.
+    pub fn exit_status_within(&mut self, wait: Duration) -> Option<ExitStatus> {
+        self.proc.exit_status_within(wait)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `redis-cli` against the cell's store (to break it the way a lost write would);
+    /// returns its output.
+    pub fn store_cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.store.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(output.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// Starts a second process with this cell's id, region and store on another port (a
+    /// split brain: the same `--id` started twice), and waits until it is ready. Its log
+    /// lines are collected in [`TwinProc::log`].
+    pub async fn start_twin(&self) -> TwinProc {
+        loop {
+            let port = free_port();
+            let mut child = self
+                .command(port)
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start the twin cell");
+            let log = Arc::new(Mutex::new(Vec::new()));
+            if let Some(stderr) = child.stderr.take() {
+                let lines = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                        eprintln!("twin: {line}");
+                        lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                    }
+                });
+            }
+            let mut proc = Proc(Some(child));
+            // Another test may have taken the probed port first: the twin then exits at once.
+            if proc.exited_within(Duration::from_millis(300)) {
+                continue;
+            }
+            wait_http_ok(&format!("http://127.0.0.1:{port}/readyz")).await;
+            return TwinProc { port, proc, log };
+        }
     }
 
     /// SIGKILL.
@@ -105,6 +193,43 @@ impl CellProc {
         self.kill9();
         self.spawn();
         wait_http_ok(&format!("http://127.0.0.1:{}/readyz", self.port)).await;
+    }
+}
+
+/// A second process started with a cell's id (see [`CellProc::start_twin`]).
+pub struct TwinProc {
+    pub port: u16,
+    proc: Proc,
+    /// Its stderr, line by line.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl TwinProc {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether a line containing every one of `parts` was logged within `wait`.
+    pub async fn logged_within(&self, parts: &[&str], wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let found = {
+                let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+                log.iter()
+                    .any(|line| parts.iter().all(|p| line.contains(p)))
+            };
+            if found {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// The exit status, if the process exits within `wait`.
+    pub fn exit_status_within(&mut self, wait: Duration) -> Option<ExitStatus> {
+        self.proc.exit_status_within(wait)
     }
 }
 
@@ -429,6 +554,32 @@ impl Client {
                 Incoming::Frame(frame) if frame["id"] == json!(id) => return frame,
                 Incoming::Frame(frame) => self.pending.push_back(frame),
                 other => panic!("no reply to {request}: {other:?}"),
+            }
+        }
+    }
+
+    /// As [`Client::request`], but a socket closed before the reply is `Err(close code)`
+    /// instead of a panic (for tests where the server may close it meanwhile).
+    pub async fn try_request(&mut self, mut request: Value) -> Result<Value, Option<u16>> {
+        let id = self.next_id;
+        self.next_id += 1;
+        request["id"] = json!(id);
+        if self
+            .ws
+            .send(Message::text(request.to_string()))
+            .await
+            .is_err()
+        {
+            return Err(None);
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left).await {
+                Incoming::Frame(frame) if frame["id"] == json!(id) => return Ok(frame),
+                Incoming::Frame(frame) => self.pending.push_back(frame),
+                Incoming::Closed(code) => return Err(code),
+                Incoming::Timeout => panic!("no reply to {request}"),
             }
         }
     }

@@ -1287,6 +1287,17 @@ impl Http {
             .await
     }
 
+    /// POSTs `body` with one extra header.
+    pub async fn post_with_header(&self, path: &str, header: (&str, &str), body: Value) -> Resp {
+        self.send(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .header(header.0, header.1)
+                .json(&body),
+        )
+        .await
+    }
+
     /// POSTs `body` as it is, labelled `application/json`.
     pub async fn post_raw(&self, path: &str, body: &str) -> Resp {
         self.send(

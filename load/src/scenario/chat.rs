@@ -134,6 +134,8 @@ async fn chat_user(
     let mut next = Next::Typing;
     // The typing time of a user that starts a step mid-typing (shorter than `typing`).
     let mut first_typing: Option<Duration> = None;
+    // This user's sends so far, for their client_msg_ids.
+    let mut sends: u64 = 0;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     // The pause before a user's next `typing`: exponential around the per-user interval
     // (minus the typing time), i.e. Poisson sends at the user's rate.
@@ -205,7 +207,13 @@ async fn chat_user(
                         next = Next::Typing;
                         next_at = tokio::time::Instant::now()
                             + if interval == 0 { far } else { pause(&mut rng, interval) };
-                        payload::send_frame(&channels[c], &payload::make_text(payload::now_us(), size))
+                        sends += 1;
+                        let publish_us = payload::now_us();
+                        payload::send_frame(
+                            &channels[c],
+                            &payload::make_text(publish_us, size),
+                            &payload::client_msg_id(publish_us, sends),
+                        )
                     }
                 };
                 if let Err(e) = ws.send(Message::text(frame)).await {

@@ -246,9 +246,14 @@ async fn send_batch(
     count: u64,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     for _ in 0..count {
-        let text = payload::make_text(payload::now_us(), spec.size);
+        let publish_us = payload::now_us();
+        let text = payload::make_text(publish_us, spec.size);
         let frame = match spec.kind {
-            ServerKind::Confab => payload::send_frame(&spec.stream, &text),
+            ServerKind::Confab => payload::send_frame(
+                &spec.stream,
+                &text,
+                &payload::client_msg_id(publish_us, result.sent + 1),
+            ),
             ServerKind::Reference => {
                 payload::reference_frame(&spec.stream, result.sent + 1, &spec.user, &text)
             }
