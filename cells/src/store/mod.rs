@@ -14,6 +14,10 @@
 //! - Seqs are assigned by the channel's actor; `append` refuses any seq other than
 //!   `last_seq + 1` ([`StoreError::SeqConflict`]), which turns a second writer into an error
 //!   instead of a fork of the log.
+//! - The one exception is [`CellStore::raise_last_seq`], for a store that lost writes: the
+//!   actor moves `last_seq` up to the highest seq it handed out, so none is handed out twice.
+//! - A Redis store is also fenced: a newer process of the same cell claims it with a higher
+//!   epoch, and every write of an older one fails with [`StoreError::Fenced`].
 
 mod memory;
 mod redis;
