@@ -13,6 +13,7 @@ import { REPO } from "./harness.js";
 
 const ASYNCAPI = join(REPO, "docs/asyncapi.yaml");
 const DTS = join(REPO, "clients/js/src/confab.d.ts");
+const USAGE = join(REPO, "clients/js/test/types/usage.ts");
 
 async function parsed() {
   const parser = new Parser();
@@ -97,4 +98,10 @@ test("the SDK's TypeScript wire types and the AsyncAPI schemas have the same pro
     if (schema.properties?.op && !types.has(name)) mismatches.push(`${name}: in asyncapi.yaml, not in WireSchemas`);
   }
   assert.deepEqual(mismatches, []);
+});
+
+test("the README's usage type-checks against confab.d.ts", () => {
+  const program = ts.createProgram([USAGE], { strict: true, noEmit: true, target: ts.ScriptTarget.ES2022, module: ts.ModuleKind.NodeNext, moduleResolution: ts.ModuleResolutionKind.NodeNext, lib: ["lib.es2022.d.ts", "lib.dom.d.ts"] });
+  const diagnostics = ts.getPreEmitDiagnostics(program).map((d) => `${d.file ? d.file.fileName.split("/").pop() : ""}: ${ts.flattenDiagnosticMessageText(d.messageText, "\n")}`);
+  assert.deepEqual(diagnostics, []);
 });

@@ -182,17 +182,27 @@ test("a slow consumer closed with 4008 resumes with nothing missing", async () =
   const closes = [];
   bob.on("close", (c) => closes.push(c.code));
   await Promise.all([alice.connect(), bob.connect()]);
-  // Bob stops reading; alice sends more than his queue (64 events) and the socket buffers hold.
+  // Bob stops reading; alice sends until the gateway gives him up (its slow-consumer counter
+  // moves): more than his queue (64 events) and the socket buffers on the way hold. Bob must
+  // read again within 5 s of that, or the server drops the socket before its 4008 gets through.
+  const slowCloses = async () => {
+    const text = await (await fetch(`${dev.base}/metrics`)).text();
+    const m = text.match(/^confab_slow_consumer_closes_total(?:\{[^}]*\})? (\d+)/m);
+    return m ? Number(m[1]) : 0;
+  };
+  const baseline = await slowCloses();
   proxy.stall(true);
   const big = "x".repeat(12000);
   const want = [];
-  const sends = [];
-  for (let i = 0; i < 1000 && !closes.length; i++) {
-    want.push(`${i} ${big}`);
-    sends.push(alice.send(ch, `${i} ${big}`));
-    if (i % 50 === 49) await Promise.all(sends.splice(0));
+  for (let i = 0; i < 2500; i += 20) {
+    const chunk = [];
+    for (let j = i; j < i + 20; j++) {
+      want.push(`${j} ${big}`);
+      chunk.push(alice.send(ch, `${j} ${big}`));
+    }
+    await Promise.all(chunk);
+    if ((await slowCloses()) > baseline) break;
   }
-  await Promise.all(sends);
   proxy.stall(false);
   await until("bob to be closed as a slow consumer", () => closes.includes(CloseCode.SLOW_CONSUMER), 60000);
   await until("bob to see every message", () => rb.texts(ch).length >= want.length, 60000);
