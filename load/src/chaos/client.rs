@@ -1,7 +1,8 @@
 //! A chaos client: one user with one connection at a time, which logs every ack and every
-//! event, reconnects with `resume` after any close or error (alternating gateways, so a dead
-//! one is not waited on), and retries an unacknowledged send with the same `client_msg_id`
-//! after `unavailable`, any other error, a silent ack timeout or a disconnect.
+//! event, reconnects with `resume` after any close or error (to a random gateway, another one
+//! right after a failure, so a dead one is not waited on), and retries an unacknowledged send
+//! with the same `client_msg_id` after `unavailable`, any other error, a silent ack timeout or
+//! a disconnect.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -164,17 +165,26 @@ impl ChaosClient {
     pub async fn run(self, mut phase: watch::Receiver<Phase>) {
         let mut pending: Option<Pending> = None;
         let mut next_n = 1u64;
-        let mut attempt = 0usize;
+        let mut last_gateway = self.index;
+        let mut failed = false;
         let mut backoff = Duration::from_millis(100);
         loop {
             if *phase.borrow() == Phase::Done {
                 return;
             }
-            let gateway = &self.gateways[(self.index + attempt) % self.gateways.len()];
-            attempt += 1;
+            // A random gateway each time (a fixed rotation could fall into step with the kills
+            // and never be on the gateway that dies), but another one right after a failure.
+            let choice = if failed {
+                last_gateway + 1
+            } else {
+                rand::random::<usize>()
+            } % self.gateways.len();
+            last_gateway = choice;
+            let gateway = &self.gateways[choice];
             let ws = match self.open(gateway).await {
                 Ok(ws) => ws,
                 Err(e) => {
+                    failed = true;
                     self.log(Entry::Disconnect {
                         reason: format!("{gateway}: {e:#}"),
                     });
@@ -190,7 +200,11 @@ impl ChaosClient {
             backoff = Duration::from_millis(100);
             match self.serve(ws, &mut phase, &mut pending, &mut next_n).await {
                 Ended::Done => return,
-                Ended::Lost(reason) => self.log(Entry::Disconnect { reason }),
+                Ended::Lost(reason) => {
+                    // A connection the server reset or closed: its gateway may be gone.
+                    failed = !reason.contains("churn");
+                    self.log(Entry::Disconnect { reason });
+                }
             }
         }
     }
