@@ -126,7 +126,7 @@ async fn startup_prints_the_url_the_demo_tokens_and_the_admin_token() {
         assert_eq!(
             cell_lines,
             vec![format!(
-                "confab cell local-1 (region local) listening on {}",
+                "confab cell local-1 (region local, epoch 1) listening on {}",
                 server.cell_base_url()
             )],
             "the cell's stdout"

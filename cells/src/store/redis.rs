@@ -213,6 +213,21 @@ pub struct RedisStore {
     fenced: CancellationToken,
 }
 
+/// The outcome of a script that moves a channel's `last_seq` (`append`, `raise_last_seq`):
+/// -2 when it did, -1 for no such channel, else the `last_seq` found (a seq conflict with
+/// `got`, the seq the caller asked for).
+fn seq_step_outcome(outcome: i64, channel: &ChannelId, got: u64) -> StoreResult<()> {
+    match outcome {
+        -2 => Ok(()),
+        -1 => Err(StoreError::NoSuchChannel(channel.clone())),
+        last => Err(StoreError::SeqConflict {
+            channel: channel.clone(),
+            expected: last.max(0) as u64 + 1,
+            got,
+        }),
+    }
+}
+
 /// A write script: the fence guard, then the script's own lines.
 fn fenced_script(body: &str) -> Script {
     Script::new(&format!("{FENCE_GUARD}{body}"))
@@ -681,15 +696,7 @@ impl CellStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
-        match outcome {
-            -2 => Ok(()),
-            -1 => Err(StoreError::NoSuchChannel(channel.clone())),
-            last => Err(StoreError::SeqConflict {
-                channel: channel.clone(),
-                expected: last.max(0) as u64 + 1,
-                got: seq,
-            }),
-        }
+        seq_step_outcome(outcome, channel, seq)
     }
 
     async fn append_joins(
@@ -779,15 +786,7 @@ impl CellStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
-        match outcome {
-            -2 => Ok(()),
-            -1 => Err(StoreError::NoSuchChannel(channel.clone())),
-            last => Err(StoreError::SeqConflict {
-                channel: channel.clone(),
-                expected: last.max(0) as u64 + 1,
-                got: to,
-            }),
-        }
+        seq_step_outcome(outcome, channel, to)
     }
 
     async fn events_after(
