@@ -18,6 +18,8 @@
 //! - `fanout`: subscribers grouped per gateway link; an event is encoded once and costs one
 //!   `Deliver` per gateway.
 //! - `messages`: the actors' messages.
+//! - `moving`: the move gate — requests to a workspace that is moving in or out wait there,
+//!   or are answered "moved" — and the cell's steps of a live workspace move.
 //! - [`store`]: the [`CellStore`] trait (shaped for Redis) and the in-memory engine.
 //!
 //! Architecture invariants: a channel's seq is assigned by exactly one actor; every event is
@@ -32,6 +34,7 @@ mod channel;
 mod fanout;
 mod link;
 mod messages;
+mod moving;
 mod registry;
 pub mod store;
 mod user;

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use crate::channel::ChannelActor;
 use crate::link::Link;
 use crate::messages::Unsubscribe;
+use crate::moving::MoveGate;
 use crate::store::CellStore;
 use crate::user::UserActor;
 
@@ -108,6 +109,8 @@ pub(crate) struct Registry {
     high_water: DashMap<ChannelKey, u64>,
     pub(crate) workspaces: AtomicU64,
     next_link: AtomicU64,
+    /// Workspaces moving in or out of this cell, and the requests waiting for their move.
+    pub(crate) gate: Arc<MoveGate>,
 }
 
 impl Registry {
@@ -127,6 +130,7 @@ impl Registry {
             high_water: DashMap::new(),
             workspaces: AtomicU64::new(0),
             next_link: AtomicU64::new(1),
+            gate: Arc::new(MoveGate::default()),
         }
     }
 
@@ -286,6 +290,24 @@ impl Registry {
             }
         }
         tracing::debug!(session = %session, user = %entry.user, "session detached");
+    }
+
+    /// The attached sessions of a workspace.
+    pub(crate) fn sessions_in(&self, workspace: &WorkspaceId) -> Vec<Arc<SessionEntry>> {
+        self.sessions
+            .iter()
+            .filter(|e| &e.workspace == workspace)
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
+    /// Forgets every channel and user actor of a workspace that left the cell, so that if it
+    /// ever comes back its actors start afresh from the store. The old actors stop on their
+    /// own once idle (their sessions are detached first).
+    pub(crate) fn forget_workspace(&self, workspace: &WorkspaceId) {
+        self.channels.retain(|key, _| &key.0 != workspace);
+        self.users.retain(|key, _| &key.0 != workspace);
+        self.high_water.retain(|key, _| &key.0 != workspace);
     }
 
     /// Detaches every session of a link the cell gave up on or the gateway dropped.

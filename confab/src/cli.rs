@@ -236,12 +236,26 @@ pub enum CtlCommand {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// List workspaces with their cell and region.
+    Workspaces {
+        /// Only the workspaces of this cell.
+        #[arg(long)]
+        cell: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CellCommand {
-    /// Place no new workspace on the cell.
-    Drain { id: String },
+    /// Place no new workspace on the cell; with --move, also move its workspaces off it and
+    /// wait until it holds none.
+    Drain {
+        id: String,
+        /// Move the cell's workspaces, one at a time, to the healthy cells of its region.
+        #[arg(long = "move")]
+        move_workspaces: bool,
+    },
+    /// Let the cell take new workspaces again.
+    Undrain { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,7 +271,7 @@ pub enum WorkspaceCommand {
     },
     /// Show where a workspace lives.
     Show { id: String },
-    /// Move a workspace to another cell.
+    /// Move a workspace to another cell, live; returns once the new cell serves it.
     Move {
         id: String,
         #[arg(long)]

@@ -17,6 +17,8 @@
 //! - [`presence`]: local presence subscriptions fed by the presence engine's change stream.
 //! - [`rate`]: token buckets.
 //! - [`http_api`], [`admin`]: the HTTP and admin APIs; [`api_error`] maps errors to HTTP.
+//! - [`moves`]: live workspace moves and drains, and the sweep that finishes or undoes a move
+//!   whose gateway died.
 //! - [`body_timeout`]: a deadline on HTTP request bodies (`408` for a body that trickles in).
 //! - [`metrics`]: metric names and the Prometheus exporter.
 //! - [`server`]: builds the HTTP server (the actix-web application, and the upgrade service
@@ -33,6 +35,7 @@ pub mod config;
 pub mod http_api;
 pub mod links;
 pub mod metrics;
+pub mod moves;
 pub mod presence;
 pub mod rate;
 pub mod server;

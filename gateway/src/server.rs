@@ -154,6 +154,7 @@ impl Gateway {
     /// Background duties: follow directory and presence changes, refresh presence, prune.
     fn spawn_background(self: &Arc<Self>) {
         actix_rt::spawn(Arc::clone(&self.links).follow_directory());
+        actix_rt::spawn(crate::moves::recover_abandoned(Arc::clone(self)));
         actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
         let gateway = Arc::clone(self);
         actix_rt::spawn(async move {

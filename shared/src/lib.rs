@@ -9,6 +9,7 @@
 //! - [`link`]: the gateway<->cell protocol, the one seam between the `gateway` and `cells` crates,
 //!   with its binary encoding.
 //! - [`limits`]: the protocol's default limits.
+//! - [`moves`]: the steps of a live workspace move and the key pages it copies.
 //!
 //! Architecture invariant: this crate does no I/O and starts no runtime; it is data and pure
 //! functions, so it is tested in isolation.
@@ -19,6 +20,7 @@ pub mod codes;
 pub mod ids;
 pub mod limits;
 pub mod link;
+pub mod moves;
 pub mod server;
 
 pub use codes::{CloseCode, ErrorCode};

@@ -175,6 +175,15 @@ impl Gw {
                 self.attaches.insert(session.to_string(), Err(error));
             }
             ToGateway::Close { .. } => {}
+            // Only a moving workspace is answered so; these tests move none.
+            ToGateway::Moved { req } => {
+                self.replies
+                    .insert(req, Err(CellError::unavailable("moved")));
+            }
+            ToGateway::AttachMoved { session } => {
+                self.attaches
+                    .insert(session.to_string(), Err(CellError::unavailable("moved")));
+            }
         }
     }
 
