@@ -238,7 +238,9 @@ impl MoveGate {
             }
             _ => return,
         };
-        tracing::warn!(workspace = %workspace, waiting = expired.len(), "move took too long; waiting requests answered unavailable");
+        if !expired.is_empty() {
+            tracing::warn!(workspace = %workspace, waiting = expired.len(), "move took too long; waiting requests answered unavailable");
+        }
         for held in expired {
             fail(held, waiting_too_long());
         }

@@ -155,6 +155,10 @@ pub struct GatewayArgs {
     pub presence_ttl_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Pause between the pages of a workspace move's bulk copy, to spare a busy source
+    /// store (0: none). The frozen part of a move never waits.
+    #[arg(long, env = "CONFAB_MOVE_PAGE_DELAY_MS", default_value_t = 0)]
+    pub move_page_delay_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -57,6 +57,9 @@ pub struct GatewayConfig {
     /// How often the gateway tells the presence engine its sessions are alive (well within
     /// the engine's session lifetime).
     pub presence_refresh: Duration,
+    /// Pause between the pages of a move's bulk copy (`--move-page-delay-ms`), to spare a
+    /// busy source store; the frozen part of a move never waits.
+    pub move_page_delay: Duration,
 }
 
 impl GatewayConfig {
@@ -70,6 +73,7 @@ impl GatewayConfig {
             request_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             presence_refresh: Duration::from_secs(10),
+            move_page_delay: Duration::ZERO,
         }
     }
 }

@@ -316,7 +316,8 @@ impl Mover<'_> {
         Ok(())
     }
 
-    /// Copies pages from `first` on until the source says the export is complete.
+    /// Copies pages until the source says the export is complete: all keys, or (`dirty`)
+    /// those written since the export began.
     async fn copy(&self, dirty: bool) -> Result<u64, MoveError> {
         let (ws, epoch) = (&self.plan.workspace, self.plan.epoch);
         let mut cursor = 0;
@@ -348,6 +349,10 @@ impl Mover<'_> {
             match page.next {
                 Some(next) => cursor = next,
                 None => return Ok(keys),
+            }
+            let delay = self.gateway.config.move_page_delay;
+            if !dirty && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
         }
     }

@@ -239,6 +239,8 @@ pub struct GatewayProc {
     directory_url: String,
     presence_ttl_ms: u64,
     proc: Proc,
+    /// `--move-page-delay-ms`.
+    move_page_delay_ms: u64,
 }
 
 impl GatewayProc {
@@ -250,6 +252,7 @@ impl GatewayProc {
             .args(["--cluster-secret", CLUSTER_SECRET])
             .args(["--presence-ttl-ms", &self.presence_ttl_ms.to_string()])
             .args(["--client-rate", "1000"])
+            .args(["--move-page-delay-ms", &self.move_page_delay_ms.to_string()])
             .env("CONFAB_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -274,6 +277,12 @@ impl GatewayProc {
     pub fn kill9(&mut self) {
         self.proc.kill9();
     }
+
+    /// Starts the gateway again on its port after [`GatewayProc::kill9`].
+    pub async fn restart(&mut self) {
+        self.spawn();
+        wait_http_ok(&format!("{}/readyz", self.url())).await;
+    }
 }
 
 /// Builder of a cluster.
@@ -283,6 +292,7 @@ pub struct Cluster {
     presence_ttl_ms: u64,
     retention: u64,
     durable_directory: bool,
+    move_page_delay_ms: u64,
 }
 
 /// A running cluster.
@@ -301,6 +311,7 @@ impl Cluster {
             presence_ttl_ms: 30_000,
             retention: 10_000,
             durable_directory: false,
+            move_page_delay_ms: 0,
         }
     }
 
@@ -322,6 +333,12 @@ impl Cluster {
     /// Runs the presence + directory Redis with `appendonly`, so a restart keeps its data.
     pub fn durable_directory(mut self) -> Cluster {
         self.durable_directory = true;
+        self
+    }
+
+    /// Gateways pause this long between the pages of a move's bulk copy.
+    pub fn move_page_delay_ms(mut self, ms: u64) -> Cluster {
+        self.move_page_delay_ms = ms;
         self
     }
 
@@ -360,6 +377,7 @@ impl Cluster {
                 directory_url: directory.url(),
                 presence_ttl_ms: self.presence_ttl_ms,
                 proc: Proc(None),
+                move_page_delay_ms: self.move_page_delay_ms,
             };
             gateway.spawn();
             while gateway.proc.exited_within(Duration::from_millis(300)) {
@@ -512,6 +530,41 @@ impl Client {
             other => panic!("expected ready, got {other:?}"),
         }
         client
+    }
+
+    /// As [`Client::connect`], but a refused hello (an error, a close) is `Err` with what
+    /// arrived instead of a panic (for tests where the workspace may be moving meanwhile).
+    pub async fn try_connect(
+        ws_url: &str,
+        token: &str,
+        resume: Option<Value>,
+    ) -> Result<Client, String> {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(ws_url))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = Client {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 1,
+            ready: Value::Null,
+        };
+        let mut hello = json!({"op": "hello", "token": token});
+        if let Some(resume) = resume {
+            hello["resume"] = resume;
+        }
+        client
+            .ws
+            .send(Message::text(hello.to_string()))
+            .await
+            .map_err(|e| format!("hello: {e}"))?;
+        match client.read(WAIT).await {
+            Incoming::Frame(frame) if frame["op"] == "ready" => {
+                client.ready = frame;
+                Ok(client)
+            }
+            other => Err(format!("{other:?}")),
+        }
     }
 
     pub async fn send(&mut self, frame: &Value) {
