@@ -20,6 +20,7 @@
 //!   already running; [`procfs`] reads its CPU time and RSS.
 //! - [`api`]: tokens and channel setup over confab's HTTP API.
 //! - [`report`], [`plot`], [`progress`]: results as JSON, Markdown and PNG; progress bars.
+//! - [`moving`]: the live-move benchmark (a workspace's pause while it moves between cells).
 //! - [`cli`]: the command line.
 //!
 //! Traffic goes only to the targets given (in practice 127.0.0.1); every run is bounded in
@@ -29,6 +30,7 @@ pub mod api;
 pub mod chaos;
 pub mod cli;
 pub mod client;
+pub mod moving;
 pub mod payload;
 pub mod plot;
 pub mod procfs;
