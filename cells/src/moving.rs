@@ -353,8 +353,15 @@ pub(crate) async fn step(reg: &Arc<Registry>, op: MoveOp) -> Result<CellReply, C
         MoveOp::Release { epoch, .. } => {
             let released = store.release(&ws, *epoch).await;
             if released.is_ok() {
+                // Waiting requests go to the new cell first; the old copy is deleted after.
                 release(reg, &ws);
                 refresh_workspace_count(reg).await;
+                let (reg, ws) = (reg.clone(), ws.clone());
+                reg.arbiter.clone().spawn(async move {
+                    if let Err(e) = reg.store.purge_workspace(&ws).await {
+                        tracing::warn!(workspace = %ws, error = %e, "could not delete a released workspace's keys");
+                    }
+                });
             }
             released.map(|()| CellReply::Done)
         }

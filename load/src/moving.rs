@@ -197,6 +197,10 @@ struct Deployment {
 }
 
 async fn deploy(confab: &Path, dir: &Path, http: &reqwest::Client) -> Result<Deployment> {
+    // Every run starts from empty stores.
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
     std::fs::create_dir_all(dir)?;
     let mut procs = Vec::new();
     let (p, directory) = redis(dir, "redis-directory").await?;
@@ -413,9 +417,11 @@ async fn client(
             }
         }
         let period = plan.send_every.unwrap_or(Duration::from_secs(10));
-        let mut tick = tokio::time::interval(period);
+        // Senders are spread over the period, so that sends are even in time and some land in
+        // every short window (a freeze among them).
+        let phase = period.mul_f64((plan.index % 101) as f64 / 101.0);
+        let mut tick = tokio::time::interval_at(Instant::now() + phase, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         let mut ping = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
@@ -581,6 +587,7 @@ pub async fn run(bench: MoveBench) -> Result<MoveReport> {
     let stop = CancellationToken::new();
     let send_every = Duration::from_secs_f64(bench.channels as f64 / bench.rate.max(0.1));
     let mut tasks = Vec::new();
+    let clients = 2 * bench.channels * per_channel;
     for (w, ws) in [MOVING, STEADY].into_iter().enumerate() {
         for (k, channel) in channels[ws].iter().enumerate() {
             for m in 0..per_channel {
@@ -641,7 +648,7 @@ pub async fn run(bench: MoveBench) -> Result<MoveReport> {
     let steady_during = window(&samples, false, during.0, during.1 + 1_000_000);
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let report = MoveReport {
-        clients: per_ws * 2,
+        clients,
         channels: bench.channels,
         seeded_messages: bench.messages,
         rate_per_workspace: bench.rate,

@@ -402,8 +402,14 @@ pub trait CellStore: Send + Sync + 'static {
         Err(cannot_move())
     }
 
-    /// Source: marks the workspace `Gone(epoch)`, forgets it and deletes its keys.
+    /// Source: marks the workspace `Gone(epoch)` and forgets it (every write of it is refused
+    /// from now on); its keys are deleted by [`CellStore::purge_workspace`].
     async fn release(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Deletes every key of a workspace this store no longer serves (`Gone`).
+    async fn purge_workspace(&self, _workspace: &WorkspaceId) -> StoreResult<()> {
         Err(cannot_move())
     }
 

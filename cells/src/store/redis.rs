@@ -1050,6 +1050,10 @@ impl CellStore for RedisStore {
         self.release_workspace(workspace, epoch).await
     }
 
+    async fn purge_workspace(&self, workspace: &WorkspaceId) -> StoreResult<()> {
+        self.purge_released(workspace).await
+    }
+
     async fn abort_export(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
         self.undo_export(workspace, epoch).await
     }

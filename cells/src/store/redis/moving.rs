@@ -303,8 +303,20 @@ impl RedisStore {
     pub(super) async fn release_workspace(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
         let (dirty, export) = (dirty_key(ws), export_key(ws));
         let keys = [MOVES, WORKSPACES, dirty.as_str(), export.as_str()];
-        self.run_step(ws, "release", &RELEASE, &keys, epoch).await?;
-        self.purge(ws).await
+        self.run_step(ws, "release", &RELEASE, &keys, epoch).await
+    }
+
+    /// Deletes a released workspace's keys, if it is still `gone` (it may have come back).
+    pub(super) async fn purge_released(&self, ws: &WorkspaceId) -> StoreResult<()> {
+        let mark: Option<String> = self
+            .conn()
+            .hget(MOVES, ws.as_str())
+            .await
+            .map_err(redis_error)?;
+        match mark.as_deref().and_then(parse_mark) {
+            Some(MoveMark::Gone(_)) => self.purge(ws).await,
+            _ => Ok(()),
+        }
     }
 
     pub(super) async fn undo_export(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
