@@ -122,7 +122,8 @@ fn phase_of(code: u8) -> MovePhase {
     }
 }
 
-/// Whether `cell` may take a moving workspace; why not otherwise.
+/// Whether `cell` may take a moving workspace; why not otherwise. (A cell's bound on its
+/// workspaces, once cells report one, is checked here too: a full target is `503` as well.)
 fn refusal(cell: &CellRecord, now: u64) -> Option<String> {
     match cell.status(now) {
         CellStatus::Healthy => None,
