@@ -188,7 +188,8 @@ pub trait Directory: Send + Sync + 'static {
         -> Result<Option<MoveRecord>, EngineError>;
     /// Every recorded move.
     async fn moves(&self) -> Result<Vec<MoveRecord>, EngineError>;
-    /// Sets the move's phase and lease, if the recorded move still has `epoch`.
+    /// Sets the move's phase and lease, if the recorded move still has `epoch` (an `Undoing`
+    /// move takes no other phase).
     async fn update_move(
         &self,
         workspace: &WorkspaceId,
@@ -196,8 +197,8 @@ pub trait Directory: Send + Sync + 'static {
         phase: MovePhase,
         lease_until_ms: u64,
     ) -> Result<bool, EngineError>;
-    /// The switch: if the recorded move has `epoch` and the workspace is still on the move's
-    /// source, points it at the target (and the target's region), marks the move `Switched`
+    /// The switch: if the recorded move has `epoch`, is `Frozen`, and the workspace is still on
+    /// the move's source, points it at the target (and the target's region), marks the move `Switched`
     /// and announces it, atomically. `false` (nothing changed) otherwise.
     async fn switch_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<bool, EngineError>;
     /// Forgets the recorded move, if it still has `epoch`.

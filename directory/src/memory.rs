@@ -283,7 +283,10 @@ impl Directory for MemoryDirectory {
     ) -> Result<bool, EngineError> {
         let mut state = self.state.lock();
         match state.moves.get_mut(workspace) {
-            Some(record) if record.epoch == epoch => {
+            Some(record)
+                if record.epoch == epoch
+                    && (record.phase != MovePhase::Undoing || phase == MovePhase::Undoing) =>
+            {
                 record.phase = phase;
                 record.lease_until_ms = lease_until_ms;
                 Ok(true)
@@ -299,7 +302,9 @@ impl Directory for MemoryDirectory {
                 moves, workspaces, ..
             } = &mut *state;
             match (moves.get_mut(workspace), workspaces.get_mut(workspace)) {
-                (Some(mv), Some(ws)) if mv.epoch == epoch && ws.cell == mv.from => {
+                (Some(mv), Some(ws))
+                    if mv.epoch == epoch && mv.phase == MovePhase::Frozen && ws.cell == mv.from =>
+                {
                     ws.cell = mv.to.clone();
                     ws.region = mv.to_region.clone();
                     mv.phase = MovePhase::Switched;

@@ -23,6 +23,10 @@ pub enum MovePhase {
     Frozen,
     /// The directory points at the target; the source is to be released.
     Switched,
+    /// A gateway is undoing the move (it did not switch). Terminal: the record accepts no
+    /// other phase any more, and the switch refuses it, so the driver of an attempt that was
+    /// given up for dead can never switch behind the undo.
+    Undoing,
 }
 
 /// A move under way.

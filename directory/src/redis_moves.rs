@@ -43,7 +43,7 @@ return {'started', json}
     )
 });
 
-/// KEYS = move; ARGV = epoch, phase, lease. Returns 1 when updated.
+/// KEYS = move; ARGV = epoch, phase, lease. Returns 1 when updated; an `undoing` move stays so.
 static UPDATE_MOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -51,6 +51,7 @@ local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local record = cjson.decode(raw)
 if tostring(record['epoch']) ~= ARGV[1] then return 0 end
+if record['phase'] == 'undoing' and ARGV[2] ~= 'undoing' then return 0 end
 record['phase'] = ARGV[2]
 record['lease_until_ms'] = tonumber(ARGV[3])
 redis.call('SET', KEYS[1], cjson.encode(record))
@@ -60,7 +61,7 @@ return 1
 });
 
 /// KEYS = move, workspace, cell counts; ARGV = epoch, directory channel. Returns 1 when
-/// switched.
+/// switched; only a `frozen` move switches.
 static SWITCH_MOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -68,7 +69,7 @@ local raw = redis.call('GET', KEYS[1])
 local ws_raw = redis.call('GET', KEYS[2])
 if not raw or not ws_raw then return 0 end
 local record = cjson.decode(raw)
-if tostring(record['epoch']) ~= ARGV[1] then return 0 end
+if tostring(record['epoch']) ~= ARGV[1] or record['phase'] ~= 'frozen' then return 0 end
 local ws = cjson.decode(ws_raw)
 if ws['cell'] ~= record['from'] then return 0 end
 redis.call('HINCRBY', KEYS[3], ws['cell'], -1)
@@ -106,6 +107,7 @@ fn phase_name(phase: MovePhase) -> &'static str {
         MovePhase::Copying => "copying",
         MovePhase::Frozen => "frozen",
         MovePhase::Switched => "switched",
+        MovePhase::Undoing => "undoing",
     }
 }
 

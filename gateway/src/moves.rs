@@ -111,6 +111,7 @@ fn phase_code(phase: MovePhase) -> u8 {
         MovePhase::Copying => 0,
         MovePhase::Frozen => 1,
         MovePhase::Switched => 2,
+        MovePhase::Undoing => 3,
     }
 }
 
@@ -118,7 +119,8 @@ fn phase_of(code: u8) -> MovePhase {
     match code {
         0 => MovePhase::Copying,
         1 => MovePhase::Frozen,
-        _ => MovePhase::Switched,
+        2 => MovePhase::Switched,
+        _ => MovePhase::Undoing,
     }
 }
 
@@ -479,6 +481,17 @@ pub async fn recover(gateway: &Arc<Gateway>, plan: &MoveRecord) -> Result<(), Mo
         return Ok(());
     }
     tracing::info!(workspace = %ws, epoch, "undoing a move");
+    // First the record: from now on the attempt cannot switch, even if its driver is alive
+    // after all, so the source may write the workspace again.
+    let claimed = gateway
+        .directory
+        .update_move(ws, epoch, MovePhase::Undoing, now_ms() + MOVE_LEASE_MS)
+        .await
+        .map_err(|e| MoveError::Failed(e.to_string()))?;
+    if !claimed {
+        // The record changed meanwhile: another gateway finished or undid the move.
+        return Ok(());
+    }
     let abort = MoveOp::Abort {
         workspace: ws.clone(),
         epoch,
