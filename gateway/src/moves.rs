@@ -28,7 +28,7 @@ use confab_directory::{
     choose_cell, CellRecord, CellStatus, MoveBegun, MovePhase, MoveRecord, MOVE_LEASE_MS,
 };
 use confab_shared::link::{AdminOp, CellError, CellReply};
-use confab_shared::moves::MoveOp;
+use confab_shared::moves::{KeyDump, KeyPage, MoveOp};
 use confab_shared::{now_ms, CellId, WorkspaceId};
 use dashmap::DashMap;
 
@@ -322,42 +322,55 @@ impl Mover<'_> {
     /// Copies pages until the source says the export is complete: all keys, or (`dirty`)
     /// those written since the export began.
     async fn copy(&self, dirty: bool) -> Result<u64, MoveError> {
-        let (ws, epoch) = (&self.plan.workspace, self.plan.epoch);
-        let mut cursor = 0;
+        let mut page = self.export(dirty, 0).await?;
         let mut keys = 0u64;
         loop {
-            let op = if dirty {
-                MoveOp::ExportDirty {
-                    workspace: ws.clone(),
-                    cursor,
-                }
-            } else {
-                MoveOp::ExportPage {
-                    workspace: ws.clone(),
-                    cursor,
-                }
-            };
-            let CellReply::Keys(page) = self.step(&self.plan.from, op).await? else {
-                return Err(MoveError::Failed("the source answered no key page".into()));
-            };
             keys += page.keys.len() as u64;
-            if !page.keys.is_empty() {
-                let op = MoveOp::ImportPage {
-                    workspace: ws.clone(),
-                    epoch,
-                    keys: page.keys,
-                };
-                self.step(&self.plan.to, op).await?;
-            }
-            match page.next {
-                Some(next) => cursor = next,
-                None => return Ok(keys),
-            }
+            let Some(cursor) = page.next else {
+                self.import(page.keys).await?;
+                return Ok(keys);
+            };
             let delay = self.gateway.config.move_page_delay;
             if !dirty && !delay.is_zero() {
+                self.import(page.keys).await?;
                 tokio::time::sleep(delay).await;
+                page = self.export(dirty, cursor).await?;
+            } else {
+                // The next page is read from the source while this one is written to the
+                // target; pages are still written one after the other, in order.
+                let (imported, exported) =
+                    tokio::join!(self.import(page.keys), self.export(dirty, cursor));
+                imported?;
+                page = exported?;
             }
         }
+    }
+
+    /// A page of the source's export list from `cursor`.
+    async fn export(&self, dirty: bool, cursor: u64) -> Result<KeyPage, MoveError> {
+        let workspace = self.plan.workspace.clone();
+        let op = if dirty {
+            MoveOp::ExportDirty { workspace, cursor }
+        } else {
+            MoveOp::ExportPage { workspace, cursor }
+        };
+        match self.step(&self.plan.from, op).await? {
+            CellReply::Keys(page) => Ok(page),
+            _ => Err(MoveError::Failed("the source answered no key page".into())),
+        }
+    }
+
+    /// Writes a page of keys to the target.
+    async fn import(&self, keys: Vec<KeyDump>) -> Result<(), MoveError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let op = MoveOp::ImportPage {
+            workspace: self.plan.workspace.clone(),
+            epoch: self.plan.epoch,
+            keys,
+        };
+        self.step(&self.plan.to, op).await.map(drop)
     }
 
     /// Steps 2 to 6 of the module docs; the keys copied and how long writes waited.
