@@ -14,6 +14,7 @@
 //! The store keeps the same marks durably and its write scripts check them, so a write never
 //! lands on a workspace that left, even in a process that has not heard of it yet.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,9 @@ impl Entry {
 #[derive(Default)]
 pub(crate) struct MoveGate {
     workspaces: DashMap<WorkspaceId, Entry>,
+    /// How many workspaces the gate holds: every request reads it, and an atomic load is
+    /// cheaper than asking the map (whose emptiness check visits every shard).
+    held_workspaces: AtomicUsize,
 }
 
 fn waiting_too_long() -> CellError {
@@ -98,6 +102,11 @@ fn waiting_too_long() -> CellError {
 }
 
 impl MoveGate {
+    /// No workspace is moving in or out: the hot path's only cost.
+    fn is_idle(&self) -> bool {
+        self.held_workspaces.load(Ordering::Acquire) == 0
+    }
+
     /// A request, unless it waits here or was answered: the request to route, watched when its
     /// workspace is leaving.
     pub(crate) fn admit_request(
@@ -106,7 +115,7 @@ impl MoveGate {
         op: CellOp,
         mut reply: Reply,
     ) -> Option<(Caller, CellOp, Reply)> {
-        if self.workspaces.is_empty() {
+        if self.is_idle() {
             return Some((caller, op, reply));
         }
         let Some(mut entry) = self.workspaces.get_mut(&caller.workspace) else {
@@ -137,7 +146,7 @@ impl MoveGate {
 
     /// An attach, unless it waits here or was answered.
     pub(crate) fn admit_attach(&self, attach: Attach, link: &Arc<Link>) -> Option<Attach> {
-        if self.workspaces.is_empty() {
+        if self.is_idle() {
             return Some(attach);
         }
         let Some(mut entry) = self.workspaces.get_mut(&attach.workspace) else {
@@ -216,7 +225,13 @@ impl MoveGate {
                 Vec::new()
             }
             None => {
-                self.workspaces.insert(workspace.clone(), Entry::new(phase));
+                if self
+                    .workspaces
+                    .insert(workspace.clone(), Entry::new(phase))
+                    .is_none()
+                {
+                    self.held_workspaces.fetch_add(1, Ordering::AcqRel);
+                }
                 Vec::new()
             }
         }
@@ -224,10 +239,13 @@ impl MoveGate {
 
     /// Removes the workspace from the gate; what waited is returned.
     fn open(&self, workspace: &WorkspaceId) -> Vec<Held> {
-        self.workspaces
-            .remove(workspace)
-            .map(|(_, entry)| entry.held)
-            .unwrap_or_default()
+        match self.workspaces.remove(workspace) {
+            Some((_, entry)) => {
+                self.held_workspaces.fetch_sub(1, Ordering::AcqRel);
+                entry.held
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Answers what waited longer than [`HOLD_LIMIT`] with `unavailable`.
