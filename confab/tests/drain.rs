@@ -174,4 +174,14 @@ async fn drain_and_undrain_answer_not_found_for_an_unknown_cell_and_drain_with_m
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+
+    // ctl's move: refused (non-zero, with the API's answer) while c1 drains, done once not.
+    let (ok, _, err) = ctl(&cluster, &["workspace", "move", "w1", "--to", "c1"]);
+    assert!(!ok && err.contains("503"), "{err}");
+    let (ok, _, err) = ctl(&cluster, &["cell", "undrain", "c1"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = ctl(&cluster, &["workspace", "move", "w1", "--to", "c1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("w1") && out.contains("c1"), "{out}");
+    assert!(err.contains("moved from cell c2 to cell c1"), "{err}");
 }
