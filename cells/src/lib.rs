@@ -19,6 +19,10 @@
 //!   `Deliver` per gateway.
 //! - `messages`: the actors' messages.
 //! - [`store`]: the [`CellStore`] trait (shaped for Redis) and the in-memory engine.
+//! - [`link_ws`]: the cell's end of a gateway link over a WebSocket (`/v1/link`: the
+//!   authenticated handshake, the bounds on a peer that has not authenticated yet, the pumps).
+//! - [`server`]: the cell process ([`server::run`]): claim of the cell id, heartbeat,
+//!   `/v1/link`, `/healthz`, `/readyz`, `/metrics`, shutdown.
 //!
 //! Architecture invariants: a channel's seq is assigned by exactly one actor; every event is
 //! durable in the store before it is acked or delivered; no actor ever blocks on a gateway.
@@ -31,8 +35,10 @@ pub mod cell;
 mod channel;
 mod fanout;
 mod link;
+pub mod link_ws;
 mod messages;
 mod registry;
+pub mod server;
 pub mod store;
 mod user;
 mod workspace;

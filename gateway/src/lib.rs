@@ -9,6 +9,7 @@
 //! - [`auth`]: JWT verification and minting, admin token check.
 //! - [`links`]: links to cells (in-process or over the network, behind [`links::CellConnector`]):
 //!   routing by workspace, request/reply correlation, delivery of cell frames to sessions.
+//! - [`link_ws`]: [`link_ws::WsConnector`], the gateway's end of a link over a WebSocket.
 //! - [`sessions`]: the registry of local sessions.
 //! - [`shards`]: delivery of cells' events on the worker threads that serve the sessions.
 //! - [`socket`]: the WebSocket transport: frame reader, each session's bounded outbound queue,
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod body_timeout;
 pub mod config;
 pub mod http_api;
+pub mod link_ws;
 pub mod links;
 pub mod metrics;
 pub mod presence;

@@ -8,6 +8,8 @@
 //! - [`claims`]: the JWT claims of client and bot tokens.
 //! - [`link`]: the gateway<->cell protocol, the one seam between the `gateway` and `cells` crates,
 //!   with its binary encoding.
+//! - [`link_transport`]: what both ends of a link over a WebSocket agree on (handshake
+//!   proofs, pre-authentication bounds, timing, batching into frames).
 //! - [`limits`]: the protocol's default limits.
 //!
 //! Architecture invariant: this crate does no I/O and starts no runtime; it is data and pure
@@ -19,6 +21,7 @@ pub mod codes;
 pub mod ids;
 pub mod limits;
 pub mod link;
+pub mod link_transport;
 pub mod server;
 
 pub use codes::{CloseCode, ErrorCode};
