@@ -57,6 +57,15 @@ pub struct CellStats {
     pub connections: u64,
 }
 
+/// How many actors and links a cell runs, for its gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActorCounts {
+    pub channel_actors: u64,
+    pub user_actors: u64,
+    /// Gateway links connected and not lost.
+    pub links: u64,
+}
+
 /// A running cell; cheap to clone.
 #[derive(Clone)]
 pub struct Cell {
@@ -111,8 +120,10 @@ impl Cell {
         // Whoever gives the link up (overflow, closed queue, dropped handle), its sessions are
         // detached here, outside of any actor.
         let (reg, watched) = (self.reg.clone(), link.clone());
+        self.reg.open_links.fetch_add(1, Ordering::Relaxed);
         self.reg.arbiter.spawn(async move {
             watched.lost_token().cancelled().await;
+            reg.open_links.fetch_sub(1, Ordering::Relaxed);
             reg.detach_link(&watched);
         });
         LinkHandle {
@@ -126,6 +137,16 @@ impl Cell {
         CellStats {
             workspaces: self.reg.workspaces.load(Ordering::Relaxed),
             connections: self.reg.session_count() as u64,
+        }
+    }
+
+    /// Live actors and links.
+    pub fn actors(&self) -> ActorCounts {
+        let (channels, users) = self.reg.actor_counts();
+        ActorCounts {
+            channel_actors: channels as u64,
+            user_actors: users as u64,
+            links: self.reg.open_links.load(Ordering::Relaxed),
         }
     }
 }

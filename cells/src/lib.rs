@@ -21,6 +21,7 @@
 //! - [`store`]: the [`CellStore`] trait (shaped for Redis) and the in-memory engine.
 //! - [`link_ws`]: the cell's end of a gateway link over a WebSocket (`/v1/link`: the
 //!   authenticated handshake, the bounds on a peer that has not authenticated yet, the pumps).
+//! - [`metrics`]: the cell's metric names, its Prometheus recorder and the gauges' sampler.
 //! - [`server`]: the cell process ([`server::run`]): claim of the cell id, heartbeat,
 //!   `/v1/link`, `/healthz`, `/readyz`, `/metrics`, shutdown.
 //!
@@ -37,11 +38,12 @@ mod fanout;
 mod link;
 pub mod link_ws;
 mod messages;
+pub mod metrics;
 mod registry;
 pub mod server;
 pub mod store;
 mod user;
 mod workspace;
 
-pub use cell::{Cell, CellConfig, CellStats, LinkHandle};
+pub use cell::{ActorCounts, Cell, CellConfig, CellStats, LinkHandle};
 pub use store::{CellStore, MemoryStore, RedisStore, StoreError};

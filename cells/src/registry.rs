@@ -108,6 +108,8 @@ pub(crate) struct Registry {
     high_water: DashMap<ChannelKey, u64>,
     pub(crate) workspaces: AtomicU64,
     next_link: AtomicU64,
+    /// Gateway links connected and not lost yet.
+    pub(crate) open_links: AtomicU64,
 }
 
 impl Registry {
@@ -127,6 +129,7 @@ impl Registry {
             high_water: DashMap::new(),
             workspaces: AtomicU64::new(0),
             next_link: AtomicU64::new(1),
+            open_links: AtomicU64::new(0),
         }
     }
 
@@ -149,6 +152,12 @@ impl Registry {
 
     pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Channel and user actors in the maps (a stopped one counts until it is replaced or
+    /// forgets itself, which it does as it stops).
+    pub(crate) fn actor_counts(&self) -> (usize, usize) {
+        (self.channels.len(), self.users.len())
     }
 
     /// The actor of a channel, started (on the cell's arbiter) if none is running.

@@ -21,7 +21,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::link_ws::{link_route, LinkEndpoint};
-use crate::store::{RedisStore, StoreError};
+use crate::store::{RedisStore, StoreError, TimedStore};
 use crate::{Cell, CellConfig};
 
 /// How often a cell heartbeats in the directory.
@@ -97,7 +97,10 @@ pub async fn run(
         process: config.process.clone(),
         epoch,
     };
-    let cell = Cell::start(config.cell.clone(), store.clone());
+    crate::metrics::describe();
+    let measured = Arc::new(TimedStore::new(store.clone()));
+    let cell = Cell::start(config.cell.clone(), measured);
+    actix_rt::spawn(crate::metrics::sample(cell.clone(), shutdown.clone()));
     let superseded = CancellationToken::new();
     actix_rt::spawn(heartbeat(
         cell.clone(),

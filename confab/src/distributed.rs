@@ -62,9 +62,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing metrics")?;
+    let metrics = confab_cells::metrics::install().context("installing metrics")?;
     let listener = crate::listen::bind(args.listen)?;
     let id: CellId = args
         .id

@@ -2,6 +2,8 @@
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Gauge, always 1, labelled with the `version` of the running binary (cells have it too).
+pub const BUILD_INFO: &str = "confab_build_info";
 /// Gauge: open client WebSockets on this gateway.
 pub const CONNECTIONS: &str = "confab_connections";
 /// Counter: frames received from clients.
@@ -43,6 +45,8 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 }
 
 fn describe() {
+    metrics::describe_gauge!(BUILD_INFO, "1, labelled with the running version");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     metrics::describe_gauge!(CONNECTIONS, "open client websockets on this gateway");
     metrics::describe_counter!(FRAMES_IN, "frames received from clients");
     metrics::describe_counter!(FRAMES_OUT, "frames written to client sockets");

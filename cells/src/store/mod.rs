@@ -21,6 +21,7 @@
 
 mod memory;
 mod redis;
+mod timed;
 
 use std::collections::HashMap;
 
@@ -30,6 +31,7 @@ use confab_shared::{ChannelId, UserId, WorkspaceId};
 
 pub use self::redis::{Persistence, RedisStore};
 pub use memory::MemoryStore;
+pub use timed::TimedStore;
 
 /// Why a store call failed. Every variant reaches clients as `unavailable`: they are the
 /// store's problems, not the request's.

@@ -1,0 +1,312 @@
+//! A [`CellStore`] that measures its engine: every operation's latency goes to the
+//! `confab_store_op_duration_seconds{op}` histogram, and every event appended to a channel log
+//! to `confab_events_appended_total`. The cell process wraps its store in it once at start-up,
+//! so both engines are measured the same way and the engines stay free of metrics code.
+//!
+//! A method added to [`CellStore`] needs one delegating method here.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use confab_shared::server::{Event, MessageView};
+use confab_shared::{ChannelId, UserId, WorkspaceId};
+
+use super::{
+    CellStore, ChannelSnapshot, ChannelSummary, CreateOutcome, MessageQuery, NewChannel,
+    ReadMarker, StoreResult,
+};
+use crate::metrics::{EVENTS_APPENDED, STORE_OP_DURATION};
+
+/// The latency histogram of one store operation.
+fn op_latency(op: &'static str) -> metrics::Histogram {
+    metrics::histogram!(STORE_OP_DURATION, "op" => op)
+}
+
+async fn timed<T>(histogram: &metrics::Histogram, operation: impl Future<Output = T>) -> T {
+    let start = Instant::now();
+    let outcome = operation.await;
+    histogram.record(start.elapsed().as_secs_f64());
+    outcome
+}
+
+/// Measures every operation of the store it wraps (module docs).
+pub struct TimedStore {
+    inner: Arc<dyn CellStore>,
+    // Hot path: `append` runs once per message, so its handles are looked up once here
+    // rather than in the recorder's registry on every call.
+    append_latency: metrics::Histogram,
+    events_appended: metrics::Counter,
+}
+
+impl std::fmt::Debug for TimedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimedStore").finish_non_exhaustive()
+    }
+}
+
+impl TimedStore {
+    pub fn new(inner: Arc<dyn CellStore>) -> TimedStore {
+        TimedStore {
+            inner,
+            append_latency: op_latency("append"),
+            events_appended: metrics::counter!(EVENTS_APPENDED),
+        }
+    }
+}
+
+#[async_trait]
+impl CellStore for TimedStore {
+    async fn create_workspace(
+        &self,
+        workspace: &WorkspaceId,
+        name: Option<&str>,
+    ) -> StoreResult<bool> {
+        timed(
+            &op_latency("create_workspace"),
+            self.inner.create_workspace(workspace, name),
+        )
+        .await
+    }
+
+    async fn workspace_exists(&self, workspace: &WorkspaceId) -> StoreResult<bool> {
+        timed(
+            &op_latency("workspace_exists"),
+            self.inner.workspace_exists(workspace),
+        )
+        .await
+    }
+
+    async fn workspace_count(&self) -> StoreResult<u64> {
+        timed(&op_latency("workspace_count"), self.inner.workspace_count()).await
+    }
+
+    async fn create_channel(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &NewChannel,
+    ) -> StoreResult<CreateOutcome> {
+        timed(
+            &op_latency("create_channel"),
+            self.inner.create_channel(workspace, channel),
+        )
+        .await
+    }
+
+    async fn load_channel(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+    ) -> StoreResult<Option<ChannelSnapshot>> {
+        timed(
+            &op_latency("load_channel"),
+            self.inner.load_channel(workspace, channel),
+        )
+        .await
+    }
+
+    async fn channel_summaries(
+        &self,
+        workspace: &WorkspaceId,
+        channels: &[ChannelId],
+    ) -> StoreResult<Vec<ChannelSummary>> {
+        timed(
+            &op_latency("channel_summaries"),
+            self.inner.channel_summaries(workspace, channels),
+        )
+        .await
+    }
+
+    async fn public_channels(&self, workspace: &WorkspaceId) -> StoreResult<Vec<ChannelSummary>> {
+        timed(
+            &op_latency("public_channels"),
+            self.inner.public_channels(workspace),
+        )
+        .await
+    }
+
+    async fn dm_channel(
+        &self,
+        workspace: &WorkspaceId,
+        pair: (&UserId, &UserId),
+    ) -> StoreResult<Option<ChannelId>> {
+        timed(
+            &op_latency("dm_channel"),
+            self.inner.dm_channel(workspace, pair),
+        )
+        .await
+    }
+
+    async fn append(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        event: &Event,
+        retention: u64,
+    ) -> StoreResult<()> {
+        let outcome = timed(
+            &self.append_latency,
+            self.inner.append(workspace, channel, event, retention),
+        )
+        .await;
+        if outcome.is_ok() {
+            self.events_appended.increment(1);
+        }
+        outcome
+    }
+
+    async fn append_joins(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        events: &[Event],
+        retention: u64,
+        max_user_channels: u64,
+    ) -> StoreResult<usize> {
+        let outcome = timed(
+            &op_latency("append_joins"),
+            self.inner
+                .append_joins(workspace, channel, events, retention, max_user_channels),
+        )
+        .await;
+        if let Ok(appended) = &outcome {
+            self.events_appended.increment(*appended as u64);
+        }
+        outcome
+    }
+
+    async fn raise_last_seq(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        expected: u64,
+        to: u64,
+    ) -> StoreResult<()> {
+        timed(
+            &op_latency("raise_last_seq"),
+            self.inner.raise_last_seq(workspace, channel, expected, to),
+        )
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        after: u64,
+        max: usize,
+    ) -> StoreResult<Vec<Event>> {
+        timed(
+            &op_latency("events_after"),
+            self.inner.events_after(workspace, channel, after, max),
+        )
+        .await
+    }
+
+    async fn find_client_msg(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        user: &UserId,
+        client_msg_id: &str,
+    ) -> StoreResult<Option<(u64, u64)>> {
+        timed(
+            &op_latency("find_client_msg"),
+            self.inner
+                .find_client_msg(workspace, channel, user, client_msg_id),
+        )
+        .await
+    }
+
+    async fn message(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<Option<MessageView>> {
+        timed(
+            &op_latency("message"),
+            self.inner.message(workspace, channel, seq),
+        )
+        .await
+    }
+
+    async fn messages(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        query: MessageQuery,
+    ) -> StoreResult<Vec<MessageView>> {
+        timed(
+            &op_latency("messages"),
+            self.inner.messages(workspace, channel, query),
+        )
+        .await
+    }
+
+    async fn user_channels(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> StoreResult<Vec<ChannelId>> {
+        timed(
+            &op_latency("user_channels"),
+            self.inner.user_channels(workspace, user),
+        )
+        .await
+    }
+
+    async fn channel_counts(
+        &self,
+        workspace: &WorkspaceId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>> {
+        timed(
+            &op_latency("channel_counts"),
+            self.inner.channel_counts(workspace, users),
+        )
+        .await
+    }
+
+    async fn read_markers_in(
+        &self,
+        workspace: &WorkspaceId,
+        channel: &ChannelId,
+        users: &[UserId],
+    ) -> StoreResult<Vec<u64>> {
+        timed(
+            &op_latency("read_markers_in"),
+            self.inner.read_markers_in(workspace, channel, users),
+        )
+        .await
+    }
+
+    async fn read_markers(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+    ) -> StoreResult<HashMap<ChannelId, u64>> {
+        timed(
+            &op_latency("read_markers"),
+            self.inner.read_markers(workspace, user),
+        )
+        .await
+    }
+
+    async fn advance_read_marker(
+        &self,
+        workspace: &WorkspaceId,
+        user: &UserId,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<ReadMarker> {
+        timed(
+            &op_latency("advance_read_marker"),
+            self.inner
+                .advance_read_marker(workspace, user, channel, seq),
+        )
+        .await
+    }
+}
