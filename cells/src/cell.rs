@@ -33,6 +33,21 @@ pub struct CellConfig {
     pub max_channels_per_user: usize,
     /// Members one channel may have (`conflict` beyond).
     pub max_members_per_channel: usize,
+    /// `--max-workspaces` and `--max-connections` (default: no bound).
+    pub bounds: CellBounds,
+}
+
+/// How much one cell takes on (SPEC §1: `--max-workspaces N`, `--max-connections N`). The
+/// cell publishes them with each heartbeat, and placement skips a cell at either bound.
+///
+/// At `max_connections` sessions, one more attach fails with `unavailable` (the client
+/// sees the error, then `4010`, and retries later); sessions already attached are not
+/// touched, and a session attaching again under its own id is never refused. At
+/// `max_workspaces`, creating another workspace fails with `unavailable`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CellBounds {
+    pub max_workspaces: Option<u64>,
+    pub max_connections: Option<u64>,
 }
 
 impl CellConfig {
@@ -44,6 +59,7 @@ impl CellConfig {
             max_channels_per_workspace: limits::MAX_CHANNELS_PER_WORKSPACE,
             max_channels_per_user: limits::MAX_CHANNELS_PER_USER,
             max_members_per_channel: limits::MAX_MEMBERS_PER_CHANNEL,
+            bounds: CellBounds::default(),
         }
     }
 }
@@ -91,6 +107,7 @@ impl Cell {
             max_channels_per_workspace: config.max_channels_per_workspace.max(1),
             max_channels_per_user: config.max_channels_per_user.max(1),
             max_members_per_channel: config.max_members_per_channel.max(2),
+            bounds: config.bounds,
         };
         let reg = Arc::new(Registry::new(store, settings, Arbiter::current()));
         let counting = reg.clone();
@@ -140,6 +157,11 @@ impl Cell {
         }
     }
 
+    /// The bounds the cell was started with.
+    pub fn bounds(&self) -> CellBounds {
+        self.reg.settings.bounds
+    }
+
     /// Live actors and links.
     pub fn actors(&self) -> ActorCounts {
         let (channels, users) = self.reg.actor_counts();
@@ -175,6 +197,13 @@ impl LinkHandle {
         }
         match message {
             ToCell::Attach(attach) => {
+                if let Some(refusal) = self.reg.refuse_attach(&attach.session) {
+                    self.link.push(ToGateway::AttachFailed {
+                        session: attach.session,
+                        error: refusal,
+                    });
+                    return;
+                }
                 let session = self.reg.register_session(&attach, &self.link);
                 let reply = AttachReply::new(self.reg.clone(), session.clone());
                 self.reg

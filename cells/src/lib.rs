@@ -45,5 +45,5 @@ pub mod store;
 mod user;
 mod workspace;
 
-pub use cell::{ActorCounts, Cell, CellConfig, CellStats, LinkHandle};
+pub use cell::{ActorCounts, Cell, CellBounds, CellConfig, CellStats, LinkHandle};
 pub use store::{CellStore, MemoryStore, RedisStore, StoreError};

@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use actix::{Actor, Addr};
 use actix_rt::ArbiterHandle;
-use confab_shared::link::Attach;
+use confab_shared::link::{Attach, CellError};
 use confab_shared::{ChannelId, SessionId, UserId, WorkspaceId};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+use crate::cell::CellBounds;
 use crate::channel::ChannelActor;
 use crate::link::Link;
 use crate::messages::Unsubscribe;
@@ -91,6 +92,7 @@ pub(crate) struct Settings {
     pub(crate) max_channels_per_user: usize,
     /// At least 2, so that a DM can always have its two members.
     pub(crate) max_members_per_channel: usize,
+    pub(crate) bounds: CellBounds,
 }
 
 /// Shared state of one cell.
@@ -152,6 +154,20 @@ impl Registry {
 
     pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Why an attach of `session` must be refused: the cell serves its `max_connections`
+    /// already (a session attaching again under its own id replaces itself, so it passes).
+    pub(crate) fn refuse_attach(&self, session: &SessionId) -> Option<CellError> {
+        let max = self.settings.bounds.max_connections?;
+        if (self.sessions.len() as u64) < max || self.sessions.contains_key(session) {
+            return None;
+        }
+        metrics::counter!("confab_cell_attaches_refused_total", "reason" => "max_connections")
+            .increment(1);
+        Some(CellError::unavailable(format!(
+            "this cell is full: it serves its --max-connections of {max} sessions; retry later"
+        )))
     }
 
     /// Channel and user actors in the maps (a stopped one counts until it is replaced or

@@ -253,8 +253,11 @@ async fn heartbeat(
             _ = tick.tick() => {}
         }
         let now = confab_shared::now_ms();
+        let bounds = cell.bounds();
         let load = CellLoad {
             connections: cell.stats().connections,
+            max_workspaces: bounds.max_workspaces,
+            max_connections: bounds.max_connections,
         };
         let tenure = match directory
             .heartbeat_cell(&registration.id, holder.epoch, load, now)

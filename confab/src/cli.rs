@@ -103,11 +103,11 @@ impl CellLimitArgs {
     /// The cell's config with these limits.
     pub fn to_config(&self, id: CellId, retention_events: u64) -> CellConfig {
         CellConfig {
-            id,
             retention_events: retention_events.max(1),
             max_channels_per_workspace: self.max_channels_per_workspace.max(1),
             max_channels_per_user: self.max_channels_per_user.max(1),
             max_members_per_channel: self.max_members_per_channel.max(2),
+            ..CellConfig::new(id)
         }
     }
 }
@@ -194,6 +194,14 @@ pub struct CellArgs {
     /// to a second of acked events lost on a crash of the store.
     #[arg(long, env = "CONFAB_STORE_FSYNC", value_enum)]
     pub store_fsync: Option<crate::durability::StoreFsync>,
+    /// Workspaces this cell takes at most: placement skips it once it holds this many
+    /// (default: no bound).
+    #[arg(long, env = "CONFAB_MAX_WORKSPACES")]
+    pub max_workspaces: Option<u64>,
+    /// Client sessions this cell serves at most: one more attach answers `unavailable`, and
+    /// placement skips the cell while it is at the bound (default: no bound).
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -147,6 +147,7 @@ fn spawn_cell_heartbeat(
             }
             let load = CellLoad {
                 connections: cell.stats().connections,
+                ..CellLoad::default()
             };
             if let Err(e) = directory
                 .heartbeat_cell(&id, epoch, load, confab_shared::now_ms())

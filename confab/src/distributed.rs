@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use confab_cells::server::CellServerConfig;
-use confab_cells::RedisStore;
+use confab_cells::{CellBounds, RedisStore};
 use confab_directory::{RedisDirectory, RedisPresence};
 use confab_gateway::link_ws::WsConnector;
 use confab_gateway::{Gateway, GatewayConfig};
@@ -74,8 +74,13 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
         let store = Arc::new(RedisStore::connect(&args.redis)?);
         check_store_durability(&store, args.store_fsync).await?;
         let directory = RedisDirectory::start(&args.directory)?;
+        let mut cell = args.cell_limits.to_config(id, args.retention_events);
+        cell.bounds = CellBounds {
+            max_workspaces: args.max_workspaces,
+            max_connections: args.max_connections,
+        };
         let config = CellServerConfig {
-            cell: args.cell_limits.to_config(id, args.retention_events),
+            cell,
             region: args.region,
             advertise: args.advertise,
             cluster_secret: args.cluster_secret,

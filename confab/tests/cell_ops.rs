@@ -123,3 +123,166 @@ async fn a_cell_serves_every_metric_from_its_first_page_and_counts_what_it_does(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `GET /admin/v1/cells`, by id.
+async fn cells(cluster: &cluster::Running) -> serde_json::Map<String, serde_json::Value> {
+    let (status, body) = cluster.admin(0, Method::GET, "/admin/v1/cells", None).await;
+    assert_eq!(status, 200, "{body}");
+    body["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap().to_string(), c.clone()))
+        .collect()
+}
+
+/// Waits until the directory holds what every cell's heartbeat published (its bounds are
+/// sent with each heartbeat).
+async fn wait_for_cells(
+    cluster: &cluster::Running,
+    ready: impl Fn(&serde_json::Map<String, serde_json::Value>) -> bool,
+) -> serde_json::Map<String, serde_json::Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let cells = cells(cluster).await;
+        if ready(&cells) {
+            return cells;
+        }
+        assert!(Instant::now() < deadline, "cells never became {cells:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn try_create_workspace(cluster: &cluster::Running, id: &str) -> (u16, serde_json::Value) {
+    cluster
+        .admin(
+            0,
+            Method::POST,
+            "/admin/v1/workspaces",
+            Some(json!({"id": id, "region": "r"})),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn placement_skips_a_full_cell_and_a_region_of_full_cells_answers_503() {
+    let cluster = Cluster::new()
+        .cell_with("c1", "r", &["--max-workspaces", "1"])
+        .cell_with("c2", "r", &["--max-workspaces", "2"])
+        .cell("c3", "other")
+        .start()
+        .await;
+    let shown = wait_for_cells(&cluster, |cells| {
+        cells["c1"]["max_workspaces"] == 1 && cells["c2"]["max_workspaces"] == 2
+    })
+    .await;
+    assert_eq!(shown["c1"]["max_connections"], json!(null), "{shown:?}");
+    assert_eq!(shown["c3"]["max_workspaces"], json!(null), "{shown:?}");
+
+    // Both empty: the tie goes to c1, which is then full, so the next two go to c2.
+    assert_eq!(cluster.create_workspace("w1", "r").await, "c1");
+    assert_eq!(cluster.create_workspace("w2", "r").await, "c2");
+    assert_eq!(cluster.create_workspace("w3", "r").await, "c2");
+    let (status, body) = try_create_workspace(&cluster, "w4").await;
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("full"), "{body}");
+    // The refused id stays free, and another region is not affected.
+    assert_eq!(cluster.create_workspace("w4", "other").await, "c3");
+    let (status, body) = cluster
+        .admin(0, Method::GET, "/admin/v1/workspaces/w4", None)
+        .await;
+    assert_eq!((status, body["cell"].clone()), (200, json!("c3")), "{body}");
+}
+
+/// Opens a client socket and says hello; returns the frames and close code it got.
+async fn hello_outcome(ws_url: &str, token: &str) -> (Vec<serde_json::Value>, Option<u16>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let hello = json!({"op": "hello", "token": token}).to_string();
+    ws.send(Message::text(hello)).await.unwrap();
+    let mut frames = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                let ready = frame["op"] == "ready";
+                frames.push(frame);
+                if ready {
+                    return (frames, None);
+                }
+            }
+            Ok(Some(Ok(Message::Close(close)))) => {
+                return (frames, close.map(|c| u16::from(c.code)))
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no outcome of hello: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_attach_past_max_connections_answers_unavailable_and_the_cell_counts_as_full() {
+    let cluster = Cluster::new()
+        .cell_with("c1", "r", &["--max-connections", "1"])
+        .start()
+        .await;
+    wait_for_cells(&cluster, |cells| cells["c1"]["max_connections"] == 1).await;
+    cluster.create_workspace("acme", "r").await;
+    let alice = cluster.token("acme", "alice").await;
+    let bob = cluster.token("acme", "bob").await;
+    let (status, body) = cluster
+        .api(
+            0,
+            &alice,
+            Method::POST,
+            "/v1/channels",
+            Some(json!({"name": "general", "kind": "public", "members": ["alice"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let channel = body["id"].as_str().unwrap().to_string();
+    let ws_url = cluster.gateway(0).ws_url();
+    let mut first = Client::connect(&ws_url, &alice, None).await;
+
+    let (frames, close) = hello_outcome(&ws_url, &bob).await;
+    assert_eq!(close, Some(4010), "{frames:?}");
+    let error = frames
+        .iter()
+        .find(|f| f["op"] == "error")
+        .expect("an error");
+    assert_eq!(error["code"], "unavailable", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--max-connections"),
+        "{error}"
+    );
+    // The attached session is untouched.
+    let ack = first
+        .request(json!({"op": "send", "channel": channel, "text": "still here"}))
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+
+    // At its connection bound the cell takes no new workspace either.
+    wait_for_cells(&cluster, |cells| cells["c1"]["connections"] == 1).await;
+    let (status, body) = try_create_workspace(&cluster, "globex").await;
+    assert_eq!(status, 503, "{body}");
+
+    // Once alice leaves, bob gets in.
+    drop(first);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (frames, close) = hello_outcome(&ws_url, &bob).await;
+        if close.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob never got in: {frames:?} {close:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

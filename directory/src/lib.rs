@@ -16,8 +16,8 @@ pub mod presence;
 pub mod redis_engine;
 
 pub use directory::{
-    choose_cell, CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellStatus,
-    CellTenure, CreateWorkspaceError, Directory, DirectoryChange, WorkspaceRecord,
+    choose_cell, place, CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellStatus,
+    CellTenure, CreateWorkspaceError, Directory, DirectoryChange, NoPlacement, WorkspaceRecord,
 };
 pub use memory::{MemoryDirectory, MemoryPresence};
 pub use presence::{PresenceChange, PresenceSession, PresenceStore};

@@ -487,15 +487,22 @@ redis.call('HSET', KEYS[1], 'region', ARGV[2], 'url', ARGV[3], 'heartbeat', ARGV
 return -2
 ";
 
-/// A heartbeat under an epoch: KEYS = cell hash; ARGV = epoch, now, connections. Returns -2
-/// when recorded, -1 when the cell is not registered, else the epoch now holding the id.
+/// A heartbeat under an epoch: KEYS = cell hash; ARGV = epoch, now, connections,
+/// max_workspaces, max_connections (a bound is `""` when there is none). Returns -2 when
+/// recorded, -1 when the cell is not registered, else the epoch now holding the id.
 const HEARTBEAT_CELL: &str = r"
 local held = redis.call('HGET', KEYS[1], 'epoch')
 if not held or redis.call('HEXISTS', KEYS[1], 'url') == 0 then return -1 end
 if held ~= ARGV[1] then return tonumber(held) end
-redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'connections', ARGV[3])
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'connections', ARGV[3],
+  'max_workspaces', ARGV[4] or '', 'max_connections', ARGV[5] or '')
 return -2
 ";
+
+/// A bound as the cell hash stores it: the number, or `""` for none.
+fn bound_field(bound: Option<u64>) -> String {
+    bound.map(|b| b.to_string()).unwrap_or_default()
+}
 
 /// The Redis directory engine.
 pub struct RedisDirectory {
@@ -571,6 +578,8 @@ fn cell_from_hash(id: &str, hash: &HashMap<String, String>) -> Option<CellRecord
             .and_then(|c| c.parse().ok())
             .unwrap_or(0),
         workspaces: 0,
+        max_workspaces: hash.get("max_workspaces").and_then(|b| b.parse().ok()),
+        max_connections: hash.get("max_connections").and_then(|b| b.parse().ok()),
     })
 }
 
@@ -650,6 +659,8 @@ impl Directory for RedisDirectory {
             .arg(epoch)
             .arg(now_ms)
             .arg(load.connections)
+            .arg(bound_field(load.max_workspaces))
+            .arg(bound_field(load.max_connections))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(engine_error)?;
