@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::Arbiter;
-use confab_shared::link::{Caller, CellOp, ToCell, ToGateway};
+use confab_shared::link::{Caller, CellError, CellOp, ToCell, ToGateway};
 use confab_shared::{limits, CellId};
 use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -86,7 +86,7 @@ pub struct ActorCounts {
 #[derive(Clone)]
 pub struct Cell {
     id: CellId,
-    reg: Arc<Registry>,
+    pub(crate) reg: Arc<Registry>,
 }
 
 impl std::fmt::Debug for Cell {
@@ -137,10 +137,10 @@ impl Cell {
         // Whoever gives the link up (overflow, closed queue, dropped handle), its sessions are
         // detached here, outside of any actor.
         let (reg, watched) = (self.reg.clone(), link.clone());
-        self.reg.open_links.fetch_add(1, Ordering::Relaxed);
+        self.reg.links.insert(link.id, link.clone());
         self.reg.arbiter.spawn(async move {
             watched.lost_token().cancelled().await;
-            reg.open_links.fetch_sub(1, Ordering::Relaxed);
+            reg.links.remove(&watched.id);
             reg.detach_link(&watched);
         });
         LinkHandle {
@@ -168,7 +168,7 @@ impl Cell {
         ActorCounts {
             channel_actors: channels as u64,
             user_actors: users as u64,
-            links: self.reg.open_links.load(Ordering::Relaxed),
+            links: self.reg.links.len() as u64,
         }
     }
 }
@@ -195,6 +195,14 @@ impl LinkHandle {
         if self.link.is_lost() {
             return;
         }
+        let message = if self.reg.stopping.load(Ordering::Acquire) {
+            match refuse_while_stopping(&self.link, message) {
+                Some(message) => message,
+                None => return,
+            }
+        } else {
+            message
+        };
         match message {
             ToCell::Attach(attach) => {
                 if let Some(refusal) = self.reg.refuse_attach(&attach.session) {
@@ -275,6 +283,28 @@ impl LinkHandle {
     pub fn is_lost(&self) -> bool {
         self.link.is_lost()
     }
+}
+
+/// Answers what a gateway sends to a cell that is shutting down: every new request and
+/// attach is `unavailable` (its sessions are told to reconnect, `4010`, once the writes
+/// already taken have finished). Anything else (a detach) is handed back to be served.
+fn refuse_while_stopping(link: &Arc<Link>, message: ToCell) -> Option<ToCell> {
+    let refusal = || CellError::unavailable("the cell is shutting down; retry");
+    if let ToCell::Attach(attach) = &message {
+        link.push(ToGateway::AttachFailed {
+            session: attach.session.clone(),
+            error: refusal(),
+        });
+        return None;
+    }
+    if let ToCell::Request { req, .. } | ToCell::Admin { req, .. } = &message {
+        link.push(ToGateway::Reply {
+            req: *req,
+            result: Err(refusal()),
+        });
+        return None;
+    }
+    Some(message)
 }
 
 impl Drop for LinkHandle {

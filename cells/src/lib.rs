@@ -22,6 +22,8 @@
 //! - [`link_ws`]: the cell's end of a gateway link over a WebSocket (`/v1/link`: the
 //!   authenticated handshake, the bounds on a peer that has not authenticated yet, the pumps).
 //! - [`metrics`]: the cell's metric names, its Prometheus recorder and the gauges' sampler.
+//! - `shutdown`: [`Cell::shut_down`], the drain on SIGTERM (no new writes, the taken ones
+//!   finish, sessions told `4010`, queues handed over).
 //! - [`server`]: the cell process ([`server::run`]): claim of the cell id, heartbeat,
 //!   `/v1/link`, `/healthz`, `/readyz`, `/metrics`, shutdown.
 //!
@@ -41,9 +43,11 @@ mod messages;
 pub mod metrics;
 mod registry;
 pub mod server;
+mod shutdown;
 pub mod store;
 mod user;
 mod workspace;
 
 pub use cell::{ActorCounts, Cell, CellBounds, CellConfig, CellStats, LinkHandle};
+pub use shutdown::DrainReport;
 pub use store::{CellStore, MemoryStore, RedisStore, StoreError};

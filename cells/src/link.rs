@@ -77,6 +77,16 @@ impl Link {
         &self.lost
     }
 
+    /// Requests taken in and not answered yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether everything queued for the gateway was taken by the link's writer.
+    pub(crate) fn is_flushed(&self) -> bool {
+        self.outbound.capacity() == self.outbound.max_capacity()
+    }
+
     /// Counts a request in; `false` when the link already has [`MAX_IN_FLIGHT`] of them.
     fn admit(&self) -> bool {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);

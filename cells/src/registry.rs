@@ -7,7 +7,7 @@
 //! reference is ever held across an await or while another map of the registry is locked.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::{Actor, Addr};
@@ -110,8 +110,10 @@ pub(crate) struct Registry {
     high_water: DashMap<ChannelKey, u64>,
     pub(crate) workspaces: AtomicU64,
     next_link: AtomicU64,
-    /// Gateway links connected and not lost yet.
-    pub(crate) open_links: AtomicU64,
+    /// Gateway links connected and not lost yet, by id.
+    pub(crate) links: DashMap<u64, Arc<Link>>,
+    /// Set once shutdown began: new requests and attaches answer `unavailable`.
+    pub(crate) stopping: AtomicBool,
 }
 
 impl Registry {
@@ -131,7 +133,8 @@ impl Registry {
             high_water: DashMap::new(),
             workspaces: AtomicU64::new(0),
             next_link: AtomicU64::new(1),
-            open_links: AtomicU64::new(0),
+            links: DashMap::new(),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -168,6 +171,11 @@ impl Registry {
         Some(CellError::unavailable(format!(
             "this cell is full: it serves its --max-connections of {max} sessions; retry later"
         )))
+    }
+
+    /// Every attached session.
+    pub(crate) fn all_sessions(&self) -> Vec<Arc<SessionEntry>> {
+        self.sessions.iter().map(|e| e.value().clone()).collect()
     }
 
     /// Channel and user actors in the maps (a stopped one counts until it is replaced or

@@ -28,6 +28,11 @@ use crate::{Cell, CellConfig};
 pub const CELL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long a starting cell waits between attempts to reach its store or the directory.
 const STORE_WAIT: Duration = Duration::from_secs(1);
+/// The longest a graceful shutdown waits for the writes already taken and for the links'
+/// queues; a store write is bounded well below it (Redis commands fail within about 2 s).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the HTTP server waits for open connections (links closing) once drained.
+const HTTP_STOP_SECS: u64 = 3;
 
 /// How a cell process is set up.
 #[derive(Debug, Clone)]
@@ -72,6 +77,7 @@ struct Holder {
 
 /// Shared state of the cell's HTTP endpoints.
 struct CellHttp {
+    cell: Cell,
     store: Arc<RedisStore>,
     directory: Arc<dyn Directory>,
     metrics: Option<PrometheusHandle>,
@@ -118,12 +124,13 @@ pub async fn run(
         );
     }
     let endpoint = web::Data::new(LinkEndpoint::new(
-        cell,
+        cell.clone(),
         id.clone(),
         secret,
         config.link_max_frame.max(MIN_LINK_FRAME),
     ));
     let http = web::Data::new(CellHttp {
+        cell: cell.clone(),
         store: store.clone(),
         directory,
         metrics: config.metrics.clone(),
@@ -139,6 +146,7 @@ pub async fn run(
             .route("/metrics", web::get().to(render_metrics))
     })
     .disable_signals()
+    .shutdown_timeout(HTTP_STOP_SECS)
     .tcp_nodelay(true)
     .listen(listener)?
     .run();
@@ -154,9 +162,25 @@ pub async fn run(
             () = fenced => Some("a store write was refused: the store is claimed by a newer process"),
             () = superseded.cancelled() => Some("the directory names a newer process for this cell id"),
         };
-        // A fenced process stops at once: its links drop, and gateways reconnect to the
-        // process now registered for the cell and tell their sessions to resume (4010).
-        stopper.stop(reason.is_none()).await;
+        match reason {
+            // A fenced process stops at once: its links drop, and gateways reconnect to the
+            // process now registered for the cell and tell their sessions to resume (4010).
+            Some(_) => stopper.stop(false).await,
+            None => {
+                tracing::info!(
+                    sessions = cell.stats().connections,
+                    "shutting down: refusing new writes, finishing those taken"
+                );
+                let report = cell.shut_down(DRAIN_DEADLINE).await;
+                tracing::info!(
+                    sessions_told = report.sessions_told,
+                    unanswered = report.unanswered,
+                    flushed = report.flushed,
+                    "drained, stopping"
+                );
+                stopper.stop(true).await;
+            }
+        }
         reason
     });
     server.await?;
@@ -288,6 +312,10 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(http: web::Data<CellHttp>) -> HttpResponse {
+    if http.cell.is_stopping() {
+        return HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"status": "not ready", "reason": "shutting down"}));
+    }
     let store = http.store.ping().await;
     let directory = http.directory.cells().await;
     match (store, directory) {

@@ -130,6 +130,8 @@ pub struct DevArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub cell_limits: CellLimitArgs,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +157,28 @@ pub struct GatewayArgs {
     pub presence_ttl_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+}
+
+/// How a gateway shuts down on SIGTERM or SIGINT (SPEC §1).
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// Sessions are closed with `1001` evenly over this long, so that their clients do not all
+    /// reconnect in the same instant.
+    #[arg(long, env = "CONFAB_SHUTDOWN_SPREAD_MS", default_value_t = limits::SHUTDOWN_SPREAD_MS)]
+    pub shutdown_spread_ms: u64,
+    /// The process exits at the latest this long after the signal, sessions still open or not.
+    #[arg(long, env = "CONFAB_SHUTDOWN_TIMEOUT_MS", default_value_t = limits::SHUTDOWN_TIMEOUT_MS)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl ShutdownArgs {
+    /// Sets the gateway's shutdown timing from these flags.
+    pub fn apply(&self, config: &mut confab_gateway::GatewayConfig) {
+        config.shutdown_spread = std::time::Duration::from_millis(self.shutdown_spread_ms);
+        config.drain_timeout = std::time::Duration::from_millis(self.shutdown_timeout_ms);
+    }
 }
 
 #[derive(Debug, Args)]

@@ -70,6 +70,7 @@ async fn serve(
 
     let mut config = GatewayConfig::new("dev-gateway".into(), args.jwt_secret, args.admin_token);
     config.limits = args.limits.to_limits();
+    args.shutdown.apply(&mut config);
     let admin_token = config.admin_token.clone();
     let connector = Arc::new(InProcessConnector {
         cell,

@@ -31,6 +31,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         let mut config = GatewayConfig::new(gateway_id.clone(), args.jwt_secret, args.admin_token);
         config.limits = args.limits.to_limits();
         config.presence_refresh = ttl / 3;
+        args.shutdown.apply(&mut config);
         let secret = args.cluster_secret.filter(|s| !s.is_empty());
         if secret.is_none() {
             tracing::warn!(

@@ -62,6 +62,13 @@ pub async fn upgrade(
         Ok(mut response) => response.finish().drop_body(),
         Err(e) => return respond_and_close(framed, handshake_failed(e)).await,
     };
+    if gateway.shutdown.is_cancelled() {
+        // SPEC §1: a gateway shutting down refuses new WebSockets, so that a client (or its
+        // load balancer) goes to another gateway at once.
+        let mut leaving = ApiError::unavailable("this gateway is shutting down");
+        leaving.retry_after_ms = Some(FULL_RETRY_AFTER_MS);
+        return respond_and_close(framed, leaving).await;
+    }
     let peer = framed.io_ref().peer_addr()?;
     let Some(pending) = gateway.try_pending_hello(peer.ip()) else {
         let mut many = ApiError::new(

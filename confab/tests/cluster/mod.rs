@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod traffic;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
