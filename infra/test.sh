@@ -37,6 +37,14 @@ CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
   --test workspace_limits \
   -- --test-threads="${CONFAB_TEST_THREADS:-4}"
 
+# Cells as the unit of operations (docs/operations.md), distributed mode only:
+# confab/tests/cell_ops.rs (bounds, metrics), shutdown.rs (SIGTERM of a gateway and of a cell,
+# a rolling restart under traffic) and blast_radius.rs ran in the workspace tests above. The
+# blast-radius case runs again here with its output, for the latency figures it measures
+# (the other cell's workspace before, during and after a kill -9; never asserted).
+echo "==> blast radius: latency figures"
+cargo test -q -p confab --locked --test blast_radius -- --nocapture
+
 echo "==> load smoke run (a few seconds per scenario)"
 cargo run -q -p confab-load --locked -- smoke --confab target/debug/confab
 

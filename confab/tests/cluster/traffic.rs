@@ -28,10 +28,11 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// Socket closes by close code (0: closed without a code).
     pub closes: BTreeMap<u16, usize>,
-    /// Seconds from a send to its event on the sender's socket, when measured.
-    pub latencies: Vec<f64>,
-    /// When, after the sender started, each `unavailable` reply or close arrived.
-    pub disruptions: Vec<Duration>,
+    /// When each message's event reached the sender's socket, and the seconds since its
+    /// send, when measured.
+    pub latencies: Vec<(Instant, f64)>,
+    /// When each `unavailable` reply or close arrived.
+    pub disruptions: Vec<Instant>,
 }
 
 /// How a sender runs.
@@ -58,7 +59,6 @@ enum Outcome {
 impl Sender {
     /// Sends until `stop` fires (finishing the message under way), then reports.
     pub async fn run(self, stop: CancellationToken) -> Report {
-        let started = Instant::now();
         let mut report = Report::default();
         let mut gateway = 0;
         let mut n = 0u64;
@@ -85,7 +85,7 @@ impl Sender {
                                   "text": text, "client_msg_id": text});
                 if socket.send(Message::text(send.to_string())).await.is_err() {
                     *report.closes.entry(0).or_default() += 1;
-                    report.disruptions.push(started.elapsed());
+                    report.disruptions.push(Instant::now());
                     continue 'connect;
                 }
                 match self
@@ -98,12 +98,12 @@ impl Sender {
                         tokio::time::sleep(self.pace).await;
                     }
                     Outcome::Unavailable => {
-                        report.disruptions.push(started.elapsed());
+                        report.disruptions.push(Instant::now());
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Outcome::Closed(code) => {
                         *report.closes.entry(code).or_default() += 1;
-                        report.disruptions.push(started.elapsed());
+                        report.disruptions.push(Instant::now());
                         continue 'connect;
                     }
                 }
@@ -166,7 +166,9 @@ impl Sender {
                 && frame["client_msg_id"] == text
             {
                 delivered = true;
-                report.latencies.push(sent.elapsed().as_secs_f64());
+                report
+                    .latencies
+                    .push((Instant::now(), sent.elapsed().as_secs_f64()));
             }
         }
     }
