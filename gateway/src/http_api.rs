@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
-use confab_shared::client::check_text;
-use confab_shared::limits::{
-    HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, MAX_CLIENT_MSG_ID_BYTES, MAX_PRESENCE_USERS,
-};
+use confab_shared::client::ClientRequest;
+use confab_shared::limits::MAX_PRESENCE_USERS;
 use confab_shared::link::{Caller, CellOp, CellReply};
 use confab_shared::server::{ChannelInfo, ChannelKind, Status};
+use confab_shared::wire::request_op;
 use confab_shared::{ChannelId, ErrorCode, UserId};
 use serde::Deserialize;
 use serde_json::json;
@@ -47,6 +46,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub struct UserAuth {
     gateway: Arc<Gateway>,
     caller: Caller,
+}
+
+impl UserAuth {
+    /// The cell op of a request, checked as a WebSocket request is (one conversion,
+    /// `confab_shared::wire::request_op`).
+    fn cell_op(&self, request: ClientRequest) -> Result<CellOp, ApiError> {
+        let max_text = self.gateway.config.limits.max_text_bytes;
+        request_op(request, &self.caller.user, max_text)?
+            .ok_or_else(|| ApiError::bad_request("not a cell request"))
+    }
 }
 
 impl FromRequest for UserAuth {
@@ -198,22 +207,13 @@ async fn post_message(
 ) -> Result<HttpResponse, ApiError> {
     let mut body = body.into_inner();
     body.client_msg_id = idempotency_key(&req, body.client_msg_id)?;
-    check_text(&body.text, auth.gateway.config.limits.max_text_bytes)
-        .map_err(|(code, message)| ApiError::new(code, message))?;
-    if body
-        .client_msg_id
-        .as_ref()
-        .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_MSG_ID_BYTES)
-    {
-        return Err(ApiError::bad_request("client_msg_id must be 1 to 64 bytes"));
-    }
-    let op = CellOp::Send {
+    let request = ClientRequest::Send {
         channel: id.into_inner(),
         text: body.text,
         client_msg_id: body.client_msg_id,
         thread: body.thread,
     };
-    match auth.perform(op).await? {
+    match auth.perform(auth.cell_op(request)?).await? {
         CellReply::Ack { channel, seq, ts } => {
             Ok(HttpResponse::Created().json(json!({"channel": channel, "seq": seq, "ts": ts})))
         }
@@ -233,17 +233,13 @@ async fn get_messages(
     id: web::Path<ChannelId>,
     query: web::Query<HistoryQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = query.limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
-    if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 200"));
-    }
-    let op = CellOp::History {
+    let request = ClientRequest::History {
         channel: id.into_inner(),
         before: query.before,
         after: query.after,
-        limit,
+        limit: query.limit,
     };
-    match auth.perform(op).await? {
+    match auth.perform(auth.cell_op(request)?).await? {
         CellReply::History {
             messages, has_more, ..
         } => Ok(HttpResponse::Ok().json(json!({"messages": messages, "has_more": has_more}))),

@@ -10,6 +10,8 @@
 //!   with its binary encoding.
 //! - [`link_transport`]: what both ends of a link over a WebSocket agree on (handshake
 //!   proofs, pre-authentication bounds, timing, batching into frames).
+//! - [`wire`]: the one conversion from a client request to its cell op, and the one error
+//!   type both client-facing APIs answer with.
 //! - [`limits`]: the protocol's default limits.
 //!
 //! Architecture invariant: this crate does no I/O and starts no runtime; it is data and pure
@@ -23,6 +25,7 @@ pub mod limits;
 pub mod link;
 pub mod link_transport;
 pub mod server;
+pub mod wire;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use ids::{CellId, ChannelId, IdError, SessionId, UserId, WorkspaceId};
