@@ -248,3 +248,58 @@ async fn a_rolling_restart_of_every_process_under_traffic_loses_nothing() {
         }
     }
 }
+
+/// The cell's store holds every write for a while (`CLIENT PAUSE … WRITE`), so a write is
+/// still under way when the cell gets SIGTERM: the cell must be unready meanwhile, finish and
+/// ack that write, and only then tell its session `4010`.
+#[tokio::test]
+async fn a_cell_on_sigterm_is_unready_while_it_finishes_the_write_it_took_then_acks_it() {
+    let mut cluster = Cluster::new().cell("c1", "r").start().await;
+    cluster.create_workspace("acme", "r").await;
+    let token = cluster.token("acme", "alice").await;
+    let channel = public_channel(&cluster, &token, &["alice"]).await;
+    let mut alice = Client::connect(&cluster.gateway(0).ws_url(), &token, None).await;
+
+    // Below the store client's 2 s command timeout, so the write waits rather than fails.
+    cluster.cells[0].store_cli(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+    alice
+        .send(&json!({"op": "send", "id": 1, "channel": channel, "text": "in flight"}))
+        .await;
+    // Let the send reach the store (where it waits), then stop the cell.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.cells[0].sigterm();
+    let readyz = format!("{}/readyz", cluster.cells[0].url());
+    let deadline = Instant::now() + WAIT;
+    while status_of(&readyz).await != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "the cell never answered readyz 503"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The write was taken before the signal: it is acked, and the 4010 comes after it.
+    let mut acked = None;
+    let close = loop {
+        match alice.read(WAIT).await {
+            cluster::Incoming::Frame(frame) if frame["id"] == 1 => {
+                assert_eq!(frame["op"], "ack", "{frame}");
+                acked = frame["seq"].as_u64();
+            }
+            cluster::Incoming::Frame(_) => {}
+            cluster::Incoming::Closed(code) => break code,
+            cluster::Incoming::Timeout => panic!("nothing from the draining cell"),
+        }
+    };
+    assert_eq!(close, Some(4010));
+    let seq = acked.expect("the write under way was not acked before the 4010");
+    let status = cluster.cells[0].exit_status_within(WAIT).expect("exit");
+    assert!(status.success(), "{status:?}");
+    cluster.cells[0].restart().await;
+    let messages = all_messages(&cluster.gateway(0).url(), &token, &channel).await;
+    assert!(
+        messages
+            .iter()
+            .any(|m| m["seq"] == seq && m["text"] == "in flight"),
+        "the acked write is not in the log: {messages:?}"
+    );
+}
