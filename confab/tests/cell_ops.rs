@@ -178,6 +178,26 @@ async fn placement_skips_a_full_cell_and_a_region_of_full_cells_answers_503() {
     .await;
     assert_eq!(shown["c1"]["max_connections"], json!(null), "{shown:?}");
     assert_eq!(shown["c3"]["max_workspaces"], json!(null), "{shown:?}");
+    // `confab ctl cells` shows them as its last two columns, `-` for no bound.
+    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .args(["ctl", "--gateway", &cluster.gateway(0).url()])
+        .args(["--admin-token", cluster::ADMIN_TOKEN, "cells"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&ctl.stdout);
+    let bounds_of = |id: &str| -> Vec<String> {
+        let row = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("no row for {id}:\n{table}"));
+        let columns: Vec<&str> = row.split_whitespace().collect();
+        columns[columns.len() - 2..]
+            .iter()
+            .map(|c| c.to_string())
+            .collect()
+    };
+    assert_eq!(bounds_of("c1"), ["1", "-"], "{table}");
+    assert_eq!(bounds_of("c3"), ["-", "-"], "{table}");
 
     // Both empty: the tie goes to c1, which is then full, so the next two go to c2.
     assert_eq!(cluster.create_workspace("w1", "r").await, "c1");
