@@ -18,7 +18,7 @@ use confab_directory::directory::CELL_DOWN_AFTER_MS;
 use confab_directory::{CellLoad, CellRegistration, CellTenure, Directory};
 use confab_shared::link_transport::MIN_LINK_FRAME;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::link_ws::{link_route, LinkEndpoint};
 use crate::store::{RedisStore, StoreError, TimedStore};
@@ -156,33 +156,7 @@ pub async fn run(
     );
     let stopper = server.handle();
     let fenced = store.fenced();
-    let stopping = actix_rt::spawn(async move {
-        let reason = tokio::select! {
-            () = shutdown.cancelled() => None,
-            () = fenced => Some("a store write was refused: the store is claimed by a newer process"),
-            () = superseded.cancelled() => Some("the directory names a newer process for this cell id"),
-        };
-        match reason {
-            // A fenced process stops at once: its links drop, and gateways reconnect to the
-            // process now registered for the cell and tell their sessions to resume (4010).
-            Some(_) => stopper.stop(false).await,
-            None => {
-                tracing::info!(
-                    sessions = cell.stats().connections,
-                    "shutting down: refusing new writes, finishing those taken"
-                );
-                let report = cell.shut_down(DRAIN_DEADLINE).await;
-                tracing::info!(
-                    sessions_told = report.sessions_told,
-                    unanswered = report.unanswered,
-                    flushed = report.flushed,
-                    "drained, stopping"
-                );
-                stopper.stop(true).await;
-            }
-        }
-        reason
-    });
+    let stopping = actix_rt::spawn(stop_when_told(cell, shutdown, fenced, superseded, stopper));
     server.await?;
     if let Ok(Some(reason)) = stopping.await {
         tracing::error!(cell = %id, epoch = holder.epoch, reason, "cell fenced, exiting");
@@ -193,6 +167,43 @@ pub async fn run(
         });
     }
     Ok(())
+}
+
+/// Waits for the shutdown token or for this process to find itself fenced, and stops the
+/// server accordingly: after the graceful drain ([`Cell::shut_down`]) on the token, at once
+/// when fenced. Returns why it was fenced, if it was.
+async fn stop_when_told(
+    cell: Cell,
+    shutdown: CancellationToken,
+    fenced: WaitForCancellationFutureOwned,
+    superseded: CancellationToken,
+    stopper: actix_web::dev::ServerHandle,
+) -> Option<&'static str> {
+    let reason = tokio::select! {
+        () = shutdown.cancelled() => None,
+        () = fenced => Some("a store write was refused: the store is claimed by a newer process"),
+        () = superseded.cancelled() => Some("the directory names a newer process for this cell id"),
+    };
+    match reason {
+        // A fenced process stops at once: its links drop, and gateways reconnect to the
+        // process now registered for the cell and tell their sessions to resume (4010).
+        Some(_) => stopper.stop(false).await,
+        None => {
+            tracing::info!(
+                sessions = cell.stats().connections,
+                "shutting down: refusing new writes, finishing those taken"
+            );
+            let report = cell.shut_down(DRAIN_DEADLINE).await;
+            tracing::info!(
+                sessions_told = report.sessions_told,
+                unanswered = report.unanswered,
+                flushed = report.flushed,
+                "drained, stopping"
+            );
+            stopper.stop(true).await;
+        }
+    }
+    reason
 }
 
 /// Claims the cell id: a new epoch in the directory, at least one above the epoch that holds
