@@ -93,3 +93,8 @@ infra/prometheus/check.sh
 # Part of the workspace tests above; named here so the step shows in the log.
 echo "==> monitoring: every dashboard and rule query returns data from a real Prometheus scraping the local cluster"
 cargo test -q -p confab --locked --test monitoring
+
+# docs/capacity.md is regenerated from this command's report; a small run keeps it working.
+echo "==> confab-load capacity, small run (the inputs of docs/capacity.md)"
+cargo run -q -p confab-load --locked -- capacity --confab target/debug/confab \
+  --sessions 200 --members 20 --messages 100 --rate 50 --idle-s 3 --out target/capacity-smoke
