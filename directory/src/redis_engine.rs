@@ -55,13 +55,22 @@ const USERS_KEY: &str = "confab:presence:users";
 const CELLS_KEY: &str = "confab:cells";
 const CELL_WORKSPACES_KEY: &str = "confab:cellws";
 
+/// Counter: failed commands on the directory and presence Redis (`engine="directory"`).
+pub const REDIS_ERRORS: &str = "confab_redis_errors_total";
+/// Gauge: seconds since the presence sweep last ran through (0 right after one did), so a
+/// sweep that keeps failing shows as a lag that grows by [`SWEEP_EVERY`] per attempt.
+pub const PRESENCE_SWEEP_LAG: &str = "confab_presence_sweep_lag_seconds";
+
 fn engine_error(e: redis::RedisError) -> EngineError {
+    metrics::counter!(REDIS_ERRORS, "engine" => "directory").increment(1);
     EngineError(format!("redis: {e}"))
 }
 
 /// Opens a connection manager that fails requests fast while Redis is unreachable and
 /// reconnects in the background.
 pub fn connect(url: &str) -> Result<ConnectionManager, EngineError> {
+    // The series exists from the first connection on, so dashboards show 0 rather than nothing.
+    metrics::counter!(REDIS_ERRORS, "engine" => "directory").increment(0);
     let client = redis::Client::open(url).map_err(engine_error)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -261,11 +270,14 @@ impl RedisPresence {
         let sweeper = Arc::clone(&presence);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
+            let mut last_through = std::time::Instant::now();
             loop {
                 tick.tick().await;
-                if let Err(e) = sweeper.sweep().await {
-                    tracing::debug!(error = %e, "presence sweep failed");
+                match sweeper.sweep().await {
+                    Ok(_) => last_through = std::time::Instant::now(),
+                    Err(e) => tracing::debug!(error = %e, "presence sweep failed"),
                 }
+                metrics::gauge!(PRESENCE_SWEEP_LAG).set(last_through.elapsed().as_secs_f64());
             }
         });
         Ok(presence)

@@ -19,7 +19,8 @@
 //! - [`rate`]: token buckets.
 //! - [`http_api`], [`admin`]: the HTTP and admin APIs; [`api_error`] maps errors to HTTP.
 //! - [`body_timeout`]: a deadline on HTTP request bodies (`408` for a body that trickles in).
-//! - [`metrics`]: metric names and the Prometheus exporter.
+//! - [`metrics`]: metric names and the Prometheus exporter; [`cell_watch`] exports the cells
+//!   the gateway knows, by status.
 //! - [`server`]: builds the HTTP server (the actix-web application, and the upgrade service
 //!   that takes WebSockets out of the HTTP/1 dispatcher) and runs it until shutdown.
 //!
@@ -30,6 +31,7 @@ pub mod admin;
 pub mod api_error;
 pub mod auth;
 pub mod body_timeout;
+pub mod cell_watch;
 pub mod config;
 pub mod http_api;
 pub mod link_ws;

@@ -30,6 +30,9 @@ pub const SLOW_BODIES: &str = "confab_http_slow_bodies_total";
 pub const PRESENCE_WATCHERS: &str = "confab_presence_watchers";
 /// Gauge: distinct users watched by this gateway's presence subscriptions.
 pub const PRESENCE_WATCHED_USERS: &str = "confab_presence_watched_users";
+/// Gauge: the directory's cells as this gateway last read them, by `status` (`healthy`,
+/// `draining`, `down`); none but `down` means `/readyz` answers 503.
+pub const GATEWAY_CELLS: &str = "confab_gateway_cells";
 
 /// Installs the process-wide Prometheus recorder; call once, at start-up.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
@@ -77,6 +80,10 @@ fn describe() {
     metrics::describe_gauge!(
         PRESENCE_WATCHED_USERS,
         "distinct users watched by this gateway's presence subscriptions"
+    );
+    metrics::describe_gauge!(
+        GATEWAY_CELLS,
+        "cells in the directory as this gateway last read them, by status"
     );
     // Zero-valued series exist from the start, so dashboards and scrapers see them.
     metrics::gauge!(CONNECTIONS).set(0.0);

@@ -159,6 +159,10 @@ impl Gateway {
     fn spawn_background(self: &Arc<Self>) {
         actix_rt::spawn(Arc::clone(&self.links).follow_directory());
         actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
+        actix_rt::spawn(crate::cell_watch::export_cell_counts(
+            Arc::clone(&self.directory),
+            self.shutdown.clone(),
+        ));
         let gateway = Arc::clone(self);
         actix_rt::spawn(async move {
             let mut tick = tokio::time::interval(gateway.config.presence_refresh);

@@ -63,6 +63,48 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Measures unit costs (RSS per connection, CPU per event, Redis commands, bytes and CPU
+    /// per event, per presence change and per session-second, link bytes per event) on a
+    /// local distributed deployment and projects them to 1M and 10M users: the inputs of
+    /// docs/capacity.md (written to OUT/capacity.md and OUT/capacity.json).
+    Capacity(CapacityArgs),
+}
+
+#[derive(Debug, Args)]
+struct CapacityArgs {
+    /// The confab binary (a release build for figures worth quoting).
+    #[arg(long)]
+    confab: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    sessions: usize,
+    /// Members of the one channel of the events phase (at most 1,000).
+    #[arg(long, default_value_t = 100)]
+    members: usize,
+    /// Members that post, in turn (each stays under the 20 frames/s client rate).
+    #[arg(long, default_value_t = 10)]
+    senders: usize,
+    #[arg(long, default_value_t = 2000)]
+    messages: usize,
+    /// Messages per second of the events phase.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Seconds of the idle phase (presence refreshes run every 10 s).
+    #[arg(long, default_value_t = 30.0)]
+    idle_s: f64,
+    /// Profile: regions, and messages per user per hour.
+    #[arg(long, default_value_t = 3.0)]
+    regions: f64,
+    #[arg(long, default_value_t = 12.0)]
+    messages_per_user_per_hour: f64,
+    /// Profile: online sessions that receive each message.
+    #[arg(long, default_value_t = 20.0)]
+    fanout: f64,
+    #[arg(long, default_value_t = 1.0)]
+    reconnects_per_user_per_hour: f64,
+    #[arg(long, default_value_t = 16.0)]
+    host_cores: f64,
+    #[arg(long, default_value = "target/capacity")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -469,6 +511,41 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Capacity(args) => {
+            crate::scenario::raise_nofile(65_536)?;
+            let profile = crate::capacity::Profile {
+                steps: vec![1e6, 1e7],
+                regions: args.regions,
+                messages_per_user_per_hour: args.messages_per_user_per_hour,
+                fanout: args.fanout,
+                reconnects_per_user_per_hour: args.reconnects_per_user_per_hour,
+                gateway_max_connections: confab_shared::limits::MAX_CONNECTIONS as f64,
+                host_cores: args.host_cores,
+                cpu_target: 0.5,
+                redis_core_target: 0.5,
+            };
+            let params = crate::capacity::CapacityParams {
+                confab: args.confab,
+                sessions: args.sessions,
+                members: args.members.min(1000),
+                senders: args.senders.max(1),
+                messages: args.messages,
+                rate: args.rate,
+                idle: secs(args.idle_s),
+                out: args.out.clone(),
+            };
+            let report = crate::capacity::run(params, &profile).await?;
+            let markdown = report.markdown(&profile);
+            std::fs::create_dir_all(&args.out)?;
+            std::fs::write(args.out.join("capacity.md"), &markdown)?;
+            let json = serde_json::json!({"command": command_line(), "profile": profile, "report": report});
+            std::fs::write(
+                args.out.join("capacity.json"),
+                serde_json::to_string_pretty(&json)?,
+            )?;
+            println!("{markdown}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Smoke { confab, out } => {
             crate::scenario::raise_nofile(u64::MAX)?;

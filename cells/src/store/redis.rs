@@ -236,6 +236,7 @@ fn fenced_script(body: &str) -> Script {
 /// A failed command: Redis unreachable, timed out or refusing (`unavailable`), or a reply of
 /// the wrong shape, which only data written by something else can cause (`corrupt`).
 fn redis_error(e: redis::RedisError) -> StoreError {
+    metrics::counter!("confab_redis_errors_total", "engine" => "cell_store").increment(1);
     if e.kind() == redis::ErrorKind::UnexpectedReturnType {
         return StoreError::Corrupt(format!("redis reply: {e}"));
     }
@@ -279,6 +280,8 @@ impl RedisStore {
     /// Connects lazily: the cell starts even while Redis is down and serves `unavailable`
     /// until it is back.
     pub fn connect(url: &str) -> StoreResult<RedisStore> {
+        // The error series exists from the start, so dashboards show 0 rather than nothing.
+        metrics::counter!("confab_redis_errors_total", "engine" => "cell_store").increment(0);
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
