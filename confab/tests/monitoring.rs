@@ -27,13 +27,6 @@ use tokio_tungstenite::tungstenite::Message;
 /// exported (take it out of the list: its queries then must return data) or when no query
 /// uses it. After merging issue 9 this list must be empty.
 const NOT_YET_EXPORTED: &[&str] = &[
-    "confab_build_info",
-    "confab_cell_workspaces",
-    "confab_cell_channel_actors",
-    "confab_cell_user_actors",
-    "confab_cell_links",
-    "confab_store_op_duration_seconds",
-    "confab_events_appended_total",
     "confab_workspace_moves_total",
     "confab_webhook_deliveries_total",
     "confab_webhook_attempts_total",
