@@ -18,6 +18,8 @@
 //! - `fanout`: subscribers grouped per gateway link; an event is encoded once and costs one
 //!   `Deliver` per gateway.
 //! - `messages`: the actors' messages.
+//! - [`webhooks`]: webhook registration and the delivery worker (SPEC §6), which replays each
+//!   channel's durable log from per-webhook cursors kept in the store.
 //! - [`store`]: the [`CellStore`] trait (shaped for Redis) and the in-memory engine.
 //!
 //! Architecture invariants: a channel's seq is assigned by exactly one actor; every event is
@@ -35,7 +37,9 @@ mod messages;
 mod registry;
 pub mod store;
 mod user;
+pub mod webhooks;
 mod workspace;
 
 pub use cell::{Cell, CellConfig, CellStats, LinkHandle};
 pub use store::{CellStore, MemoryStore, RedisStore, StoreError};
+pub use webhooks::WebhookConfig;

@@ -75,6 +75,11 @@ struct CellHttp {
 
 pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(confab_cells::webhooks::LATENCY.into()),
+            confab_cells::webhooks::LATENCY_BUCKETS,
+        )
+        .context("webhook latency buckets")?
         .install_recorder()
         .context("installing metrics")?;
     let listener = crate::listen::bind(args.listen)?;
@@ -96,11 +101,11 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
         let process = process_name();
         let epoch = claim_cell_id(&directory, &store, &registration, &process).await?;
         let holder = Holder { process, epoch };
-        let cell = Cell::start(
-            args.cell_limits
-                .to_config(id.clone(), args.retention_events),
-            store.clone(),
-        );
+        let mut cell_config = args
+            .cell_limits
+            .to_config(id.clone(), args.retention_events);
+        cell_config.webhooks = args.webhooks.to_config();
+        let cell = Cell::start(cell_config, store.clone());
         let shutdown = CancellationToken::new();
         let superseded = CancellationToken::new();
         actix_rt::spawn(heartbeat(
