@@ -37,6 +37,12 @@ CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
   --test workspace_limits --test webhooks \
   -- --test-threads="${CONFAB_TEST_THREADS:-4}"
 
+# docs/bots.md's example bot: a Python process (standard library only) registered as a webhook
+# on a live `confab dev`; a user says "ping", the bot answers over HTTP, the user's WebSocket
+# sees "pong". Part of the workspace tests above; named here so the step shows in the log.
+echo "==> echo bot (docs/examples/echo-bot) against a live confab dev"
+cargo test -q -p confab --locked --test echo_bot
+
 echo "==> load smoke run (a few seconds per scenario)"
 cargo run -q -p confab-load --locked -- smoke --confab target/debug/confab
 
