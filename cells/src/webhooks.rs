@@ -738,33 +738,8 @@ impl Hub {
                     Err(Failure::Status(status.as_u16()))
                 }
             }
-            Err(e) => Err(self.classify(&e)),
+            Err(e) => Err(classify(&e, self.config.timeout)),
         }
-    }
-
-    fn classify(&self, e: &reqwest::Error) -> Failure {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        while let Some(err) = source {
-            if let Some(refused) = err.downcast_ref::<RefusedAddress>() {
-                return Failure::Refused(refused.to_string());
-            }
-            source = err.source();
-        }
-        if e.is_timeout() {
-            return Failure::Timeout(self.config.timeout.as_millis());
-        }
-        // The innermost causes say what happened ("connection refused"); the URL is the
-        // webhook's own.
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(err) = source {
-            text = format!("{text}: {err}");
-            source = err.source();
-        }
-        if text.contains("refused address") {
-            return Failure::Refused(text);
-        }
-        Failure::Connection(text)
     }
 
     async fn record_success(&self, hook: &Hook) {
@@ -1090,6 +1065,32 @@ impl Hub {
     }
 }
 
+/// What a failed request says, for `last_error` and the `refused` count.
+fn classify(e: &reqwest::Error, timeout: Duration) -> Failure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(refused) = err.downcast_ref::<RefusedAddress>() {
+            return Failure::Refused(refused.to_string());
+        }
+        source = err.source();
+    }
+    if e.is_timeout() {
+        return Failure::Timeout(timeout.as_millis());
+    }
+    // The innermost causes say what happened ("connection refused"); the URL is the
+    // webhook's own.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        text = format!("{text}: {err}");
+        source = err.source();
+    }
+    if text.contains("refused address") {
+        return Failure::Refused(text);
+    }
+    Failure::Connection(text)
+}
+
 /// Whether `deny_private` refuses a registration's host: an address literal that is private,
 /// or a name that resolves to one.
 async fn refused_host(host: &str, port: Option<u16>) -> bool {
@@ -1373,6 +1374,27 @@ mod tests {
             hex(&mac.finalize().into_bytes())
         );
         assert_ne!(sign("Jefe", 1, b"x"), sign("Jefe", 2, b"x"));
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_loopback_is_refused_at_connection_time() {
+        // What a DNS-rebinding name does at delivery: it resolves to 127.0.0.1 (here through
+        // /etc/hosts), and the client's resolver refuses to hand that address out.
+        let client = reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver))
+            .build()
+            .unwrap();
+        let err = client
+            .post("http://localhost:9/hook")
+            .send()
+            .await
+            .unwrap_err();
+        let failure = classify(&err, Duration::from_secs(5));
+        assert!(matches!(failure, Failure::Refused(_)), "{failure:?}");
+        assert!(
+            failure.to_string().starts_with("refused address"),
+            "{failure}"
+        );
     }
 
     #[test]
