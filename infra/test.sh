@@ -38,7 +38,7 @@ echo "==> cargo test, the end-to-end suite against a distributed deployment"
 CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
   --test handshake --test ops --test errors_and_limits --test close_codes --test http_api \
   --test admin_api --test isolation --test hostile_input --test health --test upgrade \
-  --test workspace_limits \
+  --test workspace_limits --test webhooks \
   -- --test-threads="${CONFAB_TEST_THREADS:-4}"
 
 # Cells as the unit of operations (docs/operations.md), distributed mode only:
@@ -48,6 +48,12 @@ CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
 # (the other cell's workspace before, during and after a kill -9; never asserted).
 echo "==> blast radius: latency figures"
 cargo test -q -p confab --locked --test blast_radius -- --nocapture
+
+# docs/bots.md's example bot: a Python process (standard library only) registered as a webhook
+# on a live `confab dev`; a user says "ping", the bot answers over HTTP, the user's WebSocket
+# sees "pong". Part of the workspace tests above; named here so the step shows in the log.
+echo "==> echo bot (docs/examples/echo-bot) against a live confab dev"
+cargo test -q -p confab --locked --test echo_bot
 
 echo "==> load smoke run (a few seconds per scenario)"
 cargo run -q -p confab-load --locked -- smoke --confab target/debug/confab

@@ -19,6 +19,7 @@ use crate::link::{AttachReply, Link, Reply};
 use crate::messages::{AttachSession, ChannelRequest, UserRequest};
 use crate::registry::{Registry, Settings};
 use crate::store::CellStore;
+use crate::webhooks::{self, Hub, WebhookConfig};
 use crate::workspace;
 
 /// How a cell is set up.
@@ -35,6 +36,8 @@ pub struct CellConfig {
     pub max_members_per_channel: usize,
     /// `--max-workspaces` and `--max-connections` (default: no bound).
     pub bounds: CellBounds,
+    /// Webhook delivery (SPEC §6).
+    pub webhooks: WebhookConfig,
 }
 
 /// How much one cell takes on (SPEC §1: `--max-workspaces N`, `--max-connections N`). The
@@ -60,6 +63,7 @@ impl CellConfig {
             max_channels_per_user: limits::MAX_CHANNELS_PER_USER,
             max_members_per_channel: limits::MAX_MEMBERS_PER_CHANNEL,
             bounds: CellBounds::default(),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -109,7 +113,8 @@ impl Cell {
             max_members_per_channel: config.max_members_per_channel.max(2),
             bounds: config.bounds,
         };
-        let reg = Arc::new(Registry::new(store, settings, Arbiter::current()));
+        let hooks = Hub::start(store.clone(), config.webhooks.clone());
+        let reg = Arc::new(Registry::new(store, settings, Arbiter::current(), hooks));
         let counting = reg.clone();
         reg.arbiter
             .spawn(async move { workspace::refresh_workspace_count(&counting).await });
@@ -241,6 +246,13 @@ impl LinkHandle {
     }
 
     fn route(&self, caller: Caller, op: CellOp, reply: Reply) {
+        if webhooks::is_webhook_op(&op) {
+            let reg = self.reg.clone();
+            self.reg.arbiter.spawn(async move {
+                reply.send(webhooks::perform(&reg, caller, op).await);
+            });
+            return;
+        }
         let channel = match &op {
             CellOp::Send { channel, .. }
             | CellOp::Edit { channel, .. }
@@ -253,7 +265,11 @@ impl LinkHandle {
             CellOp::Read { .. }
             | CellOp::CreateChannel { .. }
             | CellOp::ListChannels { .. }
-            | CellOp::OpenDm { .. } => None,
+            | CellOp::OpenDm { .. }
+            | CellOp::CreateWebhook { .. }
+            | CellOp::ListWebhooks
+            | CellOp::DeleteWebhook { .. }
+            | CellOp::EnableWebhook { .. } => None,
         };
         match channel {
             Some(channel) => self

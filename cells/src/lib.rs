@@ -18,6 +18,8 @@
 //! - `fanout`: subscribers grouped per gateway link; an event is encoded once and costs one
 //!   `Deliver` per gateway.
 //! - `messages`: the actors' messages.
+//! - [`webhooks`]: webhook registration and the delivery worker (SPEC §6), which replays each
+//!   channel's durable log from per-webhook cursors kept in the store.
 //! - [`store`]: the [`CellStore`] trait (shaped for Redis) and the in-memory engine.
 //! - [`link_ws`]: the cell's end of a gateway link over a WebSocket (`/v1/link`: the
 //!   authenticated handshake, the bounds on a peer that has not authenticated yet, the pumps).
@@ -46,8 +48,10 @@ pub mod server;
 mod shutdown;
 pub mod store;
 mod user;
+pub mod webhooks;
 mod workspace;
 
 pub use cell::{ActorCounts, Cell, CellBounds, CellConfig, CellStats, LinkHandle};
 pub use shutdown::DrainReport;
 pub use store::{CellStore, MemoryStore, RedisStore, StoreError};
+pub use webhooks::WebhookConfig;

@@ -39,6 +39,10 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(STORE_OP_DURATION.to_string()), &buckets)?
+        .set_buckets_for_metric(
+            Matcher::Full(crate::webhooks::LATENCY.to_string()),
+            crate::webhooks::LATENCY_BUCKETS,
+        )?
         .install_recorder()?;
     Ok(handle)
 }

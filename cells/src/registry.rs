@@ -24,6 +24,7 @@ use crate::link::Link;
 use crate::messages::Unsubscribe;
 use crate::store::CellStore;
 use crate::user::UserActor;
+use crate::webhooks::Hub;
 
 /// A channel's key: channels are always named within their workspace.
 pub(crate) type ChannelKey = (WorkspaceId, ChannelId);
@@ -100,6 +101,8 @@ pub(crate) struct Registry {
     pub(crate) store: Arc<dyn CellStore>,
     pub(crate) settings: Settings,
     pub(crate) arbiter: ArbiterHandle,
+    /// The webhook worker, woken by channel actors after each append.
+    pub(crate) webhooks: Arc<Hub>,
     channels: DashMap<ChannelKey, Addr<ChannelActor>>,
     users: DashMap<UserKey, Addr<UserActor>>,
     sessions: DashMap<SessionId, Arc<SessionEntry>>,
@@ -121,11 +124,13 @@ impl Registry {
         store: Arc<dyn CellStore>,
         settings: Settings,
         arbiter: ArbiterHandle,
+        webhooks: Arc<Hub>,
     ) -> Self {
         Registry {
             store,
             settings,
             arbiter,
+            webhooks,
             channels: DashMap::new(),
             users: DashMap::new(),
             sessions: DashMap::new(),

@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
-use confab_cells::CellConfig;
+use confab_cells::{CellConfig, WebhookConfig};
 use confab_gateway::Limits;
 use confab_shared::{limits, CellId};
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -112,6 +113,48 @@ impl CellLimitArgs {
     }
 }
 
+/// Webhook delivery (SPEC §6), flags of `dev` and `cell`.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// An attempt without a 2xx answer within this long has failed and is retried.
+    #[arg(long, env = "CONFAB_WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
+    pub webhook_timeout_ms: u64,
+    /// Longest wait between two attempts of one delivery (the wait starts at 1 s and doubles).
+    #[arg(long, env = "CONFAB_WEBHOOK_BACKOFF_MAX_S", default_value_t = 600)]
+    pub webhook_backoff_max_s: u64,
+    /// A delivery not done this long after its event was created is dropped (and counted).
+    #[arg(long, env = "CONFAB_WEBHOOK_GIVE_UP_AFTER_S", default_value_t = 86_400)]
+    pub webhook_give_up_after_s: u64,
+    /// A webhook whose attempts all failed for this long becomes `disabled`.
+    #[arg(long, env = "CONFAB_WEBHOOK_DISABLE_AFTER_S", default_value_t = 3600)]
+    pub webhook_disable_after_s: u64,
+    /// Refuse webhook destinations on loopback, private, link-local and unique-local
+    /// addresses, at registration and after DNS resolution at delivery.
+    #[arg(long, env = "CONFAB_WEBHOOK_DENY_PRIVATE")]
+    pub webhook_deny_private: bool,
+    /// Webhooks one user may register (409 beyond).
+    #[arg(long, env = "CONFAB_MAX_WEBHOOKS_PER_USER", default_value_t = 20)]
+    pub max_webhooks_per_user: usize,
+    /// Webhook attempts in flight at once to one destination host and port.
+    #[arg(long, env = "CONFAB_WEBHOOK_PER_HOST", default_value_t = 16)]
+    pub webhook_per_host: usize,
+}
+
+impl WebhookArgs {
+    /// The cell's webhook config from these flags.
+    pub fn to_config(&self) -> WebhookConfig {
+        WebhookConfig {
+            timeout: Duration::from_millis(self.webhook_timeout_ms.max(1)),
+            backoff_max: Duration::from_secs(self.webhook_backoff_max_s.max(1)),
+            give_up_after: Duration::from_secs(self.webhook_give_up_after_s.max(1)),
+            disable_after: Duration::from_secs(self.webhook_disable_after_s.max(1)),
+            deny_private: self.webhook_deny_private,
+            max_per_user: self.max_webhooks_per_user.max(1),
+            per_host: self.webhook_per_host.max(1),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// Address to serve HTTP and WebSockets on (port 0 picks a free port).
@@ -132,6 +175,8 @@ pub struct DevArgs {
     pub cell_limits: CellLimitArgs,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +271,8 @@ pub struct CellArgs {
     /// placement skips the cell while it is at the bound (default: no bound).
     #[arg(long, env = "CONFAB_MAX_CONNECTIONS")]
     pub max_connections: Option<u64>,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
 }
 
 #[derive(Debug, Args)]

@@ -42,11 +42,11 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let cell_id = id::<CellId>(CELL_ID)?;
-    let cell = Cell::start(
-        args.cell_limits
-            .to_config(cell_id.clone(), args.retention_events),
-        Arc::new(MemoryStore::new()),
-    );
+    let mut cell_config = args
+        .cell_limits
+        .to_config(cell_id.clone(), args.retention_events);
+    cell_config.webhooks = args.webhooks.to_config();
+    let cell = Cell::start(cell_config, Arc::new(MemoryStore::new()));
     let directory: Arc<dyn Directory> = Arc::new(MemoryDirectory::new());
     let claim = directory
         .claim_cell(

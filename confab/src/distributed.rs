@@ -80,6 +80,7 @@ pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
             max_workspaces: args.max_workspaces,
             max_connections: args.max_connections,
         };
+        cell.webhooks = args.webhooks.to_config();
         let config = CellServerConfig {
             cell,
             region: args.region,

@@ -38,7 +38,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::delete().to(remove_member),
             )
             .route("/dms", web::post().to(open_dm))
-            .route("/presence", web::get().to(presence)),
+            .route("/presence", web::get().to(presence))
+            .route("/webhooks", web::post().to(create_webhook))
+            .route("/webhooks", web::get().to(list_webhooks))
+            .route("/webhooks/{id}", web::delete().to(delete_webhook))
+            .route("/webhooks/{id}/enable", web::post().to(enable_webhook)),
     );
 }
 
@@ -295,6 +299,76 @@ async fn open_dm(auth: UserAuth, body: web::Json<UserBody>) -> Result<HttpRespon
     };
     match auth.perform(op).await? {
         CellReply::Channel(info) => Ok(HttpResponse::Ok().json(info)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateWebhookBody {
+    url: String,
+    events: Vec<String>,
+    #[serde(default)]
+    channels: Option<Vec<ChannelId>>,
+}
+
+/// `POST /v1/webhooks` (SPEC §5, §6): the secret is in this answer only.
+async fn create_webhook(
+    auth: UserAuth,
+    body: web::Json<CreateWebhookBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let op = CellOp::CreateWebhook {
+        url: body.url,
+        events: body.events,
+        channels: body.channels,
+    };
+    match auth.perform(op).await? {
+        CellReply::WebhookCreated { id, secret } => {
+            Ok(HttpResponse::Created().json(json!({"id": id, "secret": secret})))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn list_webhooks(auth: UserAuth) -> Result<HttpResponse, ApiError> {
+    match auth.perform(CellOp::ListWebhooks).await? {
+        CellReply::Webhooks(webhooks) => {
+            Ok(HttpResponse::Ok().json(json!({ "webhooks": webhooks })))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// A webhook id from a path: ids are `[A-Za-z0-9_-]`, 1 to 64 characters; anything else
+/// names no webhook.
+fn webhook_id(raw: String) -> Result<String, ApiError> {
+    let valid = !raw.is_empty()
+        && raw.len() <= 64
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if valid {
+        Ok(raw)
+    } else {
+        Err(ApiError::not_found("webhook not found"))
+    }
+}
+
+async fn delete_webhook(auth: UserAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = webhook_id(id.into_inner())?;
+    match auth.perform(CellOp::DeleteWebhook { id }).await? {
+        CellReply::Done => Ok(HttpResponse::Ok().json(json!({}))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn enable_webhook(auth: UserAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = webhook_id(id.into_inner())?;
+    match auth
+        .perform(CellOp::EnableWebhook { id: id.clone() })
+        .await?
+    {
+        CellReply::Done => Ok(HttpResponse::Ok().json(json!({"id": id, "status": "active"}))),
         other => Err(unexpected(&other)),
     }
 }

@@ -42,6 +42,15 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.to_string()), &buckets)?
+        // `confab dev` runs a cell in this process: its webhook latency histogram
+        // (`confab_cells::webhooks::LATENCY`) gets buckets from milliseconds to minutes.
+        .set_buckets_for_metric(
+            Matcher::Full("confab_webhook_delivery_latency_seconds".to_string()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0, 900.0, 3600.0,
+            ],
+        )?
         .install_recorder()?;
     describe();
     Ok(handle)

@@ -13,6 +13,7 @@ use crate::scenario::chat::{self, ChatParams};
 use crate::scenario::fanout::FanoutParams;
 use crate::scenario::idle::{self, IdleParams};
 use crate::scenario::storm::{self, StormParams};
+use crate::scenario::webhooks::{self, WebhookParams};
 use crate::scenario::ClientOptions;
 use crate::suite::{self, CompareParams};
 use crate::target::{DevOptions, ServerKind, TargetSpec};
@@ -189,6 +190,30 @@ enum Scenario {
         target: TargetArgs,
         #[command(flatten)]
         fanout: FanoutArgs,
+    },
+    /// Bots in busy channels with local webhook receivers answering at once: deliveries/s,
+    /// delivery latency, and the fanout p99 at half of max rate with and without them.
+    Webhooks {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Bot users, one webhook each.
+        #[arg(long, default_value_t = 10)]
+        bots: usize,
+        /// Busy channels, each with every bot as a member.
+        #[arg(long, default_value_t = 10)]
+        channels: usize,
+        /// Messages/s posted into the busy channels (each one is a delivery per bot).
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// HTTP posts in flight at once.
+        #[arg(long, default_value_t = 16)]
+        posters: usize,
+        /// Subscribers of the fanout that measures the chat path.
+        #[arg(long, default_value_t = 200)]
+        subscribers: usize,
+        /// Seconds of each fanout run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
     },
 }
 
@@ -651,6 +676,38 @@ async fn run_scenario(scenario: Scenario) -> Result<std::process::ExitCode> {
                 reports.push(report);
             }
             ("idle", out, reports)
+        }
+        Scenario::Webhooks {
+            target,
+            bots,
+            channels,
+            rate,
+            posters,
+            subscribers,
+            duration,
+        } => {
+            let spec = target.spec()?;
+            let out = target.output()?;
+            let params = WebhookParams {
+                bots,
+                channels,
+                rate,
+                posters,
+                fanout: FanoutParams {
+                    subscribers,
+                    duration: secs(duration),
+                    ..FanoutParams::default()
+                },
+                ..WebhookParams::default()
+            };
+            crate::scenario::raise_nofile(subscribers as u64 + 512)?;
+            let report =
+                suite::with_target(&spec, &target.client(), &out, "webhooks", async |ctx| {
+                    webhooks::run(ctx, &params).await
+                })
+                .await?;
+            println!("{}", report.one_line());
+            ("webhooks", out, vec![report])
         }
         Scenario::Storm {
             target,

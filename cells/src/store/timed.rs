@@ -16,7 +16,7 @@ use confab_shared::{ChannelId, UserId, WorkspaceId};
 
 use super::{
     CellStore, ChannelSnapshot, ChannelSummary, CreateOutcome, MessageQuery, NewChannel,
-    ReadMarker, StoreResult,
+    ReadMarker, StoreResult, WebhookCreate, WebhookRecord, WebhookState,
 };
 use crate::metrics::{EVENTS_APPENDED, STORE_OP_DURATION};
 
@@ -306,6 +306,75 @@ impl CellStore for TimedStore {
             &op_latency("advance_read_marker"),
             self.inner
                 .advance_read_marker(workspace, user, channel, seq),
+        )
+        .await
+    }
+
+    async fn workspace_ids(&self) -> StoreResult<Vec<WorkspaceId>> {
+        timed(&op_latency("workspace_ids"), self.inner.workspace_ids()).await
+    }
+
+    async fn create_webhook(
+        &self,
+        workspace: &WorkspaceId,
+        hook: &WebhookRecord,
+        max_per_user: u64,
+    ) -> StoreResult<WebhookCreate> {
+        timed(
+            &op_latency("create_webhook"),
+            self.inner.create_webhook(workspace, hook, max_per_user),
+        )
+        .await
+    }
+
+    async fn webhooks(&self, workspace: &WorkspaceId) -> StoreResult<Vec<WebhookRecord>> {
+        timed(&op_latency("webhooks"), self.inner.webhooks(workspace)).await
+    }
+
+    async fn delete_webhook(&self, workspace: &WorkspaceId, id: &str) -> StoreResult<bool> {
+        timed(
+            &op_latency("delete_webhook"),
+            self.inner.delete_webhook(workspace, id),
+        )
+        .await
+    }
+
+    async fn set_webhook_state(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        state: &WebhookState,
+    ) -> StoreResult<bool> {
+        timed(
+            &op_latency("set_webhook_state"),
+            self.inner.set_webhook_state(workspace, id, state),
+        )
+        .await
+    }
+
+    async fn webhook_cursors(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+    ) -> StoreResult<HashMap<ChannelId, u64>> {
+        timed(
+            &op_latency("webhook_cursors"),
+            self.inner.webhook_cursors(workspace, id),
+        )
+        .await
+    }
+
+    async fn advance_webhook_cursor(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<()> {
+        timed(
+            &op_latency("advance_webhook_cursor"),
+            self.inner
+                .advance_webhook_cursor(workspace, id, channel, seq),
         )
         .await
     }
