@@ -411,6 +411,9 @@ async fn measure(cluster: &Cluster, params: &CapacityParams) -> Result<(UnitCost
         "events: {} messages, {got} of {expected} deliveries",
         params.messages
     );
+    if got < expected {
+        bail!("only {got} of {expected} deliveries arrived within {DRAIN_WAIT:?} of the last send: the figures would be wrong");
+    }
     let published = params.messages as f64;
     let store = end.store.minus(start.store);
     let link_sent = end.link_sent - start.link_sent;
