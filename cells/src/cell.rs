@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::Arbiter;
-use confab_shared::link::{Caller, CellError, CellOp, ToCell, ToGateway};
+use confab_shared::link::{Attach, Caller, CellError, CellOp, ToCell, ToGateway};
 use confab_shared::{limits, CellId};
 use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -118,6 +118,9 @@ impl Cell {
         let counting = reg.clone();
         reg.arbiter
             .spawn(async move { workspace::refresh_workspace_count(&counting).await });
+        let marking = reg.clone();
+        reg.arbiter
+            .spawn(async move { crate::moving::load_marks(&marking).await });
         tracing::info!(
             cell = %config.id,
             retention = config.retention_events,
@@ -210,28 +213,19 @@ impl LinkHandle {
         };
         match message {
             ToCell::Attach(attach) => {
-                if let Some(refusal) = self.reg.refuse_attach(&attach.session) {
-                    self.link.push(ToGateway::AttachFailed {
-                        session: attach.session,
-                        error: refusal,
-                    });
-                    return;
+                // A workspace moving in or out waits at the gate, or is told it moved.
+                if let Some(attach) = self.reg.gate.admit_attach(attach, &self.link) {
+                    attach_session(&self.reg, attach, &self.link);
                 }
-                let session = self.reg.register_session(&attach, &self.link);
-                let reply = AttachReply::new(self.reg.clone(), session.clone());
-                self.reg
-                    .user(&attach.workspace, &attach.user)
-                    .do_send(AttachSession {
-                        session,
-                        resume: attach.resume,
-                        replay_limit: attach.replay_limit,
-                        reply,
-                    });
             }
             ToCell::Detach { session } => self.reg.detach_from_link(&session, &self.link),
             ToCell::Request { req, caller, op } => {
                 if let Some(reply) = Reply::admit(&self.link, req) {
-                    self.route(caller, op, reply);
+                    if let Some((caller, op, reply)) =
+                        self.reg.gate.admit_request(caller, op, reply)
+                    {
+                        route_request(&self.reg, caller, op, reply);
+                    }
                 }
             }
             ToCell::Admin { req, op } => {
@@ -242,44 +236,6 @@ impl LinkHandle {
                     });
                 }
             }
-        }
-    }
-
-    fn route(&self, caller: Caller, op: CellOp, reply: Reply) {
-        if webhooks::is_webhook_op(&op) {
-            let reg = self.reg.clone();
-            self.reg.arbiter.spawn(async move {
-                reply.send(webhooks::perform(&reg, caller, op).await);
-            });
-            return;
-        }
-        let channel = match &op {
-            CellOp::Send { channel, .. }
-            | CellOp::Edit { channel, .. }
-            | CellOp::Delete { channel, .. }
-            | CellOp::Typing { channel }
-            | CellOp::History { channel, .. }
-            | CellOp::AddMember { channel, .. }
-            | CellOp::RemoveMember { channel, .. }
-            | CellOp::ListMembers { channel } => Some(channel.clone()),
-            CellOp::Read { .. }
-            | CellOp::CreateChannel { .. }
-            | CellOp::ListChannels { .. }
-            | CellOp::OpenDm { .. }
-            | CellOp::CreateWebhook { .. }
-            | CellOp::ListWebhooks
-            | CellOp::DeleteWebhook { .. }
-            | CellOp::EnableWebhook { .. } => None,
-        };
-        match channel {
-            Some(channel) => self
-                .reg
-                .channel(&caller.workspace, &channel)
-                .do_send(ChannelRequest { caller, op, reply }),
-            None => self
-                .reg
-                .user(&caller.workspace, &caller.user)
-                .do_send(UserRequest { caller, op, reply }),
         }
     }
 
@@ -327,6 +283,63 @@ impl Drop for LinkHandle {
     fn drop(&mut self) {
         // The watcher started in `connect` detaches the sessions.
         self.link.lost_token().cancel();
+    }
+}
+
+/// Registers a session and hands its attach to its user's actor.
+pub(crate) fn attach_session(reg: &Arc<Registry>, attach: Attach, link: &Arc<Link>) {
+    if let Some(refusal) = reg.refuse_attach(&attach.session) {
+        link.push(ToGateway::AttachFailed {
+            session: attach.session,
+            error: refusal,
+        });
+        return;
+    }
+    let session = reg.register_session(&attach, link);
+    let reply = AttachReply::new(reg.clone(), session.clone());
+    reg.user(&attach.workspace, &attach.user)
+        .do_send(AttachSession {
+            session,
+            resume: attach.resume,
+            replay_limit: attach.replay_limit,
+            reply,
+        });
+}
+
+/// Hands a request to the actor that owns it: its channel's, or its user's.
+pub(crate) fn route_request(reg: &Arc<Registry>, caller: Caller, op: CellOp, reply: Reply) {
+    if webhooks::is_webhook_op(&op) {
+        let reg = reg.clone();
+        reg.arbiter.clone().spawn(async move {
+            reply.send(webhooks::perform(&reg, caller, op).await);
+        });
+        return;
+    }
+    let channel = match &op {
+        CellOp::Send { channel, .. }
+        | CellOp::Edit { channel, .. }
+        | CellOp::Delete { channel, .. }
+        | CellOp::Typing { channel }
+        | CellOp::History { channel, .. }
+        | CellOp::AddMember { channel, .. }
+        | CellOp::RemoveMember { channel, .. }
+        | CellOp::ListMembers { channel } => Some(channel.clone()),
+        CellOp::Read { .. }
+        | CellOp::CreateChannel { .. }
+        | CellOp::ListChannels { .. }
+        | CellOp::OpenDm { .. }
+        | CellOp::CreateWebhook { .. }
+        | CellOp::ListWebhooks
+        | CellOp::DeleteWebhook { .. }
+        | CellOp::EnableWebhook { .. } => None,
+    };
+    match channel {
+        Some(channel) => reg
+            .channel(&caller.workspace, &channel)
+            .do_send(ChannelRequest { caller, op, reply }),
+        None => reg
+            .user(&caller.workspace, &caller.user)
+            .do_send(UserRequest { caller, op, reply }),
     }
 }
 

@@ -20,6 +20,8 @@
 //! - `messages`: the actors' messages.
 //! - [`webhooks`]: webhook registration and the delivery worker (SPEC §6), which replays each
 //!   channel's durable log from per-webhook cursors kept in the store.
+//! - `moving`: the move gate — requests to a workspace that is moving in or out wait there,
+//!   or are answered "moved" — and the cell's steps of a live workspace move.
 //! - [`store`]: the [`CellStore`] trait (shaped for Redis) and the in-memory engine.
 //! - [`link_ws`]: the cell's end of a gateway link over a WebSocket (`/v1/link`: the
 //!   authenticated handshake, the bounds on a peer that has not authenticated yet, the pumps).
@@ -43,6 +45,7 @@ mod link;
 pub mod link_ws;
 mod messages;
 pub mod metrics;
+mod moving;
 mod registry;
 pub mod server;
 mod shutdown;

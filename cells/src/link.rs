@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use confab_shared::link::{CellError, CellReply, RequestKey, ToGateway};
 use confab_shared::server::ChannelInfo;
-use confab_shared::SessionId;
+use confab_shared::{ErrorCode, SessionId, WorkspaceId};
 use parking_lot::Mutex;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 
+use crate::moving::MoveGate;
 use crate::registry::{Registry, SessionEntry};
 
 /// Requests a link may have in flight in the cell before new ones are refused as
@@ -110,6 +111,9 @@ pub(crate) struct Reply {
     link: Arc<Link>,
     req: RequestKey,
     answered: bool,
+    /// Set while the request's workspace is leaving this cell: a failure then goes through
+    /// the move gate, which may answer "moved" instead (see `crate::moving`).
+    moving: Option<(Arc<MoveGate>, WorkspaceId)>,
 }
 
 impl Reply {
@@ -120,6 +124,7 @@ impl Reply {
                 link: link.clone(),
                 req,
                 answered: false,
+                moving: None,
             });
         }
         link.push(ToGateway::Reply {
@@ -130,7 +135,31 @@ impl Reply {
     }
 
     pub(crate) fn send(mut self, result: Result<CellReply, CellError>) {
+        if let (Err(e), Some((gate, workspace))) = (&result, self.moving.take()) {
+            if e.code == ErrorCode::Unavailable {
+                // A write refused because the workspace froze meanwhile: the gate answers it
+                // "moved" once the move is through, so that the gateway retries on the new cell.
+                gate.divert_failure(&workspace, self, result);
+                return;
+            }
+        }
         self.answer(result);
+    }
+
+    /// Watches the request's outcome for a move of `workspace` under way.
+    pub(crate) fn watch_move(&mut self, gate: Arc<MoveGate>, workspace: WorkspaceId) {
+        self.moving = Some((gate, workspace));
+    }
+
+    /// Answers that the workspace is not (or no longer) served here: the gateway looks it up
+    /// again and sends the request to its new cell.
+    pub(crate) fn moved(mut self) {
+        if self.answered {
+            return;
+        }
+        self.answered = true;
+        self.link.settle();
+        self.link.push(ToGateway::Moved { req: self.req });
     }
 
     fn answer(&mut self, result: Result<CellReply, CellError>) {

@@ -22,6 +22,7 @@ use crate::cell::CellBounds;
 use crate::channel::ChannelActor;
 use crate::link::Link;
 use crate::messages::Unsubscribe;
+use crate::moving::MoveGate;
 use crate::store::CellStore;
 use crate::user::UserActor;
 use crate::webhooks::Hub;
@@ -117,6 +118,8 @@ pub(crate) struct Registry {
     pub(crate) links: DashMap<u64, Arc<Link>>,
     /// Set once shutdown began: new requests and attaches answer `unavailable`.
     pub(crate) stopping: AtomicBool,
+    /// Workspaces moving in or out of this cell, and the requests waiting for their move.
+    pub(crate) gate: Arc<MoveGate>,
 }
 
 impl Registry {
@@ -140,6 +143,7 @@ impl Registry {
             next_link: AtomicU64::new(1),
             links: DashMap::new(),
             stopping: AtomicBool::new(false),
+            gate: Arc::new(MoveGate::default()),
         }
     }
 
@@ -324,6 +328,24 @@ impl Registry {
             }
         }
         tracing::debug!(session = %session, user = %entry.user, "session detached");
+    }
+
+    /// The attached sessions of a workspace.
+    pub(crate) fn sessions_in(&self, workspace: &WorkspaceId) -> Vec<Arc<SessionEntry>> {
+        self.sessions
+            .iter()
+            .filter(|e| &e.workspace == workspace)
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
+    /// Forgets every channel and user actor of a workspace that left the cell, so that if it
+    /// ever comes back its actors start afresh from the store. The old actors stop on their
+    /// own once idle (their sessions are detached first).
+    pub(crate) fn forget_workspace(&self, workspace: &WorkspaceId) {
+        self.channels.retain(|key, _| &key.0 != workspace);
+        self.users.retain(|key, _| &key.0 != workspace);
+        self.high_water.retain(|key, _| &key.0 != workspace);
     }
 
     /// Detaches every session of a link the cell gave up on or the gateway dropped.

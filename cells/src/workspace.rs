@@ -282,6 +282,7 @@ pub(crate) async fn admin(reg: &Arc<Registry>, op: AdminOp) -> Result<CellReply,
             kind,
             members,
         } => seed_channel(reg, workspace, channel, kind, members).await,
+        AdminOp::Move(step) => crate::moving::step(reg, step).await,
     }
 }
 

@@ -202,6 +202,10 @@ pub struct GatewayArgs {
     pub presence_ttl_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Pause between the pages of a workspace move's bulk copy, to spare a busy source
+    /// store (0: none). The frozen part of a move never waits.
+    #[arg(long, env = "CONFAB_MOVE_PAGE_DELAY_MS", default_value_t = 0)]
+    pub move_page_delay_ms: u64,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
@@ -315,12 +319,26 @@ pub enum CtlCommand {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// List workspaces with their cell and region.
+    Workspaces {
+        /// Only the workspaces of this cell.
+        #[arg(long)]
+        cell: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CellCommand {
-    /// Place no new workspace on the cell.
-    Drain { id: String },
+    /// Place no new workspace on the cell; with --move, also move its workspaces off it and
+    /// wait until it holds none.
+    Drain {
+        id: String,
+        /// Move the cell's workspaces, one at a time, to the healthy cells of its region.
+        #[arg(long = "move")]
+        move_workspaces: bool,
+    },
+    /// Let the cell take new workspaces again.
+    Undrain { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -336,7 +354,7 @@ pub enum WorkspaceCommand {
     },
     /// Show where a workspace lives.
     Show { id: String },
-    /// Move a workspace to another cell.
+    /// Move a workspace to another cell, live; returns once the new cell serves it.
     Move {
         id: String,
         #[arg(long)]

@@ -32,6 +32,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         config.limits = args.limits.to_limits();
         config.presence_refresh = ttl / 3;
         args.shutdown.apply(&mut config);
+        config.move_page_delay = Duration::from_millis(args.move_page_delay_ms);
         let secret = args.cluster_secret.filter(|s| !s.is_empty());
         if secret.is_none() {
             tracing::warn!(

@@ -5,6 +5,7 @@ use confab_shared::{CellId, WorkspaceId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::moves::{MoveBegun, MovePhase, MoveRecord};
 use crate::EngineError;
 
 /// A cell missing heartbeats for this long is `down`.
@@ -201,6 +202,34 @@ pub trait Directory: Send + Sync + 'static {
     ) -> Result<(), EngineError>;
     /// Changes from now on.
     fn subscribe(&self) -> broadcast::Receiver<DirectoryChange>;
+
+    /// Clears a cell's draining flag; `false` when no such cell exists.
+    async fn undrain_cell(&self, id: &CellId) -> Result<bool, EngineError>;
+    /// Every workspace record, ordered by id.
+    async fn workspaces(&self) -> Result<Vec<WorkspaceRecord>, EngineError>;
+    /// Records a new move of `record.workspace` (its `epoch` is assigned here), unless one is
+    /// recorded already or the workspace does not exist.
+    async fn begin_move(&self, record: MoveRecord) -> Result<MoveBegun, EngineError>;
+    /// The move recorded for a workspace.
+    async fn move_record(&self, workspace: &WorkspaceId)
+        -> Result<Option<MoveRecord>, EngineError>;
+    /// Every recorded move.
+    async fn moves(&self) -> Result<Vec<MoveRecord>, EngineError>;
+    /// Sets the move's phase and lease, if the recorded move still has `epoch` (an `Undoing`
+    /// move takes no other phase).
+    async fn update_move(
+        &self,
+        workspace: &WorkspaceId,
+        epoch: u64,
+        phase: MovePhase,
+        lease_until_ms: u64,
+    ) -> Result<bool, EngineError>;
+    /// The switch: if the recorded move has `epoch`, is `Frozen`, and the workspace is still on
+    /// the move's source, points it at the target (and the target's region), marks the move `Switched`
+    /// and announces it, atomically. `false` (nothing changed) otherwise.
+    async fn switch_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<bool, EngineError>;
+    /// Forgets the recorded move, if it still has `epoch`.
+    async fn end_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<(), EngineError>;
 }
 
 /// Placement (SPEC §2): the healthy, non-draining cell of `region` with room (see

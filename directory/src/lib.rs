@@ -6,20 +6,24 @@
 //! - [`presence`]: which sessions are online; a user's status is derived from its sessions, and
 //!   status changes are published to every subscriber.
 //! - [`memory`]: the in-memory engines of `confab dev`.
+//! - [`moves`]: the record of a workspace move under way (epoch, phase, lease).
 //!
 //! Each engine is a trait with an in-memory implementation here and a Redis one for
 //! production, chosen once at start-up; the code above them does not know which it has.
 
 pub mod directory;
 pub mod memory;
+pub mod moves;
 pub mod presence;
 pub mod redis_engine;
+mod redis_moves;
 
 pub use directory::{
     choose_cell, place, CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellStatus,
     CellTenure, CreateWorkspaceError, Directory, DirectoryChange, NoPlacement, WorkspaceRecord,
 };
 pub use memory::{MemoryDirectory, MemoryPresence};
+pub use moves::{MoveBegun, MovePhase, MoveRecord, MOVE_LEASE_MS};
 pub use presence::{PresenceChange, PresenceSession, PresenceStore};
 pub use redis_engine::{RedisDirectory, RedisPresence};
 

@@ -14,6 +14,7 @@ use crate::directory::{
     CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellTenure,
     CreateWorkspaceError, Directory, DirectoryChange, WorkspaceRecord,
 };
+use crate::moves::{MoveBegun, MovePhase, MoveRecord};
 use crate::presence::{PresenceChange, PresenceSession, PresenceStore};
 use crate::EngineError;
 
@@ -33,6 +34,8 @@ struct DirectoryState {
     /// Each cell id's epoch and the process that claimed it.
     holders: HashMap<CellId, (u64, String)>,
     workspaces: HashMap<WorkspaceId, WorkspaceRecord>,
+    moves: HashMap<WorkspaceId, MoveRecord>,
+    move_epoch: u64,
 }
 
 impl DirectoryState {
@@ -227,6 +230,109 @@ impl Directory for MemoryDirectory {
 
     fn subscribe(&self) -> broadcast::Receiver<DirectoryChange> {
         self.changes.subscribe()
+    }
+
+    async fn undrain_cell(&self, id: &CellId) -> Result<bool, EngineError> {
+        let found = match self.state.lock().cells.get_mut(id) {
+            Some(cell) => {
+                cell.draining = false;
+                true
+            }
+            None => false,
+        };
+        if found {
+            self.announce(DirectoryChange::CellChanged { cell: id.clone() });
+        }
+        Ok(found)
+    }
+
+    async fn workspaces(&self) -> Result<Vec<WorkspaceRecord>, EngineError> {
+        let mut all: Vec<WorkspaceRecord> =
+            self.state.lock().workspaces.values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    async fn begin_move(&self, mut record: MoveRecord) -> Result<MoveBegun, EngineError> {
+        let mut state = self.state.lock();
+        if !state.workspaces.contains_key(&record.workspace) {
+            return Ok(MoveBegun::UnknownWorkspace);
+        }
+        if let Some(existing) = state.moves.get(&record.workspace) {
+            return Ok(MoveBegun::Busy(existing.clone()));
+        }
+        state.move_epoch += 1;
+        record.epoch = state.move_epoch;
+        state.moves.insert(record.workspace.clone(), record.clone());
+        Ok(MoveBegun::Started(record))
+    }
+
+    async fn move_record(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<Option<MoveRecord>, EngineError> {
+        Ok(self.state.lock().moves.get(workspace).cloned())
+    }
+
+    async fn moves(&self) -> Result<Vec<MoveRecord>, EngineError> {
+        Ok(self.state.lock().moves.values().cloned().collect())
+    }
+
+    async fn update_move(
+        &self,
+        workspace: &WorkspaceId,
+        epoch: u64,
+        phase: MovePhase,
+        lease_until_ms: u64,
+    ) -> Result<bool, EngineError> {
+        let mut state = self.state.lock();
+        match state.moves.get_mut(workspace) {
+            Some(record)
+                if record.epoch == epoch
+                    && (record.phase != MovePhase::Undoing || phase == MovePhase::Undoing) =>
+            {
+                record.phase = phase;
+                record.lease_until_ms = lease_until_ms;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn switch_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<bool, EngineError> {
+        let switched_to = {
+            let mut state = self.state.lock();
+            let DirectoryState {
+                moves, workspaces, ..
+            } = &mut *state;
+            match (moves.get_mut(workspace), workspaces.get_mut(workspace)) {
+                (Some(mv), Some(ws))
+                    if mv.epoch == epoch && mv.phase == MovePhase::Frozen && ws.cell == mv.from =>
+                {
+                    ws.cell = mv.to.clone();
+                    ws.region = mv.to_region.clone();
+                    mv.phase = MovePhase::Switched;
+                    Some(mv.to.clone())
+                }
+                _ => None,
+            }
+        };
+        let Some(cell) = switched_to else {
+            return Ok(false);
+        };
+        self.announce(DirectoryChange::WorkspaceMoved {
+            workspace: workspace.clone(),
+            cell,
+        });
+        Ok(true)
+    }
+
+    async fn end_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<(), EngineError> {
+        let mut state = self.state.lock();
+        if state.moves.get(workspace).is_some_and(|m| m.epoch == epoch) {
+            state.moves.remove(workspace);
+        }
+        Ok(())
     }
 }
 

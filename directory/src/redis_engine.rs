@@ -12,6 +12,7 @@
 //! - `cells` (set of ids) and `cell:{id}` (hash: region, url, draining, heartbeat, connections,
 //!   and `epoch` and `process`: the epoch of the id's latest claim and who made it).
 //! - `ws:{id}`: a workspace's record (JSON); `cellws`: workspaces per cell (hash).
+//! - `move:{ws}` and `move_epoch`: moves under way (see `redis_moves`).
 //! - Pub/sub channels `presence` and `directory` carry changes to every process.
 //!
 //! Every status transition is decided inside a Lua script, so exactly one process announces
@@ -35,6 +36,7 @@ use crate::directory::{
     CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellTenure,
     CreateWorkspaceError, Directory, DirectoryChange, WorkspaceRecord,
 };
+use crate::moves::{MoveBegun, MovePhase, MoveRecord};
 use crate::presence::{PresenceChange, PresenceSession, PresenceStore};
 use crate::EngineError;
 
@@ -50,10 +52,10 @@ const SWEEP_MAX_BATCHES: usize = 1000;
 /// Sessions refreshed in one refresh script.
 const REFRESH_BATCH: usize = 1000;
 const PRESENCE_CHANNEL: &str = "confab:presence";
-const DIRECTORY_CHANNEL: &str = "confab:directory";
+pub(crate) const DIRECTORY_CHANNEL: &str = "confab:directory";
 const USERS_KEY: &str = "confab:presence:users";
 const CELLS_KEY: &str = "confab:cells";
-const CELL_WORKSPACES_KEY: &str = "confab:cellws";
+pub(crate) const CELL_WORKSPACES_KEY: &str = "confab:cellws";
 
 /// Counter: failed commands on the directory and presence Redis (`engine="directory"`).
 pub const REDIS_ERRORS: &str = "confab_redis_errors_total";
@@ -61,7 +63,7 @@ pub const REDIS_ERRORS: &str = "confab_redis_errors_total";
 /// sweep that keeps failing shows as a lag that grows by [`SWEEP_EVERY`] per attempt.
 pub const PRESENCE_SWEEP_LAG: &str = "confab_presence_sweep_lag_seconds";
 
-fn engine_error(e: redis::RedisError) -> EngineError {
+pub(crate) fn engine_error(e: redis::RedisError) -> EngineError {
     metrics::counter!(REDIS_ERRORS, "engine" => "directory").increment(1);
     EngineError(format!("redis: {e}"))
 }
@@ -568,6 +570,16 @@ impl RedisDirectory {
         Ok(directory)
     }
 
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Announces that a cell changed (drained, undrained, registered).
+    pub(crate) async fn announce_cell(&self, cell: &CellId) -> Result<(), EngineError> {
+        self.publish(&DirectoryWire::Cell { cell: cell.clone() })
+            .await
+    }
+
     async fn publish(&self, wire: &DirectoryWire) -> Result<(), EngineError> {
         let payload = serde_json::to_string(wire).unwrap_or_default();
         self.conn
@@ -804,5 +816,47 @@ impl Directory for RedisDirectory {
 
     fn subscribe(&self) -> broadcast::Receiver<DirectoryChange> {
         self.changes.subscribe()
+    }
+
+    async fn undrain_cell(&self, id: &CellId) -> Result<bool, EngineError> {
+        self.set_draining(id, false).await
+    }
+
+    async fn workspaces(&self) -> Result<Vec<WorkspaceRecord>, EngineError> {
+        self.all_workspaces().await
+    }
+
+    async fn begin_move(&self, record: MoveRecord) -> Result<MoveBegun, EngineError> {
+        self.record_move(record).await
+    }
+
+    async fn move_record(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<Option<MoveRecord>, EngineError> {
+        self.read_move(workspace).await
+    }
+
+    async fn moves(&self) -> Result<Vec<MoveRecord>, EngineError> {
+        self.all_moves().await
+    }
+
+    async fn update_move(
+        &self,
+        workspace: &WorkspaceId,
+        epoch: u64,
+        phase: MovePhase,
+        lease_until_ms: u64,
+    ) -> Result<bool, EngineError> {
+        self.set_move_phase(workspace, epoch, phase, lease_until_ms)
+            .await
+    }
+
+    async fn switch_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<bool, EngineError> {
+        self.switch(workspace, epoch).await
+    }
+
+    async fn end_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<(), EngineError> {
+        self.forget_move(workspace, epoch).await
     }
 }

@@ -469,3 +469,97 @@ async fn a_second_claim_of_a_cell_id_supersedes_the_first_process() {
         .unwrap();
     assert_eq!(third.epoch, 100);
 }
+
+/// The move record's rules, on both engines: one move per workspace, epochs never reused,
+/// the switch only from `frozen` and only from the source, and an undo that cannot be undone.
+async fn move_records_switch_once_and_an_undo_is_final(directory: &dyn Directory) {
+    use confab_directory::{MoveBegun, MovePhase, MoveRecord};
+    let ws = WorkspaceId::new("acme").unwrap();
+    let (c1, c2) = (CellId::new("c1").unwrap(), CellId::new("c2").unwrap());
+    let plan = |to: &CellId| MoveRecord {
+        workspace: ws.clone(),
+        from: c1.clone(),
+        to: to.clone(),
+        to_region: "eu".into(),
+        epoch: 0,
+        phase: MovePhase::Copying,
+        lease_until_ms: 1,
+    };
+    assert_eq!(
+        directory.begin_move(plan(&c2)).await.unwrap(),
+        MoveBegun::UnknownWorkspace
+    );
+    directory
+        .create_workspace(WorkspaceRecord {
+            id: ws.clone(),
+            cell: c1.clone(),
+            region: "us".into(),
+            name: None,
+        })
+        .await
+        .unwrap();
+    let MoveBegun::Started(first) = directory.begin_move(plan(&c2)).await.unwrap() else {
+        panic!("the first move starts")
+    };
+    assert!(matches!(
+        directory.begin_move(plan(&c2)).await.unwrap(),
+        MoveBegun::Busy(_)
+    ));
+    assert!(
+        !directory.switch_move(&ws, first.epoch).await.unwrap(),
+        "no switch before the freeze"
+    );
+    assert!(directory
+        .update_move(&ws, first.epoch, MovePhase::Undoing, 5)
+        .await
+        .unwrap());
+    assert!(
+        !directory
+            .update_move(&ws, first.epoch, MovePhase::Frozen, 5)
+            .await
+            .unwrap(),
+        "an undo is final"
+    );
+    assert!(!directory.switch_move(&ws, first.epoch).await.unwrap());
+    directory.end_move(&ws, first.epoch).await.unwrap();
+    assert_eq!(directory.move_record(&ws).await.unwrap(), None);
+
+    let MoveBegun::Started(second) = directory.begin_move(plan(&c2)).await.unwrap() else {
+        panic!("a new move starts once the first is forgotten")
+    };
+    assert!(second.epoch > first.epoch, "epochs are never reused");
+    assert!(directory
+        .update_move(&ws, second.epoch, MovePhase::Frozen, 5)
+        .await
+        .unwrap());
+    assert!(
+        !directory.switch_move(&ws, first.epoch).await.unwrap(),
+        "a stale epoch"
+    );
+    assert!(directory.switch_move(&ws, second.epoch).await.unwrap());
+    assert!(
+        !directory.switch_move(&ws, second.epoch).await.unwrap(),
+        "only once"
+    );
+    let record = directory.workspace(&ws).await.unwrap().unwrap();
+    assert_eq!((record.cell, record.region.as_str()), (c2.clone(), "eu"));
+    assert_eq!(
+        directory.move_record(&ws).await.unwrap().map(|m| m.phase),
+        Some(MovePhase::Switched)
+    );
+    assert_eq!(directory.moves().await.unwrap().len(), 1);
+    assert_eq!(directory.workspaces().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn redis_move_records_switch_once_and_an_undo_is_final() {
+    let redis = RedisServer::start();
+    let directory = RedisDirectory::start(&redis.url()).unwrap();
+    move_records_switch_once_and_an_undo_is_final(directory.as_ref()).await;
+}
+
+#[tokio::test]
+async fn memory_move_records_switch_once_and_an_undo_is_final() {
+    let directory = confab_directory::MemoryDirectory::new();
+    move_records_switch_once_and_an_undo_is_final(&directory).await;
+}

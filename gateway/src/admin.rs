@@ -1,4 +1,5 @@
-//! The admin API (SPEC §7), authenticated with the admin token: cells, workspaces, tokens.
+//! The admin API (SPEC §7), authenticated with the admin token: cells (drain, undrain),
+//! workspaces (create, list, move), tokens.
 
 use std::future::{ready, Ready};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use serde_json::json;
 
 use crate::api_error::ApiError;
 use crate::auth::{request_bearer, secrets_match};
+use crate::moves::MoveError;
 use crate::server::Gateway;
 
 /// Longest token lifetime `POST /admin/v1/tokens` mints: one year.
@@ -26,6 +28,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::scope("/admin/v1")
             .route("/cells", web::get().to(list_cells))
             .route("/cells/{id}/drain", web::post().to(drain_cell))
+            .route("/cells/{id}/undrain", web::post().to(undrain_cell))
+            .route("/workspaces", web::get().to(list_workspaces))
             .route("/workspaces", web::post().to(create_workspace))
             .route("/workspaces/{id}", web::get().to(get_workspace))
             .route("/workspaces/{id}/move", web::post().to(move_workspace))
@@ -77,15 +81,87 @@ async fn list_cells(AdminAuth(gateway): AdminAuth) -> Result<HttpResponse, ApiEr
     Ok(HttpResponse::Ok().json(json!({ "cells": cells })))
 }
 
+#[derive(Deserialize, Default)]
+struct DrainBody {
+    #[serde(default, rename = "move")]
+    move_workspaces: bool,
+}
+
+/// `POST /admin/v1/cells/{id}/drain`: no new workspace is placed there (`200`); with
+/// `{"move":true}`, `202` and its workspaces then move off it, one at a time. The body is
+/// optional.
 async fn drain_cell(
+    AdminAuth(gateway): AdminAuth,
+    id: web::Path<CellId>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let body: DrainBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("bad drain body: {e}")))?
+    };
+    if !gateway.directory.drain_cell(&id).await? {
+        return Err(ApiError::not_found(format!("cell {id} not found")));
+    }
+    if !body.move_workspaces {
+        return Ok(HttpResponse::Ok().json(json!({"id": id, "status": "draining"})));
+    }
+    crate::moves::start_drain(&gateway, &id);
+    let workspaces = gateway
+        .directory
+        .workspaces()
+        .await?
+        .iter()
+        .filter(|w| w.cell == id)
+        .count();
+    Ok(HttpResponse::Accepted()
+        .json(json!({"id": id, "status": "draining", "workspaces": workspaces})))
+}
+
+/// `POST /admin/v1/cells/{id}/undrain`: the cell takes new workspaces again; a drain with
+/// move under way stops after the workspace it is moving.
+async fn undrain_cell(
     AdminAuth(gateway): AdminAuth,
     id: web::Path<CellId>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    if !gateway.directory.drain_cell(&id).await? {
+    if !gateway.directory.undrain_cell(&id).await? {
         return Err(ApiError::not_found(format!("cell {id} not found")));
     }
-    Ok(HttpResponse::Ok().json(json!({"id": id, "status": "draining"})))
+    let now = confab_shared::now_ms();
+    let status = gateway
+        .directory
+        .cells()
+        .await?
+        .into_iter()
+        .find(|c| c.id == id)
+        .map(|c| c.status(now))
+        .unwrap_or(confab_directory::CellStatus::Healthy);
+    Ok(HttpResponse::Ok().json(json!({"id": id, "status": status})))
+}
+
+#[derive(Deserialize)]
+struct WorkspacesQuery {
+    cell: Option<CellId>,
+}
+
+/// `GET /admin/v1/workspaces[?cell=ID]`.
+async fn list_workspaces(
+    AdminAuth(gateway): AdminAuth,
+    query: web::Query<WorkspacesQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    let workspaces: Vec<_> = gateway
+        .directory
+        .workspaces()
+        .await?
+        .into_iter()
+        .filter(|w| query.cell.as_ref().is_none_or(|c| &w.cell == c))
+        .map(|w| json!({"id": w.id, "cell": w.cell, "region": w.region}))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "workspaces": workspaces })))
 }
 
 #[derive(Deserialize)]
@@ -167,10 +243,41 @@ async fn get_workspace(
         .json(json!({"id": record.id, "cell": record.cell, "region": record.region})))
 }
 
-async fn move_workspace(AdminAuth(_gateway): AdminAuth) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::unavailable(
-        "workspace move is not available in this version",
-    ))
+#[derive(Deserialize)]
+struct MoveBody {
+    cell: CellId,
+}
+
+/// `POST /admin/v1/workspaces/{id}/move`: `200` once the workspace is served by the new cell.
+async fn move_workspace(
+    AdminAuth(gateway): AdminAuth,
+    id: web::Path<WorkspaceId>,
+    body: web::Json<MoveBody>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let to = body.into_inner().cell;
+    match crate::moves::move_workspace(&gateway, &id, &to).await {
+        Ok(report) => Ok(HttpResponse::Ok().json(json!({
+            "id": report.workspace,
+            "cell": report.cell,
+            "region": report.region,
+            "from": report.from,
+            "moved": report.moved,
+            "keys": report.keys,
+            "freeze_ms": report.freeze.as_millis() as u64,
+            "duration_ms": report.total.as_millis() as u64,
+        }))),
+        Err(e) => Err(move_error(e)),
+    }
+}
+
+fn move_error(e: MoveError) -> ApiError {
+    let code = match &e {
+        MoveError::UnknownWorkspace(_) | MoveError::UnknownCell(_) => ErrorCode::NotFound,
+        MoveError::Busy(..) => ErrorCode::Conflict,
+        MoveError::TargetUnavailable(..) | MoveError::Failed(_) => ErrorCode::Unavailable,
+    };
+    ApiError::new(code, e.to_string())
 }
 
 #[derive(Deserialize)]

@@ -61,6 +61,9 @@ pub struct GatewayConfig {
     /// How often the gateway tells the presence engine its sessions are alive (well within
     /// the engine's session lifetime).
     pub presence_refresh: Duration,
+    /// Pause between the pages of a move's bulk copy (`--move-page-delay-ms`), to spare a
+    /// busy source store; the frozen part of a move never waits.
+    pub move_page_delay: Duration,
 }
 
 impl GatewayConfig {
@@ -75,6 +78,7 @@ impl GatewayConfig {
             drain_timeout: Duration::from_millis(limits::SHUTDOWN_TIMEOUT_MS),
             shutdown_spread: Duration::from_millis(limits::SHUTDOWN_SPREAD_MS),
             presence_refresh: Duration::from_secs(10),
+            move_page_delay: Duration::ZERO,
         }
     }
 }

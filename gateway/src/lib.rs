@@ -18,6 +18,8 @@
 //! - [`presence`]: local presence subscriptions fed by the presence engine's change stream.
 //! - [`rate`]: token buckets.
 //! - [`http_api`], [`admin`]: the HTTP and admin APIs; [`api_error`] maps errors to HTTP.
+//! - [`moves`]: live workspace moves and drains, and the sweep that finishes or undoes a move
+//!   whose gateway died.
 //! - [`body_timeout`]: a deadline on HTTP request bodies (`408` for a body that trickles in).
 //! - [`metrics`]: metric names and the Prometheus exporter; [`cell_watch`] exports the cells
 //!   the gateway knows, by status.
@@ -37,6 +39,7 @@ pub mod http_api;
 pub mod link_ws;
 pub mod links;
 pub mod metrics;
+pub mod moves;
 pub mod presence;
 pub mod rate;
 pub mod server;

@@ -90,8 +90,19 @@ impl From<RouteError> for CellError {
 /// The attempt to open a link to a cell, whose outcome every caller waiting for it shares.
 type Opening = Shared<BoxFuture<'static, Result<Arc<CellLink>, RouteError>>>;
 
-type Waiter = oneshot::Sender<Result<CellReply, CellError>>;
+/// A cell's answer to a request: its outcome, or that the workspace moved (not performed).
+enum Answer {
+    Done(Result<CellReply, CellError>),
+    Moved,
+}
+
+type Waiter = oneshot::Sender<Answer>;
 type AttachWaiter = oneshot::Sender<Result<Vec<ChannelInfo>, CellError>>;
+
+/// Longest a request keeps following a workspace that moved before it is `unavailable`.
+const MOVED_RETRY_LIMIT: Duration = Duration::from_secs(5);
+/// Pause before asking the directory again when it still names the cell that said "moved".
+const MOVED_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// One open link to a cell.
 pub struct CellLink {
@@ -99,7 +110,8 @@ pub struct CellLink {
     sink: Box<dyn LinkSink>,
     next_request: AtomicU64,
     pending: DashMap<RequestKey, Waiter>,
-    attaching: DashMap<SessionId, AttachWaiter>,
+    /// Sessions being attached, with their workspace (re-routed if the cell says it moved).
+    attaching: DashMap<SessionId, (WorkspaceId, AttachWaiter)>,
     lost: CancellationToken,
 }
 
@@ -109,12 +121,7 @@ impl CellLink {
     }
 
     /// Sends a request and waits for its reply, at most `timeout`.
-    async fn request(
-        &self,
-        caller: Caller,
-        op: CellOp,
-        timeout: Duration,
-    ) -> Result<CellReply, CellError> {
+    async fn request(&self, caller: Caller, op: CellOp, timeout: Duration) -> Answer {
         let req = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.call(req, ToCell::Request { req, caller, op }, timeout)
             .await
@@ -122,27 +129,27 @@ impl CellLink {
 
     async fn admin(&self, op: AdminOp, timeout: Duration) -> Result<CellReply, CellError> {
         let req = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.call(req, ToCell::Admin { req, op }, timeout).await
+        match self.call(req, ToCell::Admin { req, op }, timeout).await {
+            Answer::Done(result) => result,
+            Answer::Moved => Err(CellError::unavailable("the cell refused the admin op")),
+        }
     }
 
-    async fn call(
-        &self,
-        req: RequestKey,
-        message: ToCell,
-        timeout: Duration,
-    ) -> Result<CellReply, CellError> {
+    async fn call(&self, req: RequestKey, message: ToCell, timeout: Duration) -> Answer {
         let (tx, rx) = oneshot::channel();
         self.pending.insert(req, tx);
         if let Err(e) = self.sink.send(message) {
             self.pending.remove(&req);
-            return Err(CellError::unavailable(e.to_string()));
+            return Answer::Done(Err(CellError::unavailable(e.to_string())));
         }
         let outcome = tokio::time::timeout(timeout, rx).await;
         self.pending.remove(&req);
         match outcome {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(CellError::unavailable("the cell link was lost")),
-            Err(_) => Err(CellError::unavailable("the cell did not answer in time")),
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Answer::Done(Err(CellError::unavailable("the cell link was lost"))),
+            Err(_) => Answer::Done(Err(CellError::unavailable(
+                "the cell did not answer in time",
+            ))),
         }
     }
 
@@ -198,6 +205,12 @@ impl Links {
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }
+    }
+
+    /// Forgets the cached route of `workspace` if it still names `cell`: the next use asks
+    /// the directory.
+    pub fn forget_route(&self, workspace: &WorkspaceId, cell: &CellId) {
+        self.routes.remove_if(workspace, |_, c| c == cell);
     }
 
     /// The cell serving `workspace`.
@@ -308,14 +321,40 @@ impl Links {
         self.link(&cell).await
     }
 
-    /// Performs `op` for `caller` in the cell of the caller's workspace.
+    /// Performs `op` for `caller` in the cell of the caller's workspace. When that cell says
+    /// the workspace moved (the request was not performed), the directory is asked again and
+    /// the request follows the workspace, for at most [`MOVED_RETRY_LIMIT`].
     pub async fn request(
         self: &Arc<Self>,
         caller: Caller,
         op: CellOp,
     ) -> Result<CellReply, CellError> {
-        let link = self.link_for(&caller.workspace).await?;
-        link.request(caller, op, self.request_timeout).await
+        let deadline = tokio::time::Instant::now() + MOVED_RETRY_LIMIT;
+        let mut refused_by: Option<CellId> = None;
+        loop {
+            let link = self.link_for(&caller.workspace).await?;
+            if refused_by.as_ref() == Some(&link.cell) {
+                // The directory still names the cell that refused: its switch is not visible
+                // here yet.
+                tokio::time::sleep(MOVED_RETRY_PAUSE).await;
+            }
+            // One copy of the op per request, kept for a retry on the workspace's new cell;
+            // the link takes the original.
+            let answer = link
+                .request(caller.clone(), op.clone(), self.request_timeout)
+                .await;
+            match answer {
+                Answer::Done(result) => return result,
+                Answer::Moved => {
+                    self.forget_route(&caller.workspace, &link.cell);
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(CellError::unavailable("the workspace is moving, retry"));
+                    }
+                    tracing::debug!(workspace = %caller.workspace, cell = %link.cell, "workspace moved; following it");
+                    refused_by = Some(link.cell.clone());
+                }
+            }
+        }
     }
 
     /// Sends an operator request to `cell`.
@@ -337,7 +376,8 @@ impl Links {
     ) -> Result<Vec<ChannelInfo>, CellError> {
         let session = attach.session.clone();
         let (tx, rx) = oneshot::channel();
-        link.attaching.insert(session.clone(), tx);
+        link.attaching
+            .insert(session.clone(), (attach.workspace.clone(), tx));
         if let Err(e) = link.sink.send(ToCell::Attach(attach)) {
             link.attaching.remove(&session);
             return Err(CellError::unavailable(e.to_string()));
@@ -414,17 +454,31 @@ impl Links {
             ToGateway::Deliver { sessions, frame } => self.sessions.deliver(sessions, frame).await,
             ToGateway::Reply { req, result } => {
                 if let Some((_, waiter)) = link.pending.remove(&req) {
-                    let _ = waiter.send(result);
+                    let _ = waiter.send(Answer::Done(result));
                 }
             }
             ToGateway::Ready { session, channels } => {
-                if let Some((_, waiter)) = link.attaching.remove(&session) {
+                if let Some((_, (_, waiter))) = link.attaching.remove(&session) {
                     let _ = waiter.send(Ok(channels));
                 }
             }
             ToGateway::AttachFailed { session, error } => {
-                if let Some((_, waiter)) = link.attaching.remove(&session) {
+                if let Some((_, (_, waiter))) = link.attaching.remove(&session) {
                     let _ = waiter.send(Err(error));
+                }
+            }
+            ToGateway::Moved { req } => {
+                if let Some((_, waiter)) = link.pending.remove(&req) {
+                    let _ = waiter.send(Answer::Moved);
+                }
+            }
+            ToGateway::AttachMoved { session } => {
+                // The session reconnects (`4010`), and its next hello asks the directory.
+                if let Some((_, (workspace, waiter))) = link.attaching.remove(&session) {
+                    self.forget_route(&workspace, &link.cell);
+                    let _ = waiter.send(Err(CellError::unavailable(
+                        "the workspace moved to another cell, reconnect",
+                    )));
                 }
             }
             ToGateway::Close { session, code } => {

@@ -51,8 +51,17 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
                 60.0, 300.0, 900.0, 3600.0,
             ],
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(crate::moves::FREEZE_SECONDS.to_string()),
+            &buckets,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(crate::moves::MOVE_SECONDS.to_string()),
+            &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+        )?
         .install_recorder()?;
     describe();
+    crate::moves::describe();
     Ok(handle)
 }
 

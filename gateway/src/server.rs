@@ -158,6 +158,7 @@ impl Gateway {
     /// Background duties: follow directory and presence changes, refresh presence, prune.
     fn spawn_background(self: &Arc<Self>) {
         actix_rt::spawn(Arc::clone(&self.links).follow_directory());
+        actix_rt::spawn(crate::moves::recover_abandoned(Arc::clone(self)));
         actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
         actix_rt::spawn(crate::cell_watch::export_cell_counts(
             Arc::clone(&self.directory),

@@ -69,6 +69,10 @@ enum Command {
     /// local distributed deployment and projects them to 1M and 10M users: the inputs of
     /// docs/capacity.md (written to OUT/capacity.md and OUT/capacity.json).
     Capacity(CapacityArgs),
+    /// A live workspace move under traffic through a local deployment (two cells, a gateway,
+    /// their Redis servers): the pause the moving workspace sees, the move's total time, and
+    /// the p99 of a workspace beside it before and during the move.
+    Move(MoveArgs),
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +109,33 @@ struct CapacityArgs {
     #[arg(long, default_value_t = 16.0)]
     host_cores: f64,
     #[arg(long, default_value = "target/capacity")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct MoveArgs {
+    /// The confab binary.
+    #[arg(long)]
+    confab: PathBuf,
+    /// Connected clients, half in each workspace.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Channels per workspace.
+    #[arg(long, default_value_t = 100)]
+    channels: usize,
+    /// Messages in the moving workspace before the run.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+    /// Messages per second sent in each workspace.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Seconds of traffic before the move, and after it.
+    #[arg(long, default_value_t = 10.0)]
+    before_s: f64,
+    #[arg(long, default_value_t = 5.0)]
+    after_s: f64,
+    /// Directory for the deployment's data and logs, and move.json.
+    #[arg(long, default_value = "target/move-bench")]
     out: PathBuf,
 }
 
@@ -571,6 +602,26 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
             )?;
             println!("{markdown}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Move(args) => {
+            crate::scenario::raise_nofile(u64::MAX)?;
+            let report = crate::moving::run(crate::moving::MoveBench {
+                confab: args.confab,
+                out: args.out,
+                clients: args.clients,
+                channels: args.channels,
+                messages: args.messages,
+                rate: args.rate,
+                before_s: args.before_s,
+                after_s: args.after_s,
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.undelivered == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Smoke { confab, out } => {
             crate::scenario::raise_nofile(u64::MAX)?;

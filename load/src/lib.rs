@@ -22,6 +22,7 @@
 //! - [`capacity`]: unit costs measured on a local distributed deployment, and the capacity
 //!   model of `docs/capacity.md` built from them.
 //! - [`report`], [`plot`], [`progress`]: results as JSON, Markdown and PNG; progress bars.
+//! - [`moving`]: the live-move benchmark (a workspace's pause while it moves between cells).
 //! - [`cli`]: the command line.
 //!
 //! Traffic goes only to the targets given (in practice 127.0.0.1); every run is bounded in
@@ -32,6 +33,7 @@ pub mod capacity;
 pub mod chaos;
 pub mod cli;
 pub mod client;
+pub mod moving;
 pub mod payload;
 pub mod plot;
 pub mod procfs;

@@ -13,6 +13,7 @@
 //! - [`wire`]: the one conversion from a client request to its cell op, and the one error
 //!   type both client-facing APIs answer with.
 //! - [`limits`]: the protocol's default limits.
+//! - [`moves`]: the steps of a live workspace move and the key pages it copies.
 //!
 //! Architecture invariant: this crate does no I/O and starts no runtime; it is data and pure
 //! functions, so it is tested in isolation.
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod limits;
 pub mod link;
 pub mod link_transport;
+pub mod moves;
 pub mod server;
 pub mod wire;
 

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codes::{CloseCode, ErrorCode};
 use crate::ids::{CellId, ChannelId, SessionId, UserId, WorkspaceId};
+use crate::moves::{KeyPage, MoveOp};
 use crate::server::{ChannelInfo, ChannelKind, MessageView};
 
 /// Correlates a [`ToCell::Request`] or [`ToCell::Admin`] with its [`ToGateway::Reply`];
@@ -160,6 +161,8 @@ pub enum AdminOp {
         kind: ChannelKind,
         members: Vec<UserId>,
     },
+    /// One step of a live workspace move (see [`crate::moves`]).
+    Move(MoveOp),
 }
 
 /// The successful outcome of a [`CellOp`] or [`AdminOp`].
@@ -189,6 +192,8 @@ pub enum CellReply {
     },
     /// The caller's webhooks.
     Webhooks(Vec<WebhookInfo>),
+    /// A page of a workspace's store keys, for a move.
+    Keys(KeyPage),
 }
 
 /// A webhook as `GET /v1/webhooks` lists it (never with its secret).
@@ -277,6 +282,12 @@ pub enum ToGateway {
     },
     /// Close the session with `code` (e.g. `4010` while its workspace moves).
     Close { session: SessionId, code: CloseCode },
+    /// Request `req`'s workspace moved to another cell and the request was not performed:
+    /// the gateway looks the workspace up again and sends it there.
+    Moved { req: RequestKey },
+    /// The session's workspace moved to another cell; it was not attached. The gateway looks
+    /// the workspace up again and the session reconnects (`4010`).
+    AttachMoved { session: SessionId },
 }
 
 /// Random bytes each side of a link contributes to its handshake, so that no proof can be

@@ -26,6 +26,7 @@ mod timed;
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use confab_shared::moves::{KeyDump, KeyPage};
 use confab_shared::server::{ChannelKind, Event, MessageView};
 use confab_shared::{ChannelId, UserId, WorkspaceId};
 
@@ -63,6 +64,10 @@ pub enum StoreError {
     /// this process's writes are refused and it must stop serving.
     #[error("store fenced: {0}")]
     Fenced(String),
+    /// A step of a workspace move that the workspace's state in this store does not allow
+    /// (another move's epoch, a workspace already released, an engine that cannot move).
+    #[error("move refused: {0}")]
+    MoveRefused(String),
 }
 
 /// Shorthand for store results.
@@ -231,6 +236,24 @@ pub fn side_effect(event: &Event) -> Option<SideEffect<'_>> {
         Event::MemberLeft { user, .. } => SideEffect::Left(user),
         _ => return None,
     })
+}
+
+/// Where a workspace stands in a move, as a store records it durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveMark {
+    /// Leaving, still serving: writes are recorded for the final copy.
+    Copying(u64),
+    /// Leaving, frozen: every write of the workspace is refused.
+    Frozen(u64),
+    /// Left: the directory points elsewhere; every write is refused.
+    Gone(u64),
+    /// Arriving: the copy is under way; not served yet.
+    Incoming(u64),
+}
+
+/// The refusal of every move step by an engine that cannot move workspaces.
+fn cannot_move() -> StoreError {
+    StoreError::MoveRefused("this store engine does not move workspaces".into())
 }
 
 /// A cell's durable state. Object-safe; every method is one round trip (or one pipeline) in a
@@ -441,4 +464,72 @@ pub trait CellStore: Send + Sync + 'static {
         channel: &ChannelId,
         seq: u64,
     ) -> StoreResult<()>;
+
+    // Moves (see `confab_shared::moves`). An engine that cannot move workspaces (the memory
+    // engine of `confab dev`, which has one cell) refuses every step.
+
+    /// The workspaces this store holds a move mark for, read when the cell starts.
+    async fn move_marks(&self) -> StoreResult<Vec<(WorkspaceId, MoveMark)>> {
+        Ok(Vec::new())
+    }
+
+    /// Source: marks the workspace `Copying(epoch)`, so that every write of it from now on is
+    /// recorded, and lists its keys for [`CellStore::export_keys`].
+    async fn begin_export(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Source: the page of listed keys starting at `start`, with their values.
+    async fn export_keys(&self, _workspace: &WorkspaceId, _start: u64) -> StoreResult<KeyPage> {
+        Err(cannot_move())
+    }
+
+    /// Source: marks the workspace `Frozen(epoch)` (every write refused from now on) and lists
+    /// the keys written since `begin_export` for [`CellStore::export_keys`].
+    async fn freeze(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Source: marks the workspace `Gone(epoch)` and forgets it (every write of it is refused
+    /// from now on); its keys are deleted by [`CellStore::purge_workspace`].
+    async fn release(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Deletes every key of a workspace this store no longer serves (`Gone`).
+    async fn purge_workspace(&self, _workspace: &WorkspaceId) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Source: clears a `Copying` or `Frozen` mark of `epoch`; the workspace is written again.
+    /// Refused once the workspace is `Gone`.
+    async fn abort_export(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Target: marks the workspace `Incoming(epoch)` and deletes whatever is left of it.
+    /// Refused when the store serves the workspace.
+    async fn begin_import(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Target: writes keys as they were on the source (a key without a value is deleted).
+    async fn import_keys(
+        &self,
+        _workspace: &WorkspaceId,
+        _epoch: u64,
+        _keys: &[KeyDump],
+    ) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Target: the workspace is complete; it joins the store's workspaces.
+    async fn commit_import(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
+
+    /// Target: drops an import that did not switch.
+    async fn abort_import(&self, _workspace: &WorkspaceId, _epoch: u64) -> StoreResult<()> {
+        Err(cannot_move())
+    }
 }

@@ -21,6 +21,10 @@
 //!   cursor), all under the workspace's prefix so that a move copies them with the rest.
 //!
 //! - `fence` (string): the epoch of the cell process that claimed the store last.
+//! - `moves` (hash ws → `copying:E`, `frozen:E`, `gone:E` or `incoming:E`): the workspaces in or
+//!   after a move of epoch `E`; `dirty.{ws}` (set) the keys written while one is `copying`, and
+//!   `export.{ws}` (list) the keys an export pages over (see `moving`). None of them is under a
+//!   workspace prefix, so a move never copies them.
 //!
 //! Every write is one Lua script, so it is atomic. [`CellStore::append`] checks the seq, writes
 //! the event, applies its side effect and trims, in one script; with `appendonly yes` and
@@ -46,6 +50,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+mod moving;
+
 use super::{
     side_effect, CellStore, ChannelMeta, ChannelSnapshot, ChannelSummary, CreateOutcome,
     MessageQuery, NewChannel, ReadMarker, SideEffect, StoreError, StoreResult, WebhookCreate,
@@ -58,7 +64,41 @@ const FENCE: &str = "confab:cs:fence";
 /// The first lines of every write script: the last key is `fence` and the last argument the
 /// writer's epoch; a store claimed by another epoch refuses the write. An unclaimed store
 /// holds epoch 0, the epoch of a store that was never claimed (tests, tools).
+///
+/// Then the workspace's own fence, for moves: the workspace is the one the first key under a
+/// workspace prefix names, and its mark in `moves` decides. While it is `copying` the keys the
+/// script names are recorded in its dirty set (the final copy takes them); `frozen`, `gone` and
+/// `incoming` refuse the write (`WSMOVED`), durably, whatever the cell process believes.
 const FENCE_GUARD: &str = r"
+local fence = redis.call('GET', KEYS[#KEYS]) or '0'
+if fence ~= ARGV[#ARGV] then
+  return redis.error_reply('FENCED the store is claimed by epoch ' .. fence .. ', not ' .. ARGV[#ARGV])
+end
+local guarded_ws = nil
+for i = 1, #KEYS - 1 do
+  guarded_ws = string.match(KEYS[i], '^confab:cs:([%w_%-]+):')
+  if guarded_ws then break end
+end
+if guarded_ws then
+  local mark = redis.call('HGET', 'confab:cs:moves', guarded_ws)
+  if mark then
+    local state = string.match(mark, '^(%a+)')
+    if state ~= 'copying' then
+      return redis.error_reply('WSMOVED workspace ' .. guarded_ws .. ' is ' .. mark)
+    end
+    local prefix = 'confab:cs:' .. guarded_ws .. ':'
+    for i = 1, #KEYS - 1 do
+      if string.sub(KEYS[i], 1, #prefix) == prefix then
+        redis.call('SADD', 'confab:cs:dirty.' .. guarded_ws, KEYS[i])
+      end
+    end
+  end
+end
+";
+
+/// The cell fence alone, for the scripts of moves, which act on a workspace's marks and keys
+/// whatever its own fence says.
+const CELL_FENCE_GUARD: &str = r"
 local fence = redis.call('GET', KEYS[#KEYS]) or '0'
 if fence ~= ARGV[#ARGV] then
   return redis.error_reply('FENCED the store is claimed by epoch ' .. fence .. ', not ' .. ARGV[#ARGV])
@@ -1291,5 +1331,58 @@ impl CellStore for RedisStore {
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(())
+    }
+
+    async fn move_marks(&self) -> StoreResult<Vec<(WorkspaceId, super::MoveMark)>> {
+        self.load_move_marks().await
+    }
+
+    async fn begin_export(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.start_export(workspace, epoch).await
+    }
+
+    async fn export_keys(
+        &self,
+        workspace: &WorkspaceId,
+        start: u64,
+    ) -> StoreResult<confab_shared::moves::KeyPage> {
+        self.listed_keys(workspace, start).await
+    }
+
+    async fn freeze(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.freeze_workspace(workspace, epoch).await
+    }
+
+    async fn release(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.release_workspace(workspace, epoch).await
+    }
+
+    async fn purge_workspace(&self, workspace: &WorkspaceId) -> StoreResult<()> {
+        self.purge_released(workspace).await
+    }
+
+    async fn abort_export(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.undo_export(workspace, epoch).await
+    }
+
+    async fn begin_import(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.start_import(workspace, epoch).await
+    }
+
+    async fn import_keys(
+        &self,
+        workspace: &WorkspaceId,
+        epoch: u64,
+        keys: &[confab_shared::moves::KeyDump],
+    ) -> StoreResult<()> {
+        self.restore_keys(workspace, epoch, keys).await
+    }
+
+    async fn commit_import(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.finish_import(workspace, epoch).await
+    }
+
+    async fn abort_import(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.undo_import(workspace, epoch).await
     }
 }

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use confab_shared::moves::{KeyDump, KeyPage};
 use confab_shared::server::{Event, MessageView};
 use confab_shared::{ChannelId, UserId, WorkspaceId};
 
 use super::{
-    CellStore, ChannelSnapshot, ChannelSummary, CreateOutcome, MessageQuery, NewChannel,
+    CellStore, ChannelSnapshot, ChannelSummary, CreateOutcome, MessageQuery, MoveMark, NewChannel,
     ReadMarker, StoreResult, WebhookCreate, WebhookRecord, WebhookState,
 };
 use crate::metrics::{EVENTS_APPENDED, STORE_OP_DURATION};
@@ -375,6 +376,87 @@ impl CellStore for TimedStore {
             &op_latency("advance_webhook_cursor"),
             self.inner
                 .advance_webhook_cursor(workspace, id, channel, seq),
+        )
+        .await
+    }
+
+    async fn move_marks(&self) -> StoreResult<Vec<(WorkspaceId, MoveMark)>> {
+        timed(&op_latency("move_marks"), self.inner.move_marks()).await
+    }
+
+    async fn begin_export(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        timed(
+            &op_latency("begin_export"),
+            self.inner.begin_export(workspace, epoch),
+        )
+        .await
+    }
+
+    async fn freeze(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        timed(&op_latency("freeze"), self.inner.freeze(workspace, epoch)).await
+    }
+
+    async fn release(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        timed(&op_latency("release"), self.inner.release(workspace, epoch)).await
+    }
+
+    async fn abort_export(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        timed(
+            &op_latency("abort_export"),
+            self.inner.abort_export(workspace, epoch),
+        )
+        .await
+    }
+
+    async fn begin_import(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        timed(
+            &op_latency("begin_import"),
+            self.inner.begin_import(workspace, epoch),
+        )
+        .await
+    }
+
+    async fn commit_import(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        timed(
+            &op_latency("commit_import"),
+            self.inner.commit_import(workspace, epoch),
+        )
+        .await
+    }
+
+    async fn abort_import(&self, workspace: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        timed(
+            &op_latency("abort_import"),
+            self.inner.abort_import(workspace, epoch),
+        )
+        .await
+    }
+
+    async fn export_keys(&self, workspace: &WorkspaceId, start: u64) -> StoreResult<KeyPage> {
+        timed(
+            &op_latency("export_keys"),
+            self.inner.export_keys(workspace, start),
+        )
+        .await
+    }
+
+    async fn purge_workspace(&self, workspace: &WorkspaceId) -> StoreResult<()> {
+        timed(
+            &op_latency("purge_workspace"),
+            self.inner.purge_workspace(workspace),
+        )
+        .await
+    }
+
+    async fn import_keys(
+        &self,
+        workspace: &WorkspaceId,
+        epoch: u64,
+        keys: &[KeyDump],
+    ) -> StoreResult<()> {
+        timed(
+            &op_latency("import_keys"),
+            self.inner.import_keys(workspace, epoch, keys),
         )
         .await
     }

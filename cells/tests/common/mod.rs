@@ -185,6 +185,15 @@ impl Gw {
                 self.closes
                     .push((session.to_string(), code, self.replies_seen));
             }
+            // Only a moving workspace is answered so; these tests move none.
+            ToGateway::Moved { req } => {
+                self.replies
+                    .insert(req, Err(CellError::unavailable("moved")));
+            }
+            ToGateway::AttachMoved { session } => {
+                self.attaches
+                    .insert(session.to_string(), Err(CellError::unavailable("moved")));
+            }
         }
     }
 

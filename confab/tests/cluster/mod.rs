@@ -261,6 +261,8 @@ pub struct GatewayProc {
     /// Flags added to the gateway's command line (see [`Cluster::gateway_args`]).
     extra: Vec<String>,
     proc: Proc,
+    /// `--move-page-delay-ms`.
+    move_page_delay_ms: u64,
 }
 
 impl GatewayProc {
@@ -273,6 +275,7 @@ impl GatewayProc {
             .args(["--presence-ttl-ms", &self.presence_ttl_ms.to_string()])
             .args(["--client-rate", "1000"])
             .args(&self.extra)
+            .args(["--move-page-delay-ms", &self.move_page_delay_ms.to_string()])
             .env("CONFAB_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -324,6 +327,7 @@ pub struct Cluster {
     presence_ttl_ms: u64,
     retention: u64,
     durable_directory: bool,
+    move_page_delay_ms: u64,
 }
 
 /// A running cluster.
@@ -343,6 +347,7 @@ impl Cluster {
             presence_ttl_ms: 30_000,
             retention: 10_000,
             durable_directory: false,
+            move_page_delay_ms: 0,
         }
     }
 
@@ -376,6 +381,12 @@ impl Cluster {
     /// Runs the presence + directory Redis with `appendonly`, so a restart keeps its data.
     pub fn durable_directory(mut self) -> Cluster {
         self.durable_directory = true;
+        self
+    }
+
+    /// Gateways pause this long between the pages of a move's bulk copy.
+    pub fn move_page_delay_ms(mut self, ms: u64) -> Cluster {
+        self.move_page_delay_ms = ms;
         self
     }
 
@@ -416,6 +427,7 @@ impl Cluster {
                 presence_ttl_ms: self.presence_ttl_ms,
                 extra: self.gateway_args.clone(),
                 proc: Proc(None),
+                move_page_delay_ms: self.move_page_delay_ms,
             };
             gateway.spawn();
             while gateway.proc.exited_within(Duration::from_millis(300)) {
@@ -568,6 +580,41 @@ impl Client {
             other => panic!("expected ready, got {other:?}"),
         }
         client
+    }
+
+    /// As [`Client::connect`], but a refused hello (an error, a close) is `Err` with what
+    /// arrived instead of a panic (for tests where the workspace may be moving meanwhile).
+    pub async fn try_connect(
+        ws_url: &str,
+        token: &str,
+        resume: Option<Value>,
+    ) -> Result<Client, String> {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(ws_url))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = Client {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 1,
+            ready: Value::Null,
+        };
+        let mut hello = json!({"op": "hello", "token": token});
+        if let Some(resume) = resume {
+            hello["resume"] = resume;
+        }
+        client
+            .ws
+            .send(Message::text(hello.to_string()))
+            .await
+            .map_err(|e| format!("hello: {e}"))?;
+        match client.read(WAIT).await {
+            Incoming::Frame(frame) if frame["op"] == "ready" => {
+                client.ready = frame;
+                Ok(client)
+            }
+            other => Err(format!("{other:?}")),
+        }
     }
 
     pub async fn send(&mut self, frame: &Value) {

@@ -1,0 +1,431 @@
+//! The Redis engine's side of a live workspace move: marks, the key list an export pages over,
+//! `DUMP` on the source and `RESTORE` on the target.
+//!
+//! The copy is by key, not by record type: every key under the workspace's prefix
+//! (`confab:cs:{ws}:`) travels as Redis serialized it, so keys that other features add under
+//! that prefix (webhooks and their deliveries) move too without this module knowing them.
+//! Every write of a workspace key goes through a fenced script, whose guard records the key in
+//! the workspace's dirty set while the workspace is `copying`; the final copy, frozen, takes
+//! exactly those keys.
+
+use std::sync::LazyLock;
+
+use confab_shared::moves::{key_prefix, KeyDump, KeyPage, MAX_PAGE_BYTES, MAX_PAGE_KEYS};
+use confab_shared::WorkspaceId;
+use redis::{AsyncCommands, Script};
+
+use super::{redis_error, RedisStore, CELL_FENCE_GUARD, FENCE, WORKSPACES};
+use crate::store::{MoveMark, StoreError, StoreResult};
+
+const MOVES: &str = "confab:cs:moves";
+/// Keys dumped per round trip while a page fills.
+const DUMP_BATCH: usize = 32;
+/// Keys listed or deleted per `SCAN` step.
+const SCAN_COUNT: usize = 500;
+
+fn dirty_key(ws: &WorkspaceId) -> String {
+    format!("confab:cs:dirty.{ws}")
+}
+
+fn export_key(ws: &WorkspaceId) -> String {
+    format!("confab:cs:export.{ws}")
+}
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{CELL_FENCE_GUARD}{body}"))
+}
+
+/// KEYS = workspaces, moves, dirty, export, fence; ARGV = ws, epoch, cell epoch. A `copying`
+/// mark of another epoch (an abandoned attempt) is taken over; any other mark refuses.
+static BEGIN_EXPORT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 'unknown' end
+local mark = redis.call('HGET', KEYS[2], ARGV[1])
+if mark and string.match(mark, '^(%a+)') ~= 'copying' then return mark end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[2], ARGV[1], 'copying:' .. ARGV[2])
+return 'ok'
+",
+    )
+});
+
+/// KEYS = moves, dirty, export, fence; ARGV = ws, epoch, cell epoch. Lists the dirty keys.
+static FREEZE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local mark = redis.call('HGET', KEYS[1], ARGV[1])
+if mark ~= 'copying:' .. ARGV[2] and mark ~= 'frozen:' .. ARGV[2] then return mark or 'none' end
+redis.call('HSET', KEYS[1], ARGV[1], 'frozen:' .. ARGV[2])
+redis.call('DEL', KEYS[3])
+local dirty = redis.call('SMEMBERS', KEYS[2])
+for i = 1, #dirty, 1000 do
+  redis.call('RPUSH', KEYS[3], unpack(dirty, i, math.min(i + 999, #dirty)))
+end
+return 'ok'
+",
+    )
+});
+
+/// KEYS = moves, workspaces, dirty, export, fence; ARGV = ws, epoch, cell epoch.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local mark = redis.call('HGET', KEYS[1], ARGV[1])
+if mark ~= 'frozen:' .. ARGV[2] and mark ~= 'gone:' .. ARGV[2] then return mark or 'none' end
+redis.call('HSET', KEYS[1], ARGV[1], 'gone:' .. ARGV[2])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3], KEYS[4])
+return 'ok'
+",
+    )
+});
+
+/// KEYS = moves, dirty, export, fence; ARGV = ws, epoch, cell epoch.
+static ABORT_EXPORT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local mark = redis.call('HGET', KEYS[1], ARGV[1])
+if not mark then return 'ok' end
+if mark ~= 'copying:' .. ARGV[2] and mark ~= 'frozen:' .. ARGV[2] then return mark end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+return 'ok'
+",
+    )
+});
+
+/// KEYS = workspaces, moves, fence; ARGV = ws, epoch, cell epoch.
+static BEGIN_IMPORT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 'serving' end
+redis.call('HSET', KEYS[2], ARGV[1], 'incoming:' .. ARGV[2])
+return 'ok'
+",
+    )
+});
+
+/// KEYS = moves, then the page's keys, then fence; ARGV = ws, epoch, then a value (empty: no
+/// key) and a ttl per key, then the cell epoch.
+static RESTORE: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local mark = redis.call('HGET', KEYS[1], ARGV[1])
+if mark ~= 'incoming:' .. ARGV[2] then return mark or 'none' end
+for i = 2, #KEYS - 1 do
+  local value = ARGV[3 + (i - 2) * 2]
+  local ttl = ARGV[4 + (i - 2) * 2]
+  if value == '' then
+    redis.call('DEL', KEYS[i])
+  else
+    redis.call('RESTORE', KEYS[i], ttl, value, 'REPLACE')
+  end
+end
+return 'ok'
+",
+    )
+});
+
+/// KEYS = workspaces, moves, fence; ARGV = ws, epoch, cell epoch.
+static FINISH_IMPORT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local mark = redis.call('HGET', KEYS[2], ARGV[1])
+if not mark and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 'ok' end
+if mark ~= 'incoming:' .. ARGV[2] then return mark or 'none' end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 'ok'
+",
+    )
+});
+
+/// KEYS = workspaces, moves, fence; ARGV = ws, epoch, cell epoch. Also undoes a commit: the
+/// gateway asks only when the directory did not switch to this cell.
+static UNDO_IMPORT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r"
+local mark = redis.call('HGET', KEYS[2], ARGV[1])
+if mark and mark ~= 'incoming:' .. ARGV[2] then return mark end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[1], ARGV[1])
+return 'ok'
+",
+    )
+});
+
+fn parse_mark(raw: &str) -> Option<MoveMark> {
+    let (state, epoch) = raw.split_once(':')?;
+    let epoch = epoch.parse().ok()?;
+    Some(match state {
+        "copying" => MoveMark::Copying(epoch),
+        "frozen" => MoveMark::Frozen(epoch),
+        "gone" => MoveMark::Gone(epoch),
+        "incoming" => MoveMark::Incoming(epoch),
+        _ => return None,
+    })
+}
+
+/// A script's answer: `ok`, or the mark (or condition) that refused the step.
+fn step_outcome(ws: &WorkspaceId, step: &str, outcome: String) -> StoreResult<()> {
+    if outcome == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::MoveRefused(format!(
+        "{step} of workspace {ws}: the store has it {outcome}"
+    )))
+}
+
+impl RedisStore {
+    pub(super) async fn load_move_marks(&self) -> StoreResult<Vec<(WorkspaceId, MoveMark)>> {
+        let raw: Vec<(String, String)> = self.conn().hgetall(MOVES).await.map_err(redis_error)?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(ws, mark)| Some((WorkspaceId::new(&ws).ok()?, parse_mark(&mark)?)))
+            .collect())
+    }
+
+    async fn run_step(
+        &self,
+        ws: &WorkspaceId,
+        step: &str,
+        script: &Script,
+        keys: &[&str],
+        epoch: u64,
+    ) -> StoreResult<()> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
+        let outcome: String = invocation
+            .key(FENCE)
+            .arg(ws.as_str())
+            .arg(epoch)
+            .arg(self.epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        step_outcome(ws, step, outcome)
+    }
+
+    pub(super) async fn start_export(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        let (dirty, export) = (dirty_key(ws), export_key(ws));
+        let keys = [WORKSPACES, MOVES, dirty.as_str(), export.as_str()];
+        self.run_step(ws, "export", &BEGIN_EXPORT, &keys, epoch)
+            .await?;
+        // Listed after the mark: a key created meanwhile is in the dirty set as well, which
+        // only copies it twice.
+        let mut conn = self.conn();
+        let pattern = format!("{}*", key_prefix(ws));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if !keys.is_empty() {
+                conn.rpush::<_, _, ()>(&export, keys)
+                    .await
+                    .map_err(redis_error)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// A page of the export list from `start`: at most [`MAX_PAGE_KEYS`] keys and, but for a
+    /// single larger key, [`MAX_PAGE_BYTES`] of values.
+    pub(super) async fn listed_keys(&self, ws: &WorkspaceId, start: u64) -> StoreResult<KeyPage> {
+        let mut conn = self.conn();
+        let export = export_key(ws);
+        let first = isize::try_from(start).unwrap_or(isize::MAX);
+        let last = first.saturating_add(MAX_PAGE_KEYS as isize - 1);
+        let (listed, total): (Vec<String>, u64) = redis::pipe()
+            .lrange(&export, first, last)
+            .llen(&export)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let mut keys = Vec::with_capacity(listed.len());
+        let mut bytes = 0usize;
+        for batch in listed.chunks(DUMP_BATCH) {
+            if bytes >= MAX_PAGE_BYTES {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for key in batch {
+                pipe.cmd("DUMP").arg(key).cmd("PTTL").arg(key);
+            }
+            let replies: Vec<redis::Value> =
+                pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            for (key, pair) in batch.iter().zip(replies.chunks(2)) {
+                let dump: Option<Vec<u8>> = pair
+                    .first()
+                    .map(redis::from_redis_value_ref::<Option<Vec<u8>>>)
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt(format!("dump reply: {e}")))?
+                    .flatten();
+                let ttl: i64 = pair
+                    .get(1)
+                    .map(redis::from_redis_value_ref::<i64>)
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt(format!("pttl reply: {e}")))?
+                    .unwrap_or(-1);
+                bytes += dump.as_ref().map_or(0, Vec::len);
+                keys.push(KeyDump {
+                    key: key.clone(),
+                    dump,
+                    ttl_ms: u64::try_from(ttl).unwrap_or(0),
+                });
+            }
+        }
+        let end = start + keys.len() as u64;
+        Ok(KeyPage {
+            keys,
+            next: (end < total).then_some(end),
+        })
+    }
+
+    pub(super) async fn freeze_workspace(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        let (dirty, export) = (dirty_key(ws), export_key(ws));
+        let keys = [MOVES, dirty.as_str(), export.as_str()];
+        self.run_step(ws, "freeze", &FREEZE, &keys, epoch).await
+    }
+
+    pub(super) async fn release_workspace(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        let (dirty, export) = (dirty_key(ws), export_key(ws));
+        let keys = [MOVES, WORKSPACES, dirty.as_str(), export.as_str()];
+        self.run_step(ws, "release", &RELEASE, &keys, epoch).await
+    }
+
+    /// Deletes a released workspace's keys, if it is still `gone` (it may have come back).
+    pub(super) async fn purge_released(&self, ws: &WorkspaceId) -> StoreResult<()> {
+        let mark: Option<String> = self
+            .conn()
+            .hget(MOVES, ws.as_str())
+            .await
+            .map_err(redis_error)?;
+        match mark.as_deref().and_then(parse_mark) {
+            Some(MoveMark::Gone(_)) => self.purge(ws).await,
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) async fn undo_export(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        let (dirty, export) = (dirty_key(ws), export_key(ws));
+        let keys = [MOVES, dirty.as_str(), export.as_str()];
+        self.run_step(ws, "abort", &ABORT_EXPORT, &keys, epoch)
+            .await
+    }
+
+    pub(super) async fn start_import(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.run_step(ws, "import", &BEGIN_IMPORT, &[WORKSPACES, MOVES], epoch)
+            .await?;
+        self.purge(ws).await
+    }
+
+    pub(super) async fn restore_keys(
+        &self,
+        ws: &WorkspaceId,
+        epoch: u64,
+        keys: &[KeyDump],
+    ) -> StoreResult<()> {
+        let prefix = key_prefix(ws);
+        if let Some(foreign) = keys.iter().find(|k| !k.key.starts_with(&prefix)) {
+            return Err(StoreError::MoveRefused(format!(
+                "key {:?} is not a key of workspace {ws}",
+                foreign.key
+            )));
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = RESTORE.prepare_invoke();
+        invocation.key(MOVES);
+        for key in keys {
+            invocation.key(&key.key);
+        }
+        invocation.key(FENCE).arg(ws.as_str()).arg(epoch);
+        for key in keys {
+            match &key.dump {
+                Some(dump) => invocation.arg(dump.as_slice()),
+                None => invocation.arg(""),
+            };
+            invocation.arg(key.ttl_ms);
+        }
+        let outcome: String = invocation
+            .arg(self.epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        step_outcome(ws, "import page", outcome)
+    }
+
+    pub(super) async fn finish_import(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.run_step(ws, "commit", &FINISH_IMPORT, &[WORKSPACES, MOVES], epoch)
+            .await
+    }
+
+    pub(super) async fn undo_import(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.run_step(
+            ws,
+            "import abort",
+            &UNDO_IMPORT,
+            &[WORKSPACES, MOVES],
+            epoch,
+        )
+        .await?;
+        self.purge(ws).await
+    }
+
+    /// Deletes every key under the workspace's prefix. Called only while the store refuses
+    /// writes of the workspace (`gone` or `incoming`), so nothing is written behind it.
+    async fn purge(&self, ws: &WorkspaceId) -> StoreResult<()> {
+        let mut conn = self.conn();
+        let pattern = format!("{}*", key_prefix(ws));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(keys)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_back_with_their_epoch() {
+        assert_eq!(parse_mark("frozen:7"), Some(MoveMark::Frozen(7)));
+        assert_eq!(parse_mark("incoming:1"), Some(MoveMark::Incoming(1)));
+        assert_eq!(parse_mark("gone:x"), None);
+        assert_eq!(parse_mark("other:1"), None);
+    }
+}
