@@ -798,6 +798,41 @@ impl Hub {
         metrics::gauge!(DISABLED).set(disabled as f64);
     }
 
+    /// The workspace moved to another cell (its keys, cursors included, were copied there
+    /// before the release): stop delivering its webhooks here. A task that is mid-attempt
+    /// finishes it; its cursor write is refused by the workspace's fence, so the new cell
+    /// sends that delivery again, with the same `delivery_id`.
+    pub(crate) fn workspace_left(&self, ws: &WorkspaceId) {
+        if let Some((_, hooks)) = self.hooks.remove(ws) {
+            for hook in hooks.iter() {
+                hook.deleted.store(true, Ordering::Release);
+                hook.stop_token().cancel();
+            }
+        }
+        let idle: Vec<Arc<Pair>> = self
+            .pairs
+            .iter()
+            .filter(|p| &p.key().0 == ws && !p.pos.lock().running)
+            .map(|p| p.value().clone())
+            .collect();
+        for pair in idle {
+            self.forget_pair(&pair);
+        }
+        self.update_disabled_gauge();
+    }
+
+    /// A workspace arrived by a move: load its webhooks with the cursors that came with it,
+    /// and deliver what is pending.
+    pub(crate) fn workspace_arrived(self: &Arc<Self>, ws: WorkspaceId) {
+        let hub = self.clone();
+        self.arbiter.spawn(async move {
+            if let Err(e) = hub.load_workspace(&ws).await {
+                tracing::warn!(workspace = %ws, error = %e, "webhooks of a moved-in workspace not loaded yet; retrying in the rescan");
+                hub.reload.lock().insert(ws);
+            }
+        });
+    }
+
     fn forget_pair(&self, pair: &Pair) {
         let key = (
             pair.hook.ws.clone(),
