@@ -28,7 +28,7 @@ use std::time::Duration;
 use actix::Arbiter;
 use actix_rt::ArbiterHandle;
 use confab_shared::link::{Caller, CellError, CellOp, CellReply, WebhookInfo};
-use confab_shared::server::{Event, ServerFrame};
+use confab_shared::server::{encode_event, Event};
 use confab_shared::{now_ms, ChannelId, ErrorCode, UserId, WorkspaceId};
 use dashmap::DashMap;
 use hmac::{Hmac, Mac};
@@ -1274,16 +1274,21 @@ fn event_ts(event: &Event) -> u64 {
     }
 }
 
-/// The body of a delivery: the event exactly as on the WebSocket, plus `workspace` and
-/// `delivery_id`.
+/// The body of a delivery: the event exactly as on the WebSocket (the same encoding, byte for
+/// byte), plus `workspace` and `delivery_id` spliced in before its closing brace; no
+/// intermediate JSON tree is built.
 pub fn delivery_body(event: &Event, ws: &WorkspaceId, delivery_id: &str) -> Vec<u8> {
-    let mut value =
-        serde_json::to_value(ServerFrame::Event(event.clone())).unwrap_or(serde_json::Value::Null);
-    if let Some(object) = value.as_object_mut() {
-        object.insert("workspace".into(), ws.as_str().into());
-        object.insert("delivery_id".into(), delivery_id.into());
-    }
-    serde_json::to_vec(&value).unwrap_or_default()
+    let frame = encode_event(event);
+    let object = frame.trim_end().strip_suffix('}').unwrap_or(&frame);
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let mut body = Vec::with_capacity(frame.len() + delivery_id.len() + 64);
+    body.extend_from_slice(object.as_bytes());
+    body.extend_from_slice(b",\"workspace\":");
+    body.extend_from_slice(quote(ws.as_str()).as_bytes());
+    body.extend_from_slice(b",\"delivery_id\":");
+    body.extend_from_slice(quote(delivery_id).as_bytes());
+    body.push(b'}');
+    body
 }
 
 /// `hex(HMAC-SHA256(secret, "<t>.<body>"))`, the `v1` of `Confab-Signature`; the key is the
@@ -1430,6 +1435,26 @@ mod tests {
             failure.to_string().starts_with("refused address"),
             "{failure}"
         );
+    }
+
+    #[test]
+    fn a_delivery_body_is_the_websocket_event_plus_workspace_and_delivery_id() {
+        let event = Event::Message {
+            channel: ChannelId::new("general").unwrap(),
+            seq: 7,
+            ts: 1,
+            user: UserId::new("alice").unwrap(),
+            text: "a \"quoted\" }".into(),
+            client_msg_id: None,
+            thread: None,
+        };
+        let ws = WorkspaceId::new("demo").unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&delivery_body(&event, &ws, "W1:general:7")).unwrap();
+        let mut expected: serde_json::Value = serde_json::from_str(&encode_event(&event)).unwrap();
+        expected["workspace"] = "demo".into();
+        expected["delivery_id"] = "W1:general:7".into();
+        assert_eq!(body, expected);
     }
 
     #[test]
