@@ -2,7 +2,8 @@
 # Drives a fresh `confab dev` from docs/openapi.yaml with schemathesis (property-based): no 5xx,
 # every status code documented, every response matching its schema.
 #   infra/api-contract.sh [SCHEMATHESIS]   (default: schemathesis on PATH)
-# Not built yet, so left out (see the note at the top of docs/openapi.yaml): /v1/webhooks….
+# Left out: POST /v1/webhooks (createWebhook), since generated URLs would make the server POST
+# to whatever hosts they name (tests/webhooks.rs covers it against a local receiver).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 st="${1:-schemathesis}"
@@ -27,7 +28,7 @@ common=(--checks "$checks" --max-examples "$examples" --seed 1 --workers 2 --no-
 echo "==> schemathesis: HTTP API with a user token"
 "$st" --config-file infra/schemathesis.toml run docs/openapi.yaml --url "$base" "${common[@]}" \
   -H "Authorization: Bearer $token" \
-  --include-path-regex '^/(v1/|healthz|readyz|metrics)' --exclude-path-regex '^/v1/webhooks'
+  --include-path-regex '^/(v1/|healthz|readyz|metrics)' --exclude-operation-id createWebhook
 
 echo "==> schemathesis: admin API with the admin token"
 "$st" --config-file infra/schemathesis.toml run docs/openapi.yaml --url "$base" "${common[@]}" \

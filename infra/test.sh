@@ -11,6 +11,10 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
+# prometheus: promtool, and the real Prometheus of confab/tests/monitoring.rs (cargo test);
+# systemd: systemd-analyze for the unit checks (verify needs no running systemd).
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_cmd=""
@@ -34,8 +38,22 @@ echo "==> cargo test, the end-to-end suite against a distributed deployment"
 CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
   --test handshake --test ops --test errors_and_limits --test close_codes --test http_api \
   --test admin_api --test isolation --test hostile_input --test health --test upgrade \
-  --test workspace_limits \
+  --test workspace_limits --test webhooks \
   -- --test-threads="${CONFAB_TEST_THREADS:-4}"
+
+# Cells as the unit of operations (docs/operations.md), distributed mode only:
+# confab/tests/cell_ops.rs (bounds, metrics), shutdown.rs (SIGTERM of a gateway and of a cell,
+# a rolling restart under traffic) and blast_radius.rs ran in the workspace tests above. The
+# blast-radius case runs again here with its output, for the latency figures it measures
+# (the other cell's workspace before, during and after a kill -9; never asserted).
+echo "==> blast radius: latency figures"
+cargo test -q -p confab --locked --test blast_radius -- --nocapture
+
+# docs/bots.md's example bot: a Python process (standard library only) registered as a webhook
+# on a live `confab dev`; a user says "ping", the bot answers over HTTP, the user's WebSocket
+# sees "pong". Part of the workspace tests above; named here so the step shows in the log.
+echo "==> echo bot (docs/examples/echo-bot) against a live confab dev"
+cargo test -q -p confab --locked --test echo_bot
 
 echo "==> load smoke run (a few seconds per scenario)"
 cargo run -q -p confab-load --locked -- smoke --confab target/debug/confab
@@ -72,3 +90,25 @@ infra/api-contract.sh target/ci-venv/bin/schemathesis
 
 echo "==> npm pack --dry-run, and the SDK's size"
 (cd clients/js && npm pack --dry-run 2>&1 | grep -v "^npm notice *$" && echo "minified + gzipped: $(npm run -s size) bytes")
+
+# The production kit (infra/README.md): deploy files and monitoring, each checked offline.
+echo "==> systemd units: systemd-analyze verify and security --offline"
+cargo build -q -p confab --locked
+infra/systemd/verify.sh
+
+echo "==> kubernetes manifests: kubernetes-validate (pinned; ships the schemas), overlays rendered by kubectl kustomize where installed"
+[ -x target/ci-venv/bin/python ] || python3 -m venv target/ci-venv
+target/ci-venv/bin/pip install -q --disable-pip-version-check kubernetes-validate==1.37.0
+target/ci-venv/bin/python infra/k8s/check.py
+
+echo "==> prometheus: promtool check config and rules, promtool test rules"
+infra/prometheus/check.sh
+
+# Part of the workspace tests above; named here so the step shows in the log.
+echo "==> monitoring: every dashboard and rule query returns data from a real Prometheus scraping the local cluster"
+cargo test -q -p confab --locked --test monitoring
+
+# docs/capacity.md is regenerated from this command's report; a small run keeps it working.
+echo "==> confab-load capacity, small run (the inputs of docs/capacity.md)"
+cargo run -q -p confab-load --locked -- capacity --confab target/debug/confab \
+  --sessions 200 --members 20 --messages 100 --rate 50 --idle-s 3 --out target/capacity-smoke

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::Arbiter;
-use confab_shared::link::{Attach, Caller, CellOp, ToCell, ToGateway};
+use confab_shared::link::{Attach, Caller, CellError, CellOp, ToCell, ToGateway};
 use confab_shared::{limits, CellId};
 use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -19,6 +19,7 @@ use crate::link::{AttachReply, Link, Reply};
 use crate::messages::{AttachSession, ChannelRequest, UserRequest};
 use crate::registry::{Registry, Settings};
 use crate::store::CellStore;
+use crate::webhooks::{self, Hub, WebhookConfig};
 use crate::workspace;
 
 /// How a cell is set up.
@@ -33,6 +34,23 @@ pub struct CellConfig {
     pub max_channels_per_user: usize,
     /// Members one channel may have (`conflict` beyond).
     pub max_members_per_channel: usize,
+    /// `--max-workspaces` and `--max-connections` (default: no bound).
+    pub bounds: CellBounds,
+    /// Webhook delivery (SPEC §6).
+    pub webhooks: WebhookConfig,
+}
+
+/// How much one cell takes on (SPEC §1: `--max-workspaces N`, `--max-connections N`). The
+/// cell publishes them with each heartbeat, and placement skips a cell at either bound.
+///
+/// At `max_connections` sessions, one more attach fails with `unavailable` (the client
+/// sees the error, then `4010`, and retries later); sessions already attached are not
+/// touched, and a session attaching again under its own id is never refused. At
+/// `max_workspaces`, creating another workspace fails with `unavailable`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CellBounds {
+    pub max_workspaces: Option<u64>,
+    pub max_connections: Option<u64>,
 }
 
 impl CellConfig {
@@ -44,6 +62,8 @@ impl CellConfig {
             max_channels_per_workspace: limits::MAX_CHANNELS_PER_WORKSPACE,
             max_channels_per_user: limits::MAX_CHANNELS_PER_USER,
             max_members_per_channel: limits::MAX_MEMBERS_PER_CHANNEL,
+            bounds: CellBounds::default(),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -57,11 +77,20 @@ pub struct CellStats {
     pub connections: u64,
 }
 
+/// How many actors and links a cell runs, for its gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActorCounts {
+    pub channel_actors: u64,
+    pub user_actors: u64,
+    /// Gateway links connected and not lost.
+    pub links: u64,
+}
+
 /// A running cell; cheap to clone.
 #[derive(Clone)]
 pub struct Cell {
     id: CellId,
-    reg: Arc<Registry>,
+    pub(crate) reg: Arc<Registry>,
 }
 
 impl std::fmt::Debug for Cell {
@@ -82,8 +111,10 @@ impl Cell {
             max_channels_per_workspace: config.max_channels_per_workspace.max(1),
             max_channels_per_user: config.max_channels_per_user.max(1),
             max_members_per_channel: config.max_members_per_channel.max(2),
+            bounds: config.bounds,
         };
-        let reg = Arc::new(Registry::new(store, settings, Arbiter::current()));
+        let hooks = Hub::start(store.clone(), config.webhooks.clone());
+        let reg = Arc::new(Registry::new(store, settings, Arbiter::current(), hooks));
         let counting = reg.clone();
         reg.arbiter
             .spawn(async move { workspace::refresh_workspace_count(&counting).await });
@@ -114,8 +145,10 @@ impl Cell {
         // Whoever gives the link up (overflow, closed queue, dropped handle), its sessions are
         // detached here, outside of any actor.
         let (reg, watched) = (self.reg.clone(), link.clone());
+        self.reg.links.insert(link.id, link.clone());
         self.reg.arbiter.spawn(async move {
             watched.lost_token().cancelled().await;
+            reg.links.remove(&watched.id);
             reg.detach_link(&watched);
         });
         LinkHandle {
@@ -129,6 +162,21 @@ impl Cell {
         CellStats {
             workspaces: self.reg.workspaces.load(Ordering::Relaxed),
             connections: self.reg.session_count() as u64,
+        }
+    }
+
+    /// The bounds the cell was started with.
+    pub fn bounds(&self) -> CellBounds {
+        self.reg.settings.bounds
+    }
+
+    /// Live actors and links.
+    pub fn actors(&self) -> ActorCounts {
+        let (channels, users) = self.reg.actor_counts();
+        ActorCounts {
+            channel_actors: channels as u64,
+            user_actors: users as u64,
+            links: self.reg.links.len() as u64,
         }
     }
 }
@@ -155,6 +203,14 @@ impl LinkHandle {
         if self.link.is_lost() {
             return;
         }
+        let message = if self.reg.stopping.load(Ordering::Acquire) {
+            match refuse_while_stopping(&self.link, message) {
+                Some(message) => message,
+                None => return,
+            }
+        } else {
+            message
+        };
         match message {
             ToCell::Attach(attach) => {
                 // A workspace moving in or out waits at the gate, or is told it moved.
@@ -201,6 +257,28 @@ impl LinkHandle {
     }
 }
 
+/// Answers what a gateway sends to a cell that is shutting down: every new request and
+/// attach is `unavailable` (its sessions are told to reconnect, `4010`, once the writes
+/// already taken have finished). Anything else (a detach) is handed back to be served.
+fn refuse_while_stopping(link: &Arc<Link>, message: ToCell) -> Option<ToCell> {
+    let refusal = || CellError::unavailable("the cell is shutting down; retry");
+    if let ToCell::Attach(attach) = &message {
+        link.push(ToGateway::AttachFailed {
+            session: attach.session.clone(),
+            error: refusal(),
+        });
+        return None;
+    }
+    if let ToCell::Request { req, .. } | ToCell::Admin { req, .. } = &message {
+        link.push(ToGateway::Reply {
+            req: *req,
+            result: Err(refusal()),
+        });
+        return None;
+    }
+    Some(message)
+}
+
 impl Drop for LinkHandle {
     fn drop(&mut self) {
         // The watcher started in `connect` detaches the sessions.
@@ -210,6 +288,13 @@ impl Drop for LinkHandle {
 
 /// Registers a session and hands its attach to its user's actor.
 pub(crate) fn attach_session(reg: &Arc<Registry>, attach: Attach, link: &Arc<Link>) {
+    if let Some(refusal) = reg.refuse_attach(&attach.session) {
+        link.push(ToGateway::AttachFailed {
+            session: attach.session,
+            error: refusal,
+        });
+        return;
+    }
     let session = reg.register_session(&attach, link);
     let reply = AttachReply::new(reg.clone(), session.clone());
     reg.user(&attach.workspace, &attach.user)
@@ -223,6 +308,13 @@ pub(crate) fn attach_session(reg: &Arc<Registry>, attach: Attach, link: &Arc<Lin
 
 /// Hands a request to the actor that owns it: its channel's, or its user's.
 pub(crate) fn route_request(reg: &Arc<Registry>, caller: Caller, op: CellOp, reply: Reply) {
+    if webhooks::is_webhook_op(&op) {
+        let reg = reg.clone();
+        reg.arbiter.clone().spawn(async move {
+            reply.send(webhooks::perform(&reg, caller, op).await);
+        });
+        return;
+    }
     let channel = match &op {
         CellOp::Send { channel, .. }
         | CellOp::Edit { channel, .. }
@@ -235,7 +327,11 @@ pub(crate) fn route_request(reg: &Arc<Registry>, caller: Caller, op: CellOp, rep
         CellOp::Read { .. }
         | CellOp::CreateChannel { .. }
         | CellOp::ListChannels { .. }
-        | CellOp::OpenDm { .. } => None,
+        | CellOp::OpenDm { .. }
+        | CellOp::CreateWebhook { .. }
+        | CellOp::ListWebhooks
+        | CellOp::DeleteWebhook { .. }
+        | CellOp::EnableWebhook { .. } => None,
     };
     match channel {
         Some(channel) => reg

@@ -384,6 +384,15 @@ impl ChannelActor {
         }
         let frame = fanout::frame(&event, created_us);
         self.publish(&frame);
+        if let Some(state) = self.state.as_ref() {
+            // After the join's member is added and before the leaver is removed, so that a
+            // webhook's user counts as a member of the events of its own joins and leaves.
+            self.reg
+                .webhooks
+                .notify(&self.workspace, &self.id, seq, |u| {
+                    state.members.contains(u)
+                });
+        }
         self.recent.push_back((seq, frame));
         let keep = RECENT_EVENTS.min(usize::try_from(retention).unwrap_or(RECENT_EVENTS));
         while self.recent.len() > keep {

@@ -18,9 +18,18 @@
 //! - `fanout`: subscribers grouped per gateway link; an event is encoded once and costs one
 //!   `Deliver` per gateway.
 //! - `messages`: the actors' messages.
+//! - [`webhooks`]: webhook registration and the delivery worker (SPEC §6), which replays each
+//!   channel's durable log from per-webhook cursors kept in the store.
 //! - `moving`: the move gate — requests to a workspace that is moving in or out wait there,
 //!   or are answered "moved" — and the cell's steps of a live workspace move.
 //! - [`store`]: the [`CellStore`] trait (shaped for Redis) and the in-memory engine.
+//! - [`link_ws`]: the cell's end of a gateway link over a WebSocket (`/v1/link`: the
+//!   authenticated handshake, the bounds on a peer that has not authenticated yet, the pumps).
+//! - [`metrics`]: the cell's metric names, its Prometheus recorder and the gauges' sampler.
+//! - `shutdown`: [`Cell::shut_down`], the drain on SIGTERM (no new writes, the taken ones
+//!   finish, sessions told `4010`, queues handed over).
+//! - [`server`]: the cell process ([`server::run`]): claim of the cell id, heartbeat,
+//!   `/v1/link`, `/healthz`, `/readyz`, `/metrics`, shutdown.
 //!
 //! Architecture invariants: a channel's seq is assigned by exactly one actor; every event is
 //! durable in the store before it is acked or delivered; no actor ever blocks on a gateway.
@@ -33,12 +42,19 @@ pub mod cell;
 mod channel;
 mod fanout;
 mod link;
+pub mod link_ws;
 mod messages;
+pub mod metrics;
 mod moving;
 mod registry;
+pub mod server;
+mod shutdown;
 pub mod store;
 mod user;
+pub mod webhooks;
 mod workspace;
 
-pub use cell::{Cell, CellConfig, CellStats, LinkHandle};
+pub use cell::{ActorCounts, Cell, CellBounds, CellConfig, CellStats, LinkHandle};
+pub use shutdown::DrainReport;
 pub use store::{CellStore, MemoryStore, RedisStore, StoreError};
+pub use webhooks::WebhookConfig;

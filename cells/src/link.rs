@@ -37,6 +37,8 @@ pub(crate) struct Link {
 
 impl Link {
     pub(crate) fn new(id: u64, gateway: String, outbound: mpsc::Sender<ToGateway>) -> Self {
+        // The series exists from the first link on, so an alert on its increase has a value.
+        metrics::counter!("confab_cell_links_lost_total", "reason" => "overflow").increment(0);
         Link {
             id,
             gateway,
@@ -76,6 +78,16 @@ impl Link {
 
     pub(crate) fn lost_token(&self) -> &CancellationToken {
         &self.lost
+    }
+
+    /// Requests taken in and not answered yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether everything queued for the gateway was taken by the link's writer.
+    pub(crate) fn is_flushed(&self) -> bool {
+        self.outbound.capacity() == self.outbound.max_capacity()
     }
 
     /// Counts a request in; `false` when the link already has [`MAX_IN_FLIGHT`] of them.

@@ -406,6 +406,7 @@ pub(crate) async fn step(reg: &Arc<Registry>, op: MoveOp) -> Result<CellReply, C
             let committed = store.commit_import(&ws, *epoch).await;
             if committed.is_ok() {
                 resume(reg, reg.gate.open(&ws));
+                reg.webhooks.workspace_arrived(ws.clone());
                 refresh_workspace_count(reg).await;
             }
             committed.map(|()| CellReply::Done)
@@ -441,4 +442,5 @@ fn release(reg: &Arc<Registry>, ws: &WorkspaceId) {
         reg.detach_session(&session.id);
     }
     reg.forget_workspace(ws);
+    reg.webhooks.workspace_left(ws);
 }

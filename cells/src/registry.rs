@@ -7,23 +7,25 @@
 //! reference is ever held across an await or while another map of the registry is locked.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::{Actor, Addr};
 use actix_rt::ArbiterHandle;
-use confab_shared::link::Attach;
+use confab_shared::link::{Attach, CellError};
 use confab_shared::{ChannelId, SessionId, UserId, WorkspaceId};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+use crate::cell::CellBounds;
 use crate::channel::ChannelActor;
 use crate::link::Link;
 use crate::messages::Unsubscribe;
 use crate::moving::MoveGate;
 use crate::store::CellStore;
 use crate::user::UserActor;
+use crate::webhooks::Hub;
 
 /// A channel's key: channels are always named within their workspace.
 pub(crate) type ChannelKey = (WorkspaceId, ChannelId);
@@ -92,6 +94,7 @@ pub(crate) struct Settings {
     pub(crate) max_channels_per_user: usize,
     /// At least 2, so that a DM can always have its two members.
     pub(crate) max_members_per_channel: usize,
+    pub(crate) bounds: CellBounds,
 }
 
 /// Shared state of one cell.
@@ -99,6 +102,8 @@ pub(crate) struct Registry {
     pub(crate) store: Arc<dyn CellStore>,
     pub(crate) settings: Settings,
     pub(crate) arbiter: ArbiterHandle,
+    /// The webhook worker, woken by channel actors after each append.
+    pub(crate) webhooks: Arc<Hub>,
     channels: DashMap<ChannelKey, Addr<ChannelActor>>,
     users: DashMap<UserKey, Addr<UserActor>>,
     sessions: DashMap<SessionId, Arc<SessionEntry>>,
@@ -109,6 +114,10 @@ pub(crate) struct Registry {
     high_water: DashMap<ChannelKey, u64>,
     pub(crate) workspaces: AtomicU64,
     next_link: AtomicU64,
+    /// Gateway links connected and not lost yet, by id.
+    pub(crate) links: DashMap<u64, Arc<Link>>,
+    /// Set once shutdown began: new requests and attaches answer `unavailable`.
+    pub(crate) stopping: AtomicBool,
     /// Workspaces moving in or out of this cell, and the requests waiting for their move.
     pub(crate) gate: Arc<MoveGate>,
 }
@@ -118,11 +127,13 @@ impl Registry {
         store: Arc<dyn CellStore>,
         settings: Settings,
         arbiter: ArbiterHandle,
+        webhooks: Arc<Hub>,
     ) -> Self {
         Registry {
             store,
             settings,
             arbiter,
+            webhooks,
             channels: DashMap::new(),
             users: DashMap::new(),
             sessions: DashMap::new(),
@@ -130,6 +141,8 @@ impl Registry {
             high_water: DashMap::new(),
             workspaces: AtomicU64::new(0),
             next_link: AtomicU64::new(1),
+            links: DashMap::new(),
+            stopping: AtomicBool::new(false),
             gate: Arc::new(MoveGate::default()),
         }
     }
@@ -153,6 +166,31 @@ impl Registry {
 
     pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Why an attach of `session` must be refused: the cell serves its `max_connections`
+    /// already (a session attaching again under its own id replaces itself, so it passes).
+    pub(crate) fn refuse_attach(&self, session: &SessionId) -> Option<CellError> {
+        let max = self.settings.bounds.max_connections?;
+        if (self.sessions.len() as u64) < max || self.sessions.contains_key(session) {
+            return None;
+        }
+        metrics::counter!("confab_cell_attaches_refused_total", "reason" => "max_connections")
+            .increment(1);
+        Some(CellError::unavailable(format!(
+            "this cell is full: it serves its --max-connections of {max} sessions; retry later"
+        )))
+    }
+
+    /// Every attached session.
+    pub(crate) fn all_sessions(&self) -> Vec<Arc<SessionEntry>> {
+        self.sessions.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Channel and user actors in the maps (a stopped one counts until it is replaced or
+    /// forgets itself, which it does as it stops).
+    pub(crate) fn actor_counts(&self) -> (usize, usize) {
+        (self.channels.len(), self.users.len())
     }
 
     /// The actor of a channel, started (on the cell's arbiter) if none is running.

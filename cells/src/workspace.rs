@@ -264,6 +264,7 @@ async fn existing_dm(
 pub(crate) async fn admin(reg: &Arc<Registry>, op: AdminOp) -> Result<CellReply, CellError> {
     match op {
         AdminOp::CreateWorkspace { workspace, name } => {
+            refuse_past_max_workspaces(reg, &workspace).await?;
             let created = reg
                 .store
                 .create_workspace(&workspace, name.as_deref())
@@ -339,4 +340,35 @@ pub(crate) async fn refresh_workspace_count(reg: &Arc<Registry>) {
             .store(n, std::sync::atomic::Ordering::Relaxed),
         Err(e) => tracing::warn!(error = %e, "could not count workspaces"),
     }
+}
+
+/// Refuses a new workspace on a cell holding its `max_workspaces` already (placement skips
+/// such a cell; this catches two placements racing for its last place). Creating one that
+/// exists is allowed: it changes nothing.
+async fn refuse_past_max_workspaces(
+    reg: &Registry,
+    workspace: &WorkspaceId,
+) -> Result<(), CellError> {
+    let Some(max) = reg.settings.bounds.max_workspaces else {
+        return Ok(());
+    };
+    let count = reg
+        .store
+        .workspace_count()
+        .await
+        .map_err(|e| store_unavailable(&e))?;
+    if count < max {
+        return Ok(());
+    }
+    let exists = reg
+        .store
+        .workspace_exists(workspace)
+        .await
+        .map_err(|e| store_unavailable(&e))?;
+    if exists {
+        return Ok(());
+    }
+    Err(CellError::unavailable(format!(
+        "this cell is full: it holds its --max-workspaces of {max} workspaces"
+    )))
 }

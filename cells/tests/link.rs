@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use common::*;
 use confab_cells::store::{
     ChannelSnapshot, ChannelSummary, CreateOutcome, MessageQuery, NewChannel, ReadMarker,
-    StoreResult,
+    StoreResult, WebhookCreate, WebhookRecord, WebhookState,
 };
 use confab_cells::{CellStore, MemoryStore, StoreError};
 use confab_shared::link::{CellOp, ToCell};
@@ -235,6 +235,47 @@ impl CellStore for FlakyStore {
         s: u64,
     ) -> StoreResult<ReadMarker> {
         self.inner.advance_read_marker(w, u, c, s).await
+    }
+    async fn workspace_ids(&self) -> StoreResult<Vec<WorkspaceId>> {
+        self.inner.workspace_ids().await
+    }
+    async fn create_webhook(
+        &self,
+        w: &WorkspaceId,
+        h: &WebhookRecord,
+        max: u64,
+    ) -> StoreResult<WebhookCreate> {
+        self.inner.create_webhook(w, h, max).await
+    }
+    async fn webhooks(&self, w: &WorkspaceId) -> StoreResult<Vec<WebhookRecord>> {
+        self.inner.webhooks(w).await
+    }
+    async fn delete_webhook(&self, w: &WorkspaceId, id: &str) -> StoreResult<bool> {
+        self.inner.delete_webhook(w, id).await
+    }
+    async fn set_webhook_state(
+        &self,
+        w: &WorkspaceId,
+        id: &str,
+        s: &WebhookState,
+    ) -> StoreResult<bool> {
+        self.inner.set_webhook_state(w, id, s).await
+    }
+    async fn webhook_cursors(
+        &self,
+        w: &WorkspaceId,
+        id: &str,
+    ) -> StoreResult<HashMap<ChannelId, u64>> {
+        self.inner.webhook_cursors(w, id).await
+    }
+    async fn advance_webhook_cursor(
+        &self,
+        w: &WorkspaceId,
+        id: &str,
+        c: &ChannelId,
+        s: u64,
+    ) -> StoreResult<()> {
+        self.inner.advance_webhook_cursor(w, id, c, s).await
     }
 }
 

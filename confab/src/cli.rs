@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
-use confab_cells::CellConfig;
+use confab_cells::{CellConfig, WebhookConfig};
 use confab_gateway::Limits;
 use confab_shared::{limits, CellId};
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -103,11 +104,53 @@ impl CellLimitArgs {
     /// The cell's config with these limits.
     pub fn to_config(&self, id: CellId, retention_events: u64) -> CellConfig {
         CellConfig {
-            id,
             retention_events: retention_events.max(1),
             max_channels_per_workspace: self.max_channels_per_workspace.max(1),
             max_channels_per_user: self.max_channels_per_user.max(1),
             max_members_per_channel: self.max_members_per_channel.max(2),
+            ..CellConfig::new(id)
+        }
+    }
+}
+
+/// Webhook delivery (SPEC §6), flags of `dev` and `cell`.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// An attempt without a 2xx answer within this long has failed and is retried.
+    #[arg(long, env = "CONFAB_WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
+    pub webhook_timeout_ms: u64,
+    /// Longest wait between two attempts of one delivery (the wait starts at 1 s and doubles).
+    #[arg(long, env = "CONFAB_WEBHOOK_BACKOFF_MAX_S", default_value_t = 600)]
+    pub webhook_backoff_max_s: u64,
+    /// A delivery not done this long after its event was created is dropped (and counted).
+    #[arg(long, env = "CONFAB_WEBHOOK_GIVE_UP_AFTER_S", default_value_t = 86_400)]
+    pub webhook_give_up_after_s: u64,
+    /// A webhook whose attempts all failed for this long becomes `disabled`.
+    #[arg(long, env = "CONFAB_WEBHOOK_DISABLE_AFTER_S", default_value_t = 3600)]
+    pub webhook_disable_after_s: u64,
+    /// Refuse webhook destinations on loopback, private, link-local and unique-local
+    /// addresses, at registration and after DNS resolution at delivery.
+    #[arg(long, env = "CONFAB_WEBHOOK_DENY_PRIVATE")]
+    pub webhook_deny_private: bool,
+    /// Webhooks one user may register (409 beyond).
+    #[arg(long, env = "CONFAB_MAX_WEBHOOKS_PER_USER", default_value_t = 20)]
+    pub max_webhooks_per_user: usize,
+    /// Webhook attempts in flight at once to one destination host and port.
+    #[arg(long, env = "CONFAB_WEBHOOK_PER_HOST", default_value_t = 16)]
+    pub webhook_per_host: usize,
+}
+
+impl WebhookArgs {
+    /// The cell's webhook config from these flags.
+    pub fn to_config(&self) -> WebhookConfig {
+        WebhookConfig {
+            timeout: Duration::from_millis(self.webhook_timeout_ms.max(1)),
+            backoff_max: Duration::from_secs(self.webhook_backoff_max_s.max(1)),
+            give_up_after: Duration::from_secs(self.webhook_give_up_after_s.max(1)),
+            disable_after: Duration::from_secs(self.webhook_disable_after_s.max(1)),
+            deny_private: self.webhook_deny_private,
+            max_per_user: self.max_webhooks_per_user.max(1),
+            per_host: self.webhook_per_host.max(1),
         }
     }
 }
@@ -130,6 +173,10 @@ pub struct DevArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub cell_limits: CellLimitArgs,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +206,28 @@ pub struct GatewayArgs {
     /// store (0: none). The frozen part of a move never waits.
     #[arg(long, env = "CONFAB_MOVE_PAGE_DELAY_MS", default_value_t = 0)]
     pub move_page_delay_ms: u64,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+}
+
+/// How a gateway shuts down on SIGTERM or SIGINT (SPEC §1).
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// Sessions are closed with `1001` evenly over this long, so that their clients do not all
+    /// reconnect in the same instant.
+    #[arg(long, env = "CONFAB_SHUTDOWN_SPREAD_MS", default_value_t = limits::SHUTDOWN_SPREAD_MS)]
+    pub shutdown_spread_ms: u64,
+    /// The process exits at the latest this long after the signal, sessions still open or not.
+    #[arg(long, env = "CONFAB_SHUTDOWN_TIMEOUT_MS", default_value_t = limits::SHUTDOWN_TIMEOUT_MS)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl ShutdownArgs {
+    /// Sets the gateway's shutdown timing from these flags.
+    pub fn apply(&self, config: &mut confab_gateway::GatewayConfig) {
+        config.shutdown_spread = std::time::Duration::from_millis(self.shutdown_spread_ms);
+        config.drain_timeout = std::time::Duration::from_millis(self.shutdown_timeout_ms);
+    }
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +267,16 @@ pub struct CellArgs {
     /// to a second of acked events lost on a crash of the store.
     #[arg(long, env = "CONFAB_STORE_FSYNC", value_enum)]
     pub store_fsync: Option<crate::durability::StoreFsync>,
+    /// Workspaces this cell takes at most: placement skips it once it holds this many
+    /// (default: no bound).
+    #[arg(long, env = "CONFAB_MAX_WORKSPACES")]
+    pub max_workspaces: Option<u64>,
+    /// Client sessions this cell serves at most: one more attach answers `unavailable`, and
+    /// placement skips the cell while it is at the bound (default: no bound).
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
 }
 
 #[derive(Debug, Args)]

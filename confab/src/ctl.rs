@@ -34,9 +34,27 @@ async fn execute(args: CtlArgs) -> anyhow::Result<()> {
                 return print_json(&body);
             }
             print_table(
-                &["ID", "REGION", "STATUS", "WORKSPACES", "CONNECTIONS", "URL"],
+                &[
+                    "ID",
+                    "REGION",
+                    "STATUS",
+                    "WORKSPACES",
+                    "CONNECTIONS",
+                    "URL",
+                    "MAX WORKSPACES",
+                    "MAX CONNECTIONS",
+                ],
                 body["cells"].as_array().map(Vec::as_slice).unwrap_or(&[]),
-                &["id", "region", "status", "workspaces", "connections", "url"],
+                &[
+                    "id",
+                    "region",
+                    "status",
+                    "workspaces",
+                    "connections",
+                    "url",
+                    "max_workspaces",
+                    "max_connections",
+                ],
             );
         }
         CtlCommand::Cell { command } => cell(&api, command, json_out).await?,

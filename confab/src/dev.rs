@@ -42,11 +42,11 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let cell_id = id::<CellId>(CELL_ID)?;
-    let cell = Cell::start(
-        args.cell_limits
-            .to_config(cell_id.clone(), args.retention_events),
-        Arc::new(MemoryStore::new()),
-    );
+    let mut cell_config = args
+        .cell_limits
+        .to_config(cell_id.clone(), args.retention_events);
+    cell_config.webhooks = args.webhooks.to_config();
+    let cell = Cell::start(cell_config, Arc::new(MemoryStore::new()));
     let directory: Arc<dyn Directory> = Arc::new(MemoryDirectory::new());
     let claim = directory
         .claim_cell(
@@ -70,6 +70,7 @@ async fn serve(
 
     let mut config = GatewayConfig::new("dev-gateway".into(), args.jwt_secret, args.admin_token);
     config.limits = args.limits.to_limits();
+    args.shutdown.apply(&mut config);
     let admin_token = config.admin_token.clone();
     let connector = Arc::new(InProcessConnector {
         cell,
@@ -147,6 +148,7 @@ fn spawn_cell_heartbeat(
             }
             let load = CellLoad {
                 connections: cell.stats().connections,
+                ..CellLoad::default()
             };
             if let Err(e) = directory
                 .heartbeat_cell(&id, epoch, load, confab_shared::now_ms())

@@ -7,7 +7,6 @@ mod dev;
 mod distributed;
 mod durability;
 mod inproc;
-mod link_ws;
 mod listen;
 
 use clap::Parser;

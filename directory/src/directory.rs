@@ -52,11 +52,17 @@ pub enum CellTenure {
     Unregistered,
 }
 
-/// A cell's load, reported with each heartbeat.
+/// A cell's load and bounds, reported with each heartbeat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellLoad {
     /// Client sessions attached to the cell.
     pub connections: u64,
+    /// `--max-workspaces`: placement and moves skip the cell once it holds this many
+    /// workspaces; `None` is no bound.
+    pub max_workspaces: Option<u64>,
+    /// `--max-connections`: the cell refuses attaches beyond this many sessions, and counts
+    /// as full for placement once it has them; `None` is no bound.
+    pub max_connections: Option<u64>,
 }
 
 /// A cell as the directory knows it.
@@ -71,6 +77,12 @@ pub struct CellRecord {
     pub connections: u64,
     /// Workspaces the directory places on this cell.
     pub workspaces: u64,
+    /// The cell's `--max-workspaces`, as its last heartbeat said (`None`: no bound).
+    #[serde(default)]
+    pub max_workspaces: Option<u64>,
+    /// The cell's `--max-connections`, as its last heartbeat said (`None`: no bound).
+    #[serde(default)]
+    pub max_connections: Option<u64>,
 }
 
 /// A cell's status as `GET /admin/v1/cells` reports it.
@@ -83,6 +95,21 @@ pub enum CellStatus {
 }
 
 impl CellRecord {
+    /// Whether the cell can take one more workspace: below both of its bounds. A cell at
+    /// `--max-connections` counts as full too, since it refuses new sessions.
+    pub fn has_room(&self) -> bool {
+        self.max_workspaces.is_none_or(|max| self.workspaces < max)
+            && self
+                .max_connections
+                .is_none_or(|max| self.connections < max)
+    }
+
+    /// Whether a workspace may be placed or moved onto the cell now: healthy (not down, not
+    /// draining) and with room.
+    pub fn accepts_workspaces(&self, now_ms: u64) -> bool {
+        self.status(now_ms) == CellStatus::Healthy && self.has_room()
+    }
+
     /// `down` after missed heartbeats, else `draining` when drained, else `healthy`.
     pub fn status(&self, now_ms: u64) -> CellStatus {
         if now_ms.saturating_sub(self.last_heartbeat_ms) > CELL_DOWN_AFTER_MS {
@@ -205,21 +232,53 @@ pub trait Directory: Send + Sync + 'static {
     async fn end_move(&self, workspace: &WorkspaceId, epoch: u64) -> Result<(), EngineError>;
 }
 
-/// Placement (SPEC §2): the healthy, non-draining cell of `region` with the fewest
-/// workspaces (ties broken by id, so placement is deterministic).
+/// Placement (SPEC §2): the healthy, non-draining cell of `region` with room (see
+/// [`CellRecord::has_room`]) and the fewest workspaces (ties broken by id, so placement is
+/// deterministic).
 pub fn choose_cell<'a>(
     cells: &'a [CellRecord],
     region: &str,
     now_ms: u64,
 ) -> Option<&'a CellRecord> {
-    cells
+    place(cells, region, now_ms).ok()
+}
+
+/// Why no cell of a region can take a workspace.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoPlacement {
+    /// The region has no cell that is up and not draining.
+    #[error("region {0:?} has no healthy cell")]
+    NoHealthyCell(String),
+    /// Every healthy cell of the region is at one of its bounds.
+    #[error(
+        "region {0:?} is full: every healthy cell is at its --max-workspaces or \
+         --max-connections bound; add a cell or raise a bound"
+    )]
+    RegionFull(String),
+}
+
+/// [`choose_cell`], saying why when no cell fits: a region with healthy cells that are all
+/// full is told apart from one with no healthy cell.
+pub fn place<'a>(
+    cells: &'a [CellRecord],
+    region: &str,
+    now_ms: u64,
+) -> Result<&'a CellRecord, NoPlacement> {
+    let mut healthy = cells
         .iter()
         .filter(|c| c.region == region && c.status(now_ms) == CellStatus::Healthy)
+        .peekable();
+    if healthy.peek().is_none() {
+        return Err(NoPlacement::NoHealthyCell(region.to_string()));
+    }
+    healthy
+        .filter(|c| c.has_room())
         .min_by(|a, b| {
             a.workspaces
                 .cmp(&b.workspaces)
                 .then_with(|| a.id.cmp(&b.id))
         })
+        .ok_or_else(|| NoPlacement::RegionFull(region.to_string()))
 }
 
 #[cfg(test)]
@@ -235,7 +294,41 @@ mod tests {
             last_heartbeat_ms: hb,
             connections: 0,
             workspaces,
+            max_workspaces: None,
+            max_connections: None,
         }
+    }
+
+    #[test]
+    fn placement_skips_a_full_cell_and_tells_a_full_region_from_one_without_cells() {
+        let now = 100_000;
+        let bounded = |id, workspaces, max_ws, connections, max_conn| CellRecord {
+            connections,
+            max_workspaces: max_ws,
+            max_connections: max_conn,
+            ..cell(id, "us", workspaces, false, now)
+        };
+        let cells = vec![
+            bounded("a", 1, Some(1), 0, None),
+            bounded("b", 5, None, 10, Some(10)),
+            bounded("c", 7, Some(8), 9, Some(10)),
+        ];
+        assert_eq!(place(&cells, "us", now).map(|c| c.id.as_str()), Ok("c"));
+        assert!(!cells[0].has_room() && !cells[1].has_room() && cells[2].has_room());
+        let full = &cells[..2];
+        assert_eq!(
+            place(full, "us", now),
+            Err(NoPlacement::RegionFull("us".into()))
+        );
+        assert!(choose_cell(full, "us", now).is_none());
+        let draining = vec![cell("d", "us", 0, true, now)];
+        assert_eq!(
+            place(&draining, "us", now),
+            Err(NoPlacement::NoHealthyCell("us".into()))
+        );
+        assert!(!draining[0].accepts_workspaces(now));
+        assert!(cells[2].accepts_workspaces(now));
+        assert!(!cells[2].accepts_workspaces(now + CELL_DOWN_AFTER_MS + 1));
     }
 
     #[test]

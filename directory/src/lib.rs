@@ -19,8 +19,8 @@ pub mod redis_engine;
 mod redis_moves;
 
 pub use directory::{
-    choose_cell, CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellStatus,
-    CellTenure, CreateWorkspaceError, Directory, DirectoryChange, WorkspaceRecord,
+    choose_cell, place, CellClaim, CellHolder, CellLoad, CellRecord, CellRegistration, CellStatus,
+    CellTenure, CreateWorkspaceError, Directory, DirectoryChange, NoPlacement, WorkspaceRecord,
 };
 pub use memory::{MemoryDirectory, MemoryPresence};
 pub use moves::{MoveBegun, MovePhase, MoveRecord, MOVE_LEASE_MS};

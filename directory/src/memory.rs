@@ -52,6 +52,8 @@ impl DirectoryState {
                 last_heartbeat_ms: now_ms,
                 connections: 0,
                 workspaces: 0,
+                max_workspaces: None,
+                max_connections: None,
             },
         );
     }
@@ -151,6 +153,8 @@ impl Directory for MemoryDirectory {
             Some(cell) => {
                 cell.last_heartbeat_ms = now_ms;
                 cell.connections = load.connections;
+                cell.max_workspaces = load.max_workspaces;
+                cell.max_connections = load.max_connections;
                 Ok(CellTenure::Held)
             }
             None => Ok(CellTenure::Unregistered),

@@ -57,13 +57,22 @@ const USERS_KEY: &str = "confab:presence:users";
 const CELLS_KEY: &str = "confab:cells";
 pub(crate) const CELL_WORKSPACES_KEY: &str = "confab:cellws";
 
+/// Counter: failed commands on the directory and presence Redis (`engine="directory"`).
+pub const REDIS_ERRORS: &str = "confab_redis_errors_total";
+/// Gauge: seconds since the presence sweep last ran through (0 right after one did), so a
+/// sweep that keeps failing shows as a lag that grows by [`SWEEP_EVERY`] per attempt.
+pub const PRESENCE_SWEEP_LAG: &str = "confab_presence_sweep_lag_seconds";
+
 pub(crate) fn engine_error(e: redis::RedisError) -> EngineError {
+    metrics::counter!(REDIS_ERRORS, "engine" => "directory").increment(1);
     EngineError(format!("redis: {e}"))
 }
 
 /// Opens a connection manager that fails requests fast while Redis is unreachable and
 /// reconnects in the background.
 pub fn connect(url: &str) -> Result<ConnectionManager, EngineError> {
+    // The series exists from the first connection on, so dashboards show 0 rather than nothing.
+    metrics::counter!(REDIS_ERRORS, "engine" => "directory").increment(0);
     let client = redis::Client::open(url).map_err(engine_error)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -263,11 +272,14 @@ impl RedisPresence {
         let sweeper = Arc::clone(&presence);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
+            let mut last_through = std::time::Instant::now();
             loop {
                 tick.tick().await;
-                if let Err(e) = sweeper.sweep().await {
-                    tracing::debug!(error = %e, "presence sweep failed");
+                match sweeper.sweep().await {
+                    Ok(_) => last_through = std::time::Instant::now(),
+                    Err(e) => tracing::debug!(error = %e, "presence sweep failed"),
                 }
+                metrics::gauge!(PRESENCE_SWEEP_LAG).set(last_through.elapsed().as_secs_f64());
             }
         });
         Ok(presence)
@@ -489,15 +501,22 @@ redis.call('HSET', KEYS[1], 'region', ARGV[2], 'url', ARGV[3], 'heartbeat', ARGV
 return -2
 ";
 
-/// A heartbeat under an epoch: KEYS = cell hash; ARGV = epoch, now, connections. Returns -2
-/// when recorded, -1 when the cell is not registered, else the epoch now holding the id.
+/// A heartbeat under an epoch: KEYS = cell hash; ARGV = epoch, now, connections,
+/// max_workspaces, max_connections (a bound is `""` when there is none). Returns -2 when
+/// recorded, -1 when the cell is not registered, else the epoch now holding the id.
 const HEARTBEAT_CELL: &str = r"
 local held = redis.call('HGET', KEYS[1], 'epoch')
 if not held or redis.call('HEXISTS', KEYS[1], 'url') == 0 then return -1 end
 if held ~= ARGV[1] then return tonumber(held) end
-redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'connections', ARGV[3])
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'connections', ARGV[3],
+  'max_workspaces', ARGV[4] or '', 'max_connections', ARGV[5] or '')
 return -2
 ";
+
+/// A bound as the cell hash stores it: the number, or `""` for none.
+fn bound_field(bound: Option<u64>) -> String {
+    bound.map(|b| b.to_string()).unwrap_or_default()
+}
 
 /// The Redis directory engine.
 pub struct RedisDirectory {
@@ -583,6 +602,8 @@ fn cell_from_hash(id: &str, hash: &HashMap<String, String>) -> Option<CellRecord
             .and_then(|c| c.parse().ok())
             .unwrap_or(0),
         workspaces: 0,
+        max_workspaces: hash.get("max_workspaces").and_then(|b| b.parse().ok()),
+        max_connections: hash.get("max_connections").and_then(|b| b.parse().ok()),
     })
 }
 
@@ -662,6 +683,8 @@ impl Directory for RedisDirectory {
             .arg(epoch)
             .arg(now_ms)
             .arg(load.connections)
+            .arg(bound_field(load.max_workspaces))
+            .arg(bound_field(load.max_connections))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(engine_error)?;

@@ -170,7 +170,11 @@ async fn directory_registers_cells_places_workspaces_and_announces_moves() {
         .heartbeat_cell(
             &c1,
             epochs[0],
-            CellLoad { connections: 7 },
+            CellLoad {
+                connections: 7,
+                max_workspaces: Some(3),
+                max_connections: None,
+            },
             confab_shared::now_ms(),
         )
         .await
@@ -191,6 +195,16 @@ async fn directory_registers_cells_places_workspaces_and_announces_moves() {
     let cells = directory.cells().await.unwrap();
     let first = cells.iter().find(|c| c.id == c1).unwrap();
     assert_eq!((first.workspaces, first.connections), (1, 7));
+    // The bounds a heartbeat publishes are read back; an absent one is no bound.
+    assert_eq!(
+        (first.max_workspaces, first.max_connections),
+        (Some(3), None)
+    );
+    let second = cells.iter().find(|c| c.id == c2).unwrap();
+    assert_eq!(
+        (second.max_workspaces, second.max_connections),
+        (None, None)
+    );
 
     assert!(directory.drain_cell(&c2).await.unwrap());
     assert!(!directory
@@ -418,7 +432,7 @@ async fn a_second_claim_of_a_cell_id_supersedes_the_first_process() {
         ),
         (first.epoch, "pid 1 on a", "http://a")
     );
-    let load = CellLoad { connections: 0 };
+    let load = CellLoad::default();
     assert_eq!(
         directory
             .heartbeat_cell(&c1, first.epoch, load, now + 2)

@@ -5,7 +5,7 @@ use std::future::{ready, Ready};
 use std::sync::Arc;
 
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
-use confab_directory::{choose_cell, CreateWorkspaceError, WorkspaceRecord};
+use confab_directory::{place, CreateWorkspaceError, WorkspaceRecord};
 use confab_shared::link::AdminOp;
 use confab_shared::server::ChannelKind;
 use confab_shared::{CellId, ChannelId, ErrorCode, UserId, WorkspaceId};
@@ -73,6 +73,8 @@ async fn list_cells(AdminAuth(gateway): AdminAuth) -> Result<HttpResponse, ApiEr
                 "status": c.status(now),
                 "workspaces": c.workspaces,
                 "connections": c.connections,
+                "max_workspaces": c.max_workspaces,
+                "max_connections": c.max_connections,
             })
         })
         .collect();
@@ -185,10 +187,10 @@ async fn create_workspace(
         None => generated_workspace_id(),
     };
     let cells = gateway.directory.cells().await?;
-    let cell = choose_cell(&cells, &body.region, confab_shared::now_ms())
-        .ok_or_else(|| {
-            ApiError::unavailable(format!("region {:?} has no healthy cell", body.region))
-        })?
+    // A region with no healthy cell and one whose cells are all full are both 503, each
+    // with its own message.
+    let cell = place(&cells, &body.region, confab_shared::now_ms())
+        .map_err(|e| ApiError::unavailable(e.to_string()))?
         .id
         .clone();
     let record = WorkspaceRecord {

@@ -1,28 +1,41 @@
 //! The HTTP face of errors: `{"error":{"code","message"}}` with the status of SPEC §5, and
-//! `Retry-After` on `429`.
+//! `Retry-After` on `429`. [`ApiError`] wraps the wire error both client APIs share
+//! ([`WireError`]), so a socket's `error` frame and an HTTP error body say the same.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use confab_shared::link::CellError;
+use confab_shared::wire::WireError;
 use confab_shared::ErrorCode;
 use serde_json::json;
 
-/// An error answered over HTTP.
+/// An error answered over HTTP: a [`WireError`] (its fields are reached through it).
 #[derive(Debug, thiserror::Error)]
-#[error("{code:?}: {message}")]
-pub struct ApiError {
-    pub code: ErrorCode,
-    pub message: String,
-    pub retry_after_ms: Option<u64>,
+#[error(transparent)]
+pub struct ApiError(pub WireError);
+
+impl std::ops::Deref for ApiError {
+    type Target = WireError;
+    fn deref(&self) -> &WireError {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut WireError {
+        &mut self.0
+    }
+}
+
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
+        ApiError(e)
+    }
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            message: message.into(),
-            retry_after_ms: None,
-        }
+        ApiError(WireError::new(code, message))
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -40,7 +53,7 @@ impl ApiError {
 
 impl From<CellError> for ApiError {
     fn from(e: CellError) -> Self {
-        ApiError::new(e.code, e.message)
+        ApiError(e.into())
     }
 }
 
@@ -61,11 +74,7 @@ impl ResponseError for ApiError {
         if let Some(ms) = self.retry_after_ms {
             response.insert_header(("Retry-After", ms.div_ceil(1000).max(1).to_string()));
         }
-        let mut error = json!({"code": self.code.as_str(), "message": self.message});
-        if let Some(ms) = self.retry_after_ms {
-            error["retry_after_ms"] = json!(ms);
-        }
-        response.json(json!({ "error": error }))
+        response.json(json!({ "error": self.to_json() }))
     }
 }
 

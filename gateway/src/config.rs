@@ -52,8 +52,12 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// How long a request may wait for its cell before answering `unavailable`.
     pub request_timeout: Duration,
-    /// How long shutdown waits for sessions to close after sending them `1001`.
+    /// `--shutdown-timeout-ms`: the longest a shutdown takes, from the signal to the exit,
+    /// however many sessions are still open then.
     pub drain_timeout: Duration,
+    /// `--shutdown-spread-ms`: shutdown closes sessions with `1001` evenly over this long,
+    /// so that their clients do not all reconnect elsewhere in the same instant.
+    pub shutdown_spread: Duration,
     /// How often the gateway tells the presence engine its sessions are alive (well within
     /// the engine's session lifetime).
     pub presence_refresh: Duration,
@@ -71,7 +75,8 @@ impl GatewayConfig {
             admin_token,
             limits: Limits::default(),
             request_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_millis(limits::SHUTDOWN_TIMEOUT_MS),
+            shutdown_spread: Duration::from_millis(limits::SHUTDOWN_SPREAD_MS),
             presence_refresh: Duration::from_secs(10),
             move_page_delay: Duration::ZERO,
         }

@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
-use confab_shared::client::check_text;
-use confab_shared::limits::{
-    HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, MAX_CLIENT_MSG_ID_BYTES, MAX_PRESENCE_USERS,
-};
+use confab_shared::client::ClientRequest;
+use confab_shared::limits::MAX_PRESENCE_USERS;
 use confab_shared::link::{Caller, CellOp, CellReply};
 use confab_shared::server::{ChannelInfo, ChannelKind, Status};
+use confab_shared::wire::request_op;
 use confab_shared::{ChannelId, ErrorCode, UserId};
 use serde::Deserialize;
 use serde_json::json;
@@ -39,7 +38,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::delete().to(remove_member),
             )
             .route("/dms", web::post().to(open_dm))
-            .route("/presence", web::get().to(presence)),
+            .route("/presence", web::get().to(presence))
+            .route("/webhooks", web::post().to(create_webhook))
+            .route("/webhooks", web::get().to(list_webhooks))
+            .route("/webhooks/{id}", web::delete().to(delete_webhook))
+            .route("/webhooks/{id}/enable", web::post().to(enable_webhook)),
     );
 }
 
@@ -47,6 +50,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub struct UserAuth {
     gateway: Arc<Gateway>,
     caller: Caller,
+}
+
+impl UserAuth {
+    /// The cell op of a request, checked as a WebSocket request is (one conversion,
+    /// `confab_shared::wire::request_op`).
+    fn cell_op(&self, request: ClientRequest) -> Result<CellOp, ApiError> {
+        let max_text = self.gateway.config.limits.max_text_bytes;
+        request_op(request, &self.caller.user, max_text)?
+            .ok_or_else(|| ApiError::bad_request("not a cell request"))
+    }
 }
 
 impl FromRequest for UserAuth {
@@ -198,22 +211,13 @@ async fn post_message(
 ) -> Result<HttpResponse, ApiError> {
     let mut body = body.into_inner();
     body.client_msg_id = idempotency_key(&req, body.client_msg_id)?;
-    check_text(&body.text, auth.gateway.config.limits.max_text_bytes)
-        .map_err(|(code, message)| ApiError::new(code, message))?;
-    if body
-        .client_msg_id
-        .as_ref()
-        .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_MSG_ID_BYTES)
-    {
-        return Err(ApiError::bad_request("client_msg_id must be 1 to 64 bytes"));
-    }
-    let op = CellOp::Send {
+    let request = ClientRequest::Send {
         channel: id.into_inner(),
         text: body.text,
         client_msg_id: body.client_msg_id,
         thread: body.thread,
     };
-    match auth.perform(op).await? {
+    match auth.perform(auth.cell_op(request)?).await? {
         CellReply::Ack { channel, seq, ts } => {
             Ok(HttpResponse::Created().json(json!({"channel": channel, "seq": seq, "ts": ts})))
         }
@@ -233,17 +237,13 @@ async fn get_messages(
     id: web::Path<ChannelId>,
     query: web::Query<HistoryQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = query.limit.unwrap_or(HISTORY_DEFAULT_LIMIT);
-    if !(1..=HISTORY_MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 200"));
-    }
-    let op = CellOp::History {
+    let request = ClientRequest::History {
         channel: id.into_inner(),
         before: query.before,
         after: query.after,
-        limit,
+        limit: query.limit,
     };
-    match auth.perform(op).await? {
+    match auth.perform(auth.cell_op(request)?).await? {
         CellReply::History {
             messages, has_more, ..
         } => Ok(HttpResponse::Ok().json(json!({"messages": messages, "has_more": has_more}))),
@@ -299,6 +299,76 @@ async fn open_dm(auth: UserAuth, body: web::Json<UserBody>) -> Result<HttpRespon
     };
     match auth.perform(op).await? {
         CellReply::Channel(info) => Ok(HttpResponse::Ok().json(info)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateWebhookBody {
+    url: String,
+    events: Vec<String>,
+    #[serde(default)]
+    channels: Option<Vec<ChannelId>>,
+}
+
+/// `POST /v1/webhooks` (SPEC §5, §6): the secret is in this answer only.
+async fn create_webhook(
+    auth: UserAuth,
+    body: web::Json<CreateWebhookBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let op = CellOp::CreateWebhook {
+        url: body.url,
+        events: body.events,
+        channels: body.channels,
+    };
+    match auth.perform(op).await? {
+        CellReply::WebhookCreated { id, secret } => {
+            Ok(HttpResponse::Created().json(json!({"id": id, "secret": secret})))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn list_webhooks(auth: UserAuth) -> Result<HttpResponse, ApiError> {
+    match auth.perform(CellOp::ListWebhooks).await? {
+        CellReply::Webhooks(webhooks) => {
+            Ok(HttpResponse::Ok().json(json!({ "webhooks": webhooks })))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// A webhook id from a path: ids are `[A-Za-z0-9_-]`, 1 to 64 characters; anything else
+/// names no webhook.
+fn webhook_id(raw: String) -> Result<String, ApiError> {
+    let valid = !raw.is_empty()
+        && raw.len() <= 64
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if valid {
+        Ok(raw)
+    } else {
+        Err(ApiError::not_found("webhook not found"))
+    }
+}
+
+async fn delete_webhook(auth: UserAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = webhook_id(id.into_inner())?;
+    match auth.perform(CellOp::DeleteWebhook { id }).await? {
+        CellReply::Done => Ok(HttpResponse::Ok().json(json!({}))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn enable_webhook(auth: UserAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let id = webhook_id(id.into_inner())?;
+    match auth
+        .perform(CellOp::EnableWebhook { id: id.clone() })
+        .await?
+    {
+        CellReply::Done => Ok(HttpResponse::Ok().json(json!({"id": id, "status": "active"}))),
         other => Err(unexpected(&other)),
     }
 }

@@ -9,6 +9,7 @@
 //! - [`auth`]: JWT verification and minting, admin token check.
 //! - [`links`]: links to cells (in-process or over the network, behind [`links::CellConnector`]):
 //!   routing by workspace, request/reply correlation, delivery of cell frames to sessions.
+//! - [`link_ws`]: [`link_ws::WsConnector`], the gateway's end of a link over a WebSocket.
 //! - [`sessions`]: the registry of local sessions.
 //! - [`shards`]: delivery of cells' events on the worker threads that serve the sessions.
 //! - [`socket`]: the WebSocket transport: frame reader, each session's bounded outbound queue,
@@ -20,7 +21,8 @@
 //! - [`moves`]: live workspace moves and drains, and the sweep that finishes or undoes a move
 //!   whose gateway died.
 //! - [`body_timeout`]: a deadline on HTTP request bodies (`408` for a body that trickles in).
-//! - [`metrics`]: metric names and the Prometheus exporter.
+//! - [`metrics`]: metric names and the Prometheus exporter; [`cell_watch`] exports the cells
+//!   the gateway knows, by status.
 //! - [`server`]: builds the HTTP server (the actix-web application, and the upgrade service
 //!   that takes WebSockets out of the HTTP/1 dispatcher) and runs it until shutdown.
 //!
@@ -31,8 +33,10 @@ pub mod admin;
 pub mod api_error;
 pub mod auth;
 pub mod body_timeout;
+pub mod cell_watch;
 pub mod config;
 pub mod http_api;
+pub mod link_ws;
 pub mod links;
 pub mod metrics;
 pub mod moves;

@@ -2,6 +2,8 @@
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Gauge, always 1, labelled with the `version` of the running binary (cells have it too).
+pub const BUILD_INFO: &str = "confab_build_info";
 /// Gauge: open client WebSockets on this gateway.
 pub const CONNECTIONS: &str = "confab_connections";
 /// Counter: frames received from clients.
@@ -28,6 +30,9 @@ pub const SLOW_BODIES: &str = "confab_http_slow_bodies_total";
 pub const PRESENCE_WATCHERS: &str = "confab_presence_watchers";
 /// Gauge: distinct users watched by this gateway's presence subscriptions.
 pub const PRESENCE_WATCHED_USERS: &str = "confab_presence_watched_users";
+/// Gauge: the directory's cells as this gateway last read them, by `status` (`healthy`,
+/// `draining`, `down`); none but `down` means `/readyz` answers 503.
+pub const GATEWAY_CELLS: &str = "confab_gateway_cells";
 
 /// Installs the process-wide Prometheus recorder; call once, at start-up.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
@@ -37,6 +42,15 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.to_string()), &buckets)?
+        // `confab dev` runs a cell in this process: its webhook latency histogram
+        // (`confab_cells::webhooks::LATENCY`) gets buckets from milliseconds to minutes.
+        .set_buckets_for_metric(
+            Matcher::Full("confab_webhook_delivery_latency_seconds".to_string()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0, 900.0, 3600.0,
+            ],
+        )?
         .set_buckets_for_metric(
             Matcher::Full(crate::moves::FREEZE_SECONDS.to_string()),
             &buckets,
@@ -52,6 +66,8 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 }
 
 fn describe() {
+    metrics::describe_gauge!(BUILD_INFO, "1, labelled with the running version");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     metrics::describe_gauge!(CONNECTIONS, "open client websockets on this gateway");
     metrics::describe_counter!(FRAMES_IN, "frames received from clients");
     metrics::describe_counter!(FRAMES_OUT, "frames written to client sockets");
@@ -82,6 +98,10 @@ fn describe() {
     metrics::describe_gauge!(
         PRESENCE_WATCHED_USERS,
         "distinct users watched by this gateway's presence subscriptions"
+    );
+    metrics::describe_gauge!(
+        GATEWAY_CELLS,
+        "cells in the directory as this gateway last read them, by status"
     );
     // Zero-valued series exist from the start, so dashboards and scrapers see them.
     metrics::gauge!(CONNECTIONS).set(0.0);

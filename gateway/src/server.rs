@@ -140,8 +140,12 @@ impl Gateway {
             .retain(|_, b| now.duration_since(b.lock().1) < HTTP_BUCKET_IDLE);
     }
 
-    /// Ready to serve: the directory answers and knows at least one healthy cell.
+    /// Ready to serve: not shutting down, and the directory answers and knows at least one
+    /// healthy cell.
     async fn is_ready(&self) -> Result<(), String> {
+        if self.shutdown.is_cancelled() {
+            return Err("shutting down".into());
+        }
         let cells = self.directory.cells().await.map_err(|e| e.to_string())?;
         let now = confab_shared::now_ms();
         if cells.iter().any(|c| c.status(now) != CellStatus::Down) {
@@ -156,6 +160,10 @@ impl Gateway {
         actix_rt::spawn(Arc::clone(&self.links).follow_directory());
         actix_rt::spawn(crate::moves::recover_abandoned(Arc::clone(self)));
         actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
+        actix_rt::spawn(crate::cell_watch::export_cell_counts(
+            Arc::clone(&self.directory),
+            self.shutdown.clone(),
+        ));
         let gateway = Arc::clone(self);
         actix_rt::spawn(async move {
             let mut tick = tokio::time::interval(gateway.config.presence_refresh);
@@ -228,26 +236,60 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
-    /// Serves until the shutdown token fires, then closes sessions with `1001`, waits for
-    /// them and their sockets under the drain deadline, and stops the server.
+    /// Serves until the shutdown token fires, then shuts down as SPEC §1 says: `/readyz`
+    /// answers 503 and new WebSockets are refused at once (both check the token), sessions
+    /// are closed with `1001` evenly over `shutdown_spread`, and the server stops once the
+    /// last socket has closed or at `drain_timeout` after the signal, whichever comes first.
     pub async fn run(self) -> std::io::Result<()> {
         let server_handle = self.server.handle();
         let gateway = Arc::clone(&self.gateway);
         actix_rt::spawn(async move {
             gateway.shutdown.cancelled().await;
-            tracing::info!(sessions = gateway.sessions.len(), "shutting down");
-            gateway.sessions.close_where(CloseCode::GoingAway, |_| true);
             let deadline = Instant::now() + gateway.config.drain_timeout;
+            tracing::info!(
+                sessions = gateway.sessions.len(),
+                spread_ms = gateway.config.shutdown_spread.as_millis() as u64,
+                "shutting down"
+            );
+            close_spread(&gateway, deadline).await;
             // Sessions end first; their sockets follow once the close frame is written.
             while (!gateway.sessions.is_empty() || gateway.open_sockets() > 0)
                 && Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            server_handle.stop(true).await;
+            let drained = gateway.sessions.is_empty() && gateway.open_sockets() == 0;
+            tracing::info!(
+                drained,
+                left = gateway.open_sockets(),
+                "stopping the server"
+            );
+            // Past the deadline nothing more is waited for, HTTP requests included.
+            server_handle.stop(drained).await;
         });
         self.server.await
     }
+}
+
+/// Closes every session with `1001`, one after another at even intervals over the
+/// configured spread (never past `deadline`), then any that attached meanwhile.
+async fn close_spread(gateway: &Gateway, deadline: Instant) {
+    let ids = gateway.sessions.snapshot(|s| s.id.clone());
+    let start = tokio::time::Instant::now();
+    let spread = gateway
+        .config
+        .shutdown_spread
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let count = ids.len().max(1) as u32;
+    for (i, id) in ids.iter().enumerate() {
+        // Session i of n closes at i/n of the spread: the first at once, the last one step
+        // before its end.
+        tokio::time::sleep_until(start + spread * (i as u32) / count).await;
+        if let Some(session) = gateway.sessions.get(id) {
+            session.close(CloseCode::GoingAway);
+        }
+    }
+    gateway.sessions.close_where(CloseCode::GoingAway, |_| true);
 }
 
 /// Builds the gateway's HTTP server on `listener`. Call from within an actix System.

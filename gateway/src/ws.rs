@@ -21,9 +21,10 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use bytestring::ByteString;
 use confab_directory::PresenceSession;
 use confab_shared::client::{parse_frame, ClientRequest, FrameError, RequestId};
-use confab_shared::limits::{ABUSE_BAD_REQUESTS, ABUSE_WINDOW_MS, HISTORY_DEFAULT_LIMIT};
+use confab_shared::limits::{ABUSE_BAD_REQUESTS, ABUSE_WINDOW_MS};
 use confab_shared::link::{Attach, Caller, CellError, CellOp, CellReply};
 use confab_shared::server::{encode, ServerFrame};
+use confab_shared::wire::{request_op, WireError};
 use confab_shared::{CloseCode, ErrorCode, SessionId};
 use futures_util::SinkExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -62,6 +63,13 @@ pub async fn upgrade(
         Ok(mut response) => response.finish().drop_body(),
         Err(e) => return respond_and_close(framed, handshake_failed(e)).await,
     };
+    if gateway.shutdown.is_cancelled() {
+        // SPEC §1: a gateway shutting down refuses new WebSockets, so that a client (or its
+        // load balancer) goes to another gateway at once.
+        let mut leaving = ApiError::unavailable("this gateway is shutting down");
+        leaving.retry_after_ms = Some(FULL_RETRY_AFTER_MS);
+        return respond_and_close(framed, leaving).await;
+    }
     let peer = framed.io_ref().peer_addr()?;
     let Some(pending) = gateway.try_pending_hello(peer.ip()) else {
         let mut many = ApiError::new(
@@ -514,7 +522,16 @@ impl Connection {
                 ));
                 return Step::Continue;
             }
-            other => to_cell_op(other, handle),
+            other => {
+                let max_text = self.gateway.config.limits.max_text_bytes;
+                match request_op(other, &handle.user, max_text) {
+                    Ok(op) => op,
+                    Err(e) => {
+                        push_error(handle, id, &CellError::new(e.code, e.message));
+                        return Step::Continue;
+                    }
+                }
+            }
         };
         if let Some(op) = op {
             actix_rt::spawn(forward(
@@ -540,49 +557,6 @@ fn request_id_of(text: &str) -> Option<RequestId> {
         .ok()
         .and_then(|f| f.id)
         .filter(|id| !matches!(id, RequestId::Str(s) if s.chars().count() > 64))
-}
-
-/// Maps a client request to the cell op that performs it.
-fn to_cell_op(request: ClientRequest, handle: &SessionHandle) -> Option<CellOp> {
-    Some(match request {
-        ClientRequest::Send {
-            channel,
-            text,
-            client_msg_id,
-            thread,
-        } => CellOp::Send {
-            channel,
-            text,
-            client_msg_id,
-            thread,
-        },
-        ClientRequest::Edit { channel, seq, text } => CellOp::Edit { channel, seq, text },
-        ClientRequest::Delete { channel, seq } => CellOp::Delete { channel, seq },
-        ClientRequest::Typing { channel } => CellOp::Typing { channel },
-        ClientRequest::History {
-            channel,
-            before,
-            after,
-            limit,
-        } => CellOp::History {
-            channel,
-            before,
-            after,
-            limit: limit.unwrap_or(HISTORY_DEFAULT_LIMIT),
-        },
-        ClientRequest::Join { channel } => CellOp::AddMember {
-            channel,
-            user: handle.user.clone(),
-        },
-        ClientRequest::Leave { channel } => CellOp::RemoveMember {
-            channel,
-            user: handle.user.clone(),
-        },
-        ClientRequest::Read { channel, seq } => CellOp::Read { channel, seq },
-        ClientRequest::Hello { .. }
-        | ClientRequest::Ping {}
-        | ClientRequest::PresenceSub { .. } => return None,
-    })
 }
 
 /// Performs `op` in the cell and queues its reply.
@@ -648,12 +622,9 @@ fn push_error(handle: &SessionHandle, id: Option<RequestId>, e: &CellError) {
 }
 
 fn error_frame(id: Option<RequestId>, e: &CellError, retry_after_ms: Option<u64>) -> ByteString {
-    encode(&ServerFrame::Error {
-        id,
-        code: e.code,
-        message: e.message.clone(),
-        retry_after_ms,
-    })
+    let mut error = WireError::from(e.clone());
+    error.retry_after_ms = retry_after_ms;
+    encode(&error.to_frame(id))
 }
 
 fn presence_of(handle: &SessionHandle) -> PresenceSession {

@@ -5,6 +5,8 @@
 #
 #   infra/local/cluster.sh start    start everything, print URLs and tokens
 #   infra/local/cluster.sh status   show the cells as the directory sees them
+#   infra/local/cluster.sh roll     restart the gateways, then the cells, one at a time, with
+#                                   SIGTERM (a rolling restart; clients resume, nothing is lost)
 #   infra/local/cluster.sh stop     stop everything this script started
 #
 # Ports and paths can be changed with environment variables (see the defaults below).
@@ -52,6 +54,19 @@ start_redis() { # name port
   return 1
 }
 
+directory_url() { echo "redis://127.0.0.1:$redis_dir_port"; }
+
+start_cell() { # id region port store-port
+  spawn "cell-$1" "$bin" cell --id "$1" --region "$2" --listen "127.0.0.1:$3" \
+    --advertise "http://127.0.0.1:$3" --redis "redis://127.0.0.1:$4" \
+    --directory "$(directory_url)" --cluster-secret "$cluster_secret"
+}
+
+start_gateway() { # index port
+  spawn "gateway-$1" "$bin" gateway --listen "127.0.0.1:$2" --redis "$(directory_url)" \
+    --jwt-secret "$jwt_secret" --admin-token "$admin_token" --cluster-secret "$cluster_secret"
+}
+
 start() {
   command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
   if [ ! -x "$bin" ]; then
@@ -65,19 +80,13 @@ start() {
   start_redis redis-directory "$redis_dir_port"
   start_redis redis-c1 "$redis_c1_port"
   start_redis redis-c2 "$redis_c2_port"
-  local directory="redis://127.0.0.1:$redis_dir_port"
-  spawn cell-c1 "$bin" cell --id c1 --region us-east --listen "127.0.0.1:$c1_port" \
-    --advertise "http://127.0.0.1:$c1_port" --redis "redis://127.0.0.1:$redis_c1_port" \
-    --directory "$directory" --cluster-secret "$cluster_secret"
-  spawn cell-c2 "$bin" cell --id c2 --region eu-west --listen "127.0.0.1:$c2_port" \
-    --advertise "http://127.0.0.1:$c2_port" --redis "redis://127.0.0.1:$redis_c2_port" \
-    --directory "$directory" --cluster-secret "$cluster_secret"
+  start_cell c1 us-east "$c1_port" "$redis_c1_port"
+  start_cell c2 eu-west "$c2_port" "$redis_c2_port"
   wait_http "http://127.0.0.1:$c1_port/readyz"
   wait_http "http://127.0.0.1:$c2_port/readyz"
   for i in 1 2; do
     local port_var="gw${i}_port"
-    spawn "gateway-$i" "$bin" gateway --listen "127.0.0.1:${!port_var}" --redis "$directory" \
-      --jwt-secret "$jwt_secret" --admin-token "$admin_token" --cluster-secret "$cluster_secret"
+    start_gateway "$i" "${!port_var}"
     wait_http "http://127.0.0.1:${!port_var}/readyz"
   done
   local ctl=("$bin" ctl --gateway "http://127.0.0.1:$gw1_port" --admin-token "$admin_token")
@@ -118,6 +127,41 @@ stop() {
   [ "$any" = 1 ] && echo "stopped the local cluster" || echo "no local cluster is running"
 }
 
+# Sends SIGTERM to one process and waits for it to exit (a gateway takes up to its
+# --shutdown-spread-ms to close its sessions, a cell a moment to drain).
+terminate() { # name
+  local pidfile="$state/$1.pid" pid
+  pid=$(cat "$pidfile")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 400); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; return 0; }
+    sleep 0.1
+  done
+  echo "$1 (pid $pid) did not exit within 40 s of SIGTERM" >&2
+  return 1
+}
+
+roll() {
+  [ -e "$state/gateway-1.pid" ] || { echo "no local cluster is running; run: $0 start" >&2; exit 1; }
+  for i in 1 2; do
+    local port_var="gw${i}_port"
+    echo "restarting gateway-$i"
+    terminate "gateway-$i"
+    start_gateway "$i" "${!port_var}"
+    wait_http "http://127.0.0.1:${!port_var}/readyz"
+  done
+  echo "restarting cell-c1"
+  terminate cell-c1
+  start_cell c1 us-east "$c1_port" "$redis_c1_port"
+  wait_http "http://127.0.0.1:$c1_port/readyz"
+  echo "restarting cell-c2"
+  terminate cell-c2
+  start_cell c2 eu-west "$c2_port" "$redis_c2_port"
+  wait_http "http://127.0.0.1:$c2_port/readyz"
+  echo "every process restarted"
+  status
+}
+
 status() {
   "$bin" ctl --gateway "http://127.0.0.1:$gw1_port" --admin-token "$admin_token" cells
 }
@@ -126,5 +170,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
+  roll) roll ;;
+  *) echo "usage: $0 start|status|roll|stop" >&2; exit 2 ;;
 esac

@@ -13,6 +13,7 @@ use crate::scenario::chat::{self, ChatParams};
 use crate::scenario::fanout::FanoutParams;
 use crate::scenario::idle::{self, IdleParams};
 use crate::scenario::storm::{self, StormParams};
+use crate::scenario::webhooks::{self, WebhookParams};
 use crate::scenario::ClientOptions;
 use crate::suite::{self, CompareParams};
 use crate::target::{DevOptions, ServerKind, TargetSpec};
@@ -63,10 +64,52 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Measures unit costs (RSS per connection, CPU per event, Redis commands, bytes and CPU
+    /// per event, per presence change and per session-second, link bytes per event) on a
+    /// local distributed deployment and projects them to 1M and 10M users: the inputs of
+    /// docs/capacity.md (written to OUT/capacity.md and OUT/capacity.json).
+    Capacity(CapacityArgs),
     /// A live workspace move under traffic through a local deployment (two cells, a gateway,
     /// their Redis servers): the pause the moving workspace sees, the move's total time, and
     /// the p99 of a workspace beside it before and during the move.
     Move(MoveArgs),
+}
+
+#[derive(Debug, Args)]
+struct CapacityArgs {
+    /// The confab binary (a release build for figures worth quoting).
+    #[arg(long)]
+    confab: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    sessions: usize,
+    /// Members of the one channel of the events phase (at most 1,000).
+    #[arg(long, default_value_t = 100)]
+    members: usize,
+    /// Members that post, in turn (each stays under the 20 frames/s client rate).
+    #[arg(long, default_value_t = 10)]
+    senders: usize,
+    #[arg(long, default_value_t = 2000)]
+    messages: usize,
+    /// Messages per second of the events phase.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Seconds of the idle phase (presence refreshes run every 10 s).
+    #[arg(long, default_value_t = 30.0)]
+    idle_s: f64,
+    /// Profile: regions, and messages per user per hour.
+    #[arg(long, default_value_t = 3.0)]
+    regions: f64,
+    #[arg(long, default_value_t = 12.0)]
+    messages_per_user_per_hour: f64,
+    /// Profile: online sessions that receive each message.
+    #[arg(long, default_value_t = 20.0)]
+    fanout: f64,
+    #[arg(long, default_value_t = 1.0)]
+    reconnects_per_user_per_hour: f64,
+    #[arg(long, default_value_t = 16.0)]
+    host_cores: f64,
+    #[arg(long, default_value = "target/capacity")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +221,30 @@ enum Scenario {
         target: TargetArgs,
         #[command(flatten)]
         fanout: FanoutArgs,
+    },
+    /// Bots in busy channels with local webhook receivers answering at once: deliveries/s,
+    /// delivery latency, and the fanout p99 at half of max rate with and without them.
+    Webhooks {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Bot users, one webhook each.
+        #[arg(long, default_value_t = 10)]
+        bots: usize,
+        /// Busy channels, each with every bot as a member.
+        #[arg(long, default_value_t = 10)]
+        channels: usize,
+        /// Messages/s posted into the busy channels (each one is a delivery per bot).
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// HTTP posts in flight at once.
+        #[arg(long, default_value_t = 16)]
+        posters: usize,
+        /// Subscribers of the fanout that measures the chat path.
+        #[arg(long, default_value_t = 200)]
+        subscribers: usize,
+        /// Seconds of each fanout run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
     },
 }
 
@@ -501,6 +568,41 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Capacity(args) => {
+            crate::scenario::raise_nofile(65_536)?;
+            let profile = crate::capacity::Profile {
+                steps: vec![1e6, 1e7],
+                regions: args.regions,
+                messages_per_user_per_hour: args.messages_per_user_per_hour,
+                fanout: args.fanout,
+                reconnects_per_user_per_hour: args.reconnects_per_user_per_hour,
+                gateway_max_connections: confab_shared::limits::MAX_CONNECTIONS as f64,
+                host_cores: args.host_cores,
+                cpu_target: 0.5,
+                redis_core_target: 0.5,
+            };
+            let params = crate::capacity::CapacityParams {
+                confab: args.confab,
+                sessions: args.sessions,
+                members: args.members.min(1000),
+                senders: args.senders.max(1),
+                messages: args.messages,
+                rate: args.rate,
+                idle: secs(args.idle_s),
+                out: args.out.clone(),
+            };
+            let report = crate::capacity::run(params, &profile).await?;
+            let markdown = report.markdown(&profile);
+            std::fs::create_dir_all(&args.out)?;
+            std::fs::write(args.out.join("capacity.md"), &markdown)?;
+            let json = serde_json::json!({"command": command_line(), "profile": profile, "report": report});
+            std::fs::write(
+                args.out.join("capacity.json"),
+                serde_json::to_string_pretty(&json)?,
+            )?;
+            println!("{markdown}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Move(args) => {
             crate::scenario::raise_nofile(u64::MAX)?;
             let report = crate::moving::run(crate::moving::MoveBench {
@@ -625,6 +727,38 @@ async fn run_scenario(scenario: Scenario) -> Result<std::process::ExitCode> {
                 reports.push(report);
             }
             ("idle", out, reports)
+        }
+        Scenario::Webhooks {
+            target,
+            bots,
+            channels,
+            rate,
+            posters,
+            subscribers,
+            duration,
+        } => {
+            let spec = target.spec()?;
+            let out = target.output()?;
+            let params = WebhookParams {
+                bots,
+                channels,
+                rate,
+                posters,
+                fanout: FanoutParams {
+                    subscribers,
+                    duration: secs(duration),
+                    ..FanoutParams::default()
+                },
+                ..WebhookParams::default()
+            };
+            crate::scenario::raise_nofile(subscribers as u64 + 512)?;
+            let report =
+                suite::with_target(&spec, &target.client(), &out, "webhooks", async |ctx| {
+                    webhooks::run(ctx, &params).await
+                })
+                .await?;
+            println!("{}", report.one_line());
+            ("webhooks", out, vec![report])
         }
         Scenario::Storm {
             target,

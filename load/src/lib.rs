@@ -19,6 +19,8 @@
 //! - [`target`]: the server under load, started here (`confab dev`, the reference server) or
 //!   already running; [`procfs`] reads its CPU time and RSS.
 //! - [`api`]: tokens and channel setup over confab's HTTP API.
+//! - [`capacity`]: unit costs measured on a local distributed deployment, and the capacity
+//!   model of `docs/capacity.md` built from them.
 //! - [`report`], [`plot`], [`progress`]: results as JSON, Markdown and PNG; progress bars.
 //! - [`moving`]: the live-move benchmark (a workspace's pause while it moves between cells).
 //! - [`cli`]: the command line.
@@ -27,6 +29,7 @@
 //! connections and time.
 
 pub mod api;
+pub mod capacity;
 pub mod chaos;
 pub mod cli;
 pub mod client;

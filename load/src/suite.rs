@@ -15,6 +15,7 @@ use crate::scenario::chat::{self, ChatParams};
 use crate::scenario::fanout::{self, FanoutParams};
 use crate::scenario::idle::{self, IdleParams};
 use crate::scenario::storm::{self, StormParams};
+use crate::scenario::webhooks::{self, WebhookParams};
 use crate::scenario::{ClientOptions, RunContext};
 use crate::target::{DevOptions, ServerKind, Target, TargetSpec};
 
@@ -518,6 +519,29 @@ pub async fn smoke(confab: &Path, out: &Output) -> Result<Vec<SmokeOutcome>> {
             Ok(vec![
                 with_target(&dev, &client, out, "storm", async |ctx| {
                     storm::run(ctx, &params).await
+                })
+                .await?,
+            ])
+        })
+        .await,
+    );
+    outcomes.push(
+        smoke_step("webhooks", async {
+            let params = WebhookParams {
+                bots: 3,
+                channels: 2,
+                rate: 50.0,
+                posters: 4,
+                fanout: FanoutParams {
+                    subscribers: 20,
+                    duration: Duration::from_secs(2),
+                    ..fanout.clone()
+                },
+                drain: Duration::from_secs(15),
+            };
+            Ok(vec![
+                with_target(&dev, &client, out, "webhooks", async |ctx| {
+                    webhooks::run(ctx, &params).await
                 })
                 .await?,
             ])

@@ -8,6 +8,10 @@
 //! - [`claims`]: the JWT claims of client and bot tokens.
 //! - [`link`]: the gateway<->cell protocol, the one seam between the `gateway` and `cells` crates,
 //!   with its binary encoding.
+//! - [`link_transport`]: what both ends of a link over a WebSocket agree on (handshake
+//!   proofs, pre-authentication bounds, timing, batching into frames).
+//! - [`wire`]: the one conversion from a client request to its cell op, and the one error
+//!   type both client-facing APIs answer with.
 //! - [`limits`]: the protocol's default limits.
 //! - [`moves`]: the steps of a live workspace move and the key pages it copies.
 //!
@@ -20,8 +24,10 @@ pub mod codes;
 pub mod ids;
 pub mod limits;
 pub mod link;
+pub mod link_transport;
 pub mod moves;
 pub mod server;
+pub mod wire;
 
 pub use codes::{CloseCode, ErrorCode};
 pub use ids::{CellId, ChannelId, IdError, SessionId, UserId, WorkspaceId};

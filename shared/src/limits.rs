@@ -66,6 +66,12 @@ pub const MAX_MEMBERS_PER_CHANNEL: usize = 10_000;
 /// Clock leeway on token expiry, in seconds.
 pub const JWT_LEEWAY_S: u64 = 60;
 
+/// `--shutdown-spread-ms`: a gateway closes its sessions with `1001` evenly over this long
+/// (SPEC §1).
+pub const SHUTDOWN_SPREAD_MS: u64 = 5_000;
+/// `--shutdown-timeout-ms`: a gateway exits at the latest this long after its signal.
+pub const SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

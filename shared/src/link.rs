@@ -106,6 +106,19 @@ pub enum CellOp {
     OpenDm { user: UserId },
     /// The members of a channel the caller may see.
     ListMembers { channel: ChannelId },
+    /// Register a webhook for the caller (SPEC §6): `events` of `channels` (or of every
+    /// channel the caller is a member of) are POSTed to `url`.
+    CreateWebhook {
+        url: String,
+        events: Vec<String>,
+        channels: Option<Vec<ChannelId>>,
+    },
+    /// The caller's webhooks.
+    ListWebhooks,
+    /// Delete one of the caller's webhooks, with its pending deliveries.
+    DeleteWebhook { id: String },
+    /// Turn one of the caller's disabled webhooks back to `active`.
+    EnableWebhook { id: String },
 }
 
 impl CellOp {
@@ -124,6 +137,10 @@ impl CellOp {
             CellOp::ListChannels { .. } => "list_channels",
             CellOp::OpenDm { .. } => "open_dm",
             CellOp::ListMembers { .. } => "list_members",
+            CellOp::CreateWebhook { .. } => "create_webhook",
+            CellOp::ListWebhooks => "list_webhooks",
+            CellOp::DeleteWebhook { .. } => "delete_webhook",
+            CellOp::EnableWebhook { .. } => "enable_webhook",
         }
     }
 }
@@ -168,8 +185,30 @@ pub enum CellReply {
     Members(Vec<UserId>),
     /// Done, nothing to report (typing, admin ops).
     Done,
+    /// A webhook was registered; its secret is shown this once.
+    WebhookCreated {
+        id: String,
+        secret: String,
+    },
+    /// The caller's webhooks.
+    Webhooks(Vec<WebhookInfo>),
     /// A page of a workspace's store keys, for a move.
     Keys(KeyPage),
+}
+
+/// A webhook as `GET /v1/webhooks` lists it (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookInfo {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    /// The channels named at registration; `None`: every channel the owner is a member of.
+    pub channels: Option<Vec<ChannelId>>,
+    /// `active` or `disabled`.
+    pub status: String,
+    /// What the last failed attempt got (a status code, a timeout, a refused address);
+    /// `None` when the last attempt succeeded or none was made.
+    pub last_error: Option<String>,
 }
 
 /// A refused op: a SPEC error code and a message for humans.

@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 
 use super::{
     side_effect, CellStore, ChannelMeta, ChannelSnapshot, ChannelSummary, CreateOutcome,
-    MessageQuery, NewChannel, ReadMarker, SideEffect, StoreError, StoreResult,
+    MessageQuery, NewChannel, ReadMarker, SideEffect, StoreError, StoreResult, WebhookCreate,
+    WebhookRecord, WebhookState,
 };
 
 /// Cell state held in memory; lost when the process exits.
@@ -43,6 +44,8 @@ struct WorkspaceData {
     markers: HashMap<UserId, HashMap<ChannelId, u64>>,
     /// Public and private channels (DMs are not counted).
     named_channels: u64,
+    /// Webhooks by id, each with its delivery cursors by channel.
+    webhooks: BTreeMap<String, (WebhookRecord, HashMap<ChannelId, u64>)>,
 }
 
 struct ChannelData {
@@ -549,6 +552,101 @@ impl CellStore for MemoryStore {
             previous,
             current: *marker,
         })
+    }
+
+    async fn workspace_ids(&self) -> StoreResult<Vec<WorkspaceId>> {
+        let mut ids: Vec<WorkspaceId> = self.workspaces.iter().map(|e| e.key().clone()).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn create_webhook(
+        &self,
+        workspace: &WorkspaceId,
+        hook: &WebhookRecord,
+        max_per_user: u64,
+    ) -> StoreResult<WebhookCreate> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(WebhookCreate::UnknownWorkspace);
+        };
+        let mut ws = ws.lock();
+        if ws.webhooks.contains_key(&hook.id) {
+            return Ok(WebhookCreate::IdTaken);
+        }
+        let owned = ws.webhooks.values().filter(|(h, _)| h.user == hook.user);
+        if owned.count() as u64 >= max_per_user {
+            return Ok(WebhookCreate::TooMany);
+        }
+        ws.webhooks
+            .insert(hook.id.clone(), (hook.clone(), HashMap::new()));
+        Ok(WebhookCreate::Created)
+    }
+
+    async fn webhooks(&self, workspace: &WorkspaceId) -> StoreResult<Vec<WebhookRecord>> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(Vec::new());
+        };
+        let ws = ws.lock();
+        Ok(ws.webhooks.values().map(|(h, _)| h.clone()).collect())
+    }
+
+    async fn delete_webhook(&self, workspace: &WorkspaceId, id: &str) -> StoreResult<bool> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(false);
+        };
+        let removed = ws.lock().webhooks.remove(id).is_some();
+        Ok(removed)
+    }
+
+    async fn set_webhook_state(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        state: &WebhookState,
+    ) -> StoreResult<bool> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(false);
+        };
+        let mut ws = ws.lock();
+        let Some((hook, _)) = ws.webhooks.get_mut(id) else {
+            return Ok(false);
+        };
+        hook.state = state.clone();
+        Ok(true)
+    }
+
+    async fn webhook_cursors(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+    ) -> StoreResult<HashMap<ChannelId, u64>> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(HashMap::new());
+        };
+        let ws = ws.lock();
+        Ok(ws
+            .webhooks
+            .get(id)
+            .map(|(_, cursors)| cursors.clone())
+            .unwrap_or_default())
+    }
+
+    async fn advance_webhook_cursor(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<()> {
+        let Some(ws) = self.workspace(workspace) else {
+            return Ok(());
+        };
+        let mut ws = ws.lock();
+        if let Some((_, cursors)) = ws.webhooks.get_mut(id) {
+            let cursor = cursors.entry(channel.clone()).or_insert(seq);
+            *cursor = (*cursor).max(seq);
+        }
+        Ok(())
     }
 }
 

@@ -21,6 +21,7 @@
 
 mod memory;
 mod redis;
+mod timed;
 
 use std::collections::HashMap;
 
@@ -31,6 +32,7 @@ use confab_shared::{ChannelId, UserId, WorkspaceId};
 
 pub use self::redis::{Persistence, RedisStore};
 pub use memory::MemoryStore;
+pub use timed::TimedStore;
 
 /// Why a store call failed. Every variant reaches clients as `unavailable`: they are the
 /// store's problems, not the request's.
@@ -162,6 +164,46 @@ pub enum SideEffect<'a> {
     Joined(&'a UserId),
     /// The reverse of `Joined`.
     Left(&'a UserId),
+}
+
+/// A registered webhook (SPEC §6) as the store keeps it, under its workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    /// `W` and 16 random alphanumerics.
+    pub id: String,
+    /// The user that registered it and whose membership it follows.
+    pub user: UserId,
+    pub url: String,
+    /// Hex of 32 random bytes, the HMAC key of its signatures.
+    pub secret: String,
+    /// Event types it receives (`message`, `member_joined`, ...).
+    pub events: Vec<String>,
+    /// The channels named at registration; `None`: every channel of its user.
+    pub channels: Option<Vec<ChannelId>>,
+    pub state: WebhookState,
+}
+
+/// The parts of a webhook its deliveries change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WebhookState {
+    /// `"status":"disabled"`: nothing is attempted until it is enabled again.
+    pub disabled: bool,
+    /// What the last failed attempt got; `None` after a success.
+    pub last_error: Option<String>,
+    /// Unix ms of the first failure after the last success (the disable rule's clock).
+    pub failing_since_ms: Option<u64>,
+}
+
+/// The outcome of [`CellStore::create_webhook`]; nothing is written unless `Created`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookCreate {
+    Created,
+    /// The user already has the most webhooks a user may have.
+    TooMany,
+    /// The workspace was never created on this cell.
+    UnknownWorkspace,
+    /// A webhook with this id exists.
+    IdTaken,
 }
 
 /// The side effect of a log event; `None` for events that are not logged.
@@ -376,6 +418,52 @@ pub trait CellStore: Send + Sync + 'static {
         channel: &ChannelId,
         seq: u64,
     ) -> StoreResult<ReadMarker>;
+
+    /// Every workspace this cell holds (the webhook worker rebuilds its index from them at
+    /// start).
+    async fn workspace_ids(&self) -> StoreResult<Vec<WorkspaceId>>;
+
+    /// Stores a new webhook, unless its user already has `max_per_user` of them.
+    async fn create_webhook(
+        &self,
+        workspace: &WorkspaceId,
+        hook: &WebhookRecord,
+        max_per_user: u64,
+    ) -> StoreResult<WebhookCreate>;
+
+    /// Every webhook of the workspace, ordered by id.
+    async fn webhooks(&self, workspace: &WorkspaceId) -> StoreResult<Vec<WebhookRecord>>;
+
+    /// Deletes a webhook and its delivery cursors; `false` when there was none.
+    async fn delete_webhook(&self, workspace: &WorkspaceId, id: &str) -> StoreResult<bool>;
+
+    /// Replaces a webhook's [`WebhookState`]; `false` when the webhook does not exist (a
+    /// deleted webhook is never brought back).
+    async fn set_webhook_state(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        state: &WebhookState,
+    ) -> StoreResult<bool>;
+
+    /// A webhook's delivery cursors: per channel, the seq up to which its events are done
+    /// (delivered, dropped or filtered out). The pending deliveries are the channel's log
+    /// events after it.
+    async fn webhook_cursors(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+    ) -> StoreResult<HashMap<ChannelId, u64>>;
+
+    /// Moves a webhook's cursor in a channel to `max(cursor, seq)` (creating it at `seq`);
+    /// nothing when the webhook does not exist.
+    async fn advance_webhook_cursor(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<()>;
 
     // Moves (see `confab_shared::moves`). An engine that cannot move workspaces (the memory
     // engine of `confab dev`, which has one cell) refuses every step.

@@ -14,6 +14,12 @@
 //!   (sorted set of those keys by seq, to drop them when their message leaves retention);
 //! - `{ws}:ch:{ch}:members` (set), `{ws}:u:{user}:channels` (set), `{ws}:u:{user}:read` (hash).
 //!
+//! - `{ws}:wh:ids` (set of webhook ids), `{ws}:wh:{id}` (hash: user, url, secret, events,
+//!   channels, disabled, last_error, failing_since), `{ws}:wh:{id}:cursors` (hash channel →
+//!   the seq up to which the webhook's deliveries are done), `{ws}:wh:count` (hash user →
+//!   webhooks it has) — webhooks and their pending deliveries (the log events after each
+//!   cursor), all under the workspace's prefix so that a move copies them with the rest.
+//!
 //! - `fence` (string): the epoch of the cell process that claimed the store last.
 //! - `moves` (hash ws → `copying:E`, `frozen:E`, `gone:E` or `incoming:E`): the workspaces in or
 //!   after a move of epoch `E`; `dirty.{ws}` (set) the keys written while one is `copying`, and
@@ -48,7 +54,8 @@ mod moving;
 
 use super::{
     side_effect, CellStore, ChannelMeta, ChannelSnapshot, ChannelSummary, CreateOutcome,
-    MessageQuery, NewChannel, ReadMarker, SideEffect, StoreError, StoreResult,
+    MessageQuery, NewChannel, ReadMarker, SideEffect, StoreError, StoreResult, WebhookCreate,
+    WebhookRecord, WebhookState,
 };
 
 const WORKSPACES: &str = "confab:cs:workspaces";
@@ -224,6 +231,120 @@ end
 return {previous, previous}
 ";
 
+/// Stores a webhook within its user's bound: KEYS = ids, hook, per-user counts, workspaces,
+/// fence; ARGV = workspace, id, user, most webhooks per user, then field/value pairs, then the
+/// epoch.
+const CREATE_WEBHOOK: &str = r"
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 0 then return 'unknown_workspace' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'id_taken' end
+if tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0') >= tonumber(ARGV[4]) then
+  return 'too_many'
+end
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+for i = 5, #ARGV - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 'created'
+";
+
+/// Deletes a webhook and its cursors: KEYS = ids, hook, cursors, per-user counts, fence;
+/// ARGV = id, epoch. Returns 1 when it existed.
+const DELETE_WEBHOOK: &str = r"
+local user = redis.call('HGET', KEYS[2], 'user')
+if not user then return 0 end
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then redis.call('HDEL', KEYS[4], user) end
+return 1
+";
+
+/// Replaces a webhook's delivery state: KEYS = hook, fence; ARGV = disabled, last_error,
+/// failing_since, epoch. Returns 0 for a webhook that does not exist (never recreates it).
+const SET_WEBHOOK_STATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'disabled', ARGV[1], 'last_error', ARGV[2], 'failing_since', ARGV[3])
+return 1
+";
+
+/// Moves a webhook's cursor forward only: KEYS = hook, cursors, fence; ARGV = channel, seq,
+/// epoch. Seqs compare as decimal strings, as in `ADVANCE_READ`.
+const ADVANCE_WEBHOOK_CURSOR: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local previous = redis.call('HGET', KEYS[2], ARGV[1])
+local seq = ARGV[2]
+if not previous or #seq > #previous or (#seq == #previous and seq > previous) then
+  redis.call('HSET', KEYS[2], ARGV[1], seq)
+end
+return 1
+";
+
+/// The webhook scripts, loaded once.
+struct WebhookScripts {
+    create: Script,
+    delete: Script,
+    set_state: Script,
+    advance_cursor: Script,
+}
+
+impl WebhookScripts {
+    fn new() -> Self {
+        WebhookScripts {
+            create: fenced_script(CREATE_WEBHOOK),
+            delete: fenced_script(DELETE_WEBHOOK),
+            set_state: fenced_script(SET_WEBHOOK_STATE),
+            advance_cursor: fenced_script(ADVANCE_WEBHOOK_CURSOR),
+        }
+    }
+}
+
+fn webhook_key(ws: &WorkspaceId, id: &str) -> String {
+    format!("confab:cs:{ws}:wh:{id}")
+}
+
+fn join_ids<T: AsRef<str>>(ids: &[T]) -> String {
+    ids.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(",")
+}
+
+fn split_list(raw: &str) -> Vec<String> {
+    raw.split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn webhook_from_hash(id: &str, hash: &HashMap<String, String>) -> StoreResult<WebhookRecord> {
+    let field = |name: &str| hash.get(name).map(String::as_str).unwrap_or("");
+    let user = field("user")
+        .parse::<UserId>()
+        .map_err(|e| corrupt("webhook user", e))?;
+    let channels = match field("channels") {
+        "*" => None,
+        raw => Some(
+            split_list(raw)
+                .iter()
+                .map(|c| c.parse::<ChannelId>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| corrupt("webhook channel", e))?,
+        ),
+    };
+    let failing_since_ms = match field("failing_since") {
+        "" => None,
+        raw => Some(raw.parse().map_err(|e| corrupt("failing_since", e))?),
+    };
+    Ok(WebhookRecord {
+        id: id.to_string(),
+        user,
+        url: field("url").to_string(),
+        secret: field("secret").to_string(),
+        events: split_list(field("events")),
+        channels,
+        state: WebhookState {
+            disabled: field("disabled") == "1",
+            last_error: Some(field("last_error").to_string()).filter(|e| !e.is_empty()),
+            failing_since_ms,
+        },
+    })
+}
+
 /// What a Redis store says of its persistence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Persistence {
@@ -247,6 +368,7 @@ pub struct RedisStore {
     advance_read: Script,
     raise_last_seq: Script,
     claim: Script,
+    webhook_scripts: WebhookScripts,
     /// The epoch this process claimed the store with (0 until it claims).
     epoch: AtomicU64,
     /// Cancelled on the first write refused because a newer epoch claimed the store.
@@ -276,6 +398,7 @@ fn fenced_script(body: &str) -> Script {
 /// A failed command: Redis unreachable, timed out or refusing (`unavailable`), or a reply of
 /// the wrong shape, which only data written by something else can cause (`corrupt`).
 fn redis_error(e: redis::RedisError) -> StoreError {
+    metrics::counter!("confab_redis_errors_total", "engine" => "cell_store").increment(1);
     if e.kind() == redis::ErrorKind::UnexpectedReturnType {
         return StoreError::Corrupt(format!("redis reply: {e}"));
     }
@@ -319,6 +442,8 @@ impl RedisStore {
     /// Connects lazily: the cell starts even while Redis is down and serves `unavailable`
     /// until it is back.
     pub fn connect(url: &str) -> StoreResult<RedisStore> {
+        // The error series exists from the start, so dashboards show 0 rather than nothing.
+        metrics::counter!("confab_redis_errors_total", "engine" => "cell_store").increment(0);
         let client = redis::Client::open(url).map_err(redis_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -334,6 +459,7 @@ impl RedisStore {
             advance_read: fenced_script(ADVANCE_READ),
             raise_last_seq: fenced_script(RAISE_LAST_SEQ),
             claim: Script::new(CLAIM),
+            webhook_scripts: WebhookScripts::new(),
             epoch: AtomicU64::new(0),
             fenced: CancellationToken::new(),
         })
@@ -1024,6 +1150,187 @@ impl CellStore for RedisStore {
             [] => Err(StoreError::NoSuchChannel(channel.clone())),
             _ => Err(corrupt("read marker reply", format!("{marker:?}"))),
         }
+    }
+
+    async fn workspace_ids(&self) -> StoreResult<Vec<WorkspaceId>> {
+        let ids: Vec<String> = self
+            .conn()
+            .smembers(WORKSPACES)
+            .await
+            .map_err(redis_error)?;
+        let mut ids: Vec<WorkspaceId> = parse_ids(ids);
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn create_webhook(
+        &self,
+        workspace: &WorkspaceId,
+        hook: &WebhookRecord,
+        max_per_user: u64,
+    ) -> StoreResult<WebhookCreate> {
+        let channels = hook
+            .channels
+            .as_ref()
+            .map_or_else(|| "*".to_string(), |c| join_ids(c));
+        let failing = hook
+            .state
+            .failing_since_ms
+            .map(|ms| ms.to_string())
+            .unwrap_or_default();
+        let disabled = if hook.state.disabled { "1" } else { "0" };
+        let fields = [
+            ("user", hook.user.as_str().to_string()),
+            ("url", hook.url.clone()),
+            ("secret", hook.secret.clone()),
+            ("events", join_ids(&hook.events)),
+            ("channels", channels),
+            ("disabled", disabled.to_string()),
+            (
+                "last_error",
+                hook.state.last_error.clone().unwrap_or_default(),
+            ),
+            ("failing_since", failing),
+        ];
+        let mut invocation = self.webhook_scripts.create.prepare_invoke();
+        invocation
+            .key(ws_key(workspace, "wh:ids"))
+            .key(webhook_key(workspace, &hook.id))
+            .key(ws_key(workspace, "wh:count"))
+            .key(WORKSPACES)
+            .key(FENCE)
+            .arg(workspace.as_str())
+            .arg(&hook.id)
+            .arg(hook.user.as_str())
+            .arg(max_per_user);
+        for (name, value) in &fields {
+            invocation.arg(*name).arg(value);
+        }
+        let outcome: String = invocation
+            .arg(self.epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(match outcome.as_str() {
+            "created" => WebhookCreate::Created,
+            "too_many" => WebhookCreate::TooMany,
+            "unknown_workspace" => WebhookCreate::UnknownWorkspace,
+            "id_taken" => WebhookCreate::IdTaken,
+            other => return Err(corrupt("create_webhook outcome", other)),
+        })
+    }
+
+    async fn webhooks(&self, workspace: &WorkspaceId) -> StoreResult<Vec<WebhookRecord>> {
+        let mut ids: Vec<String> = self
+            .conn()
+            .smembers(ws_key(workspace, "wh:ids"))
+            .await
+            .map_err(redis_error)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        ids.sort();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hgetall(webhook_key(workspace, id));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(redis_error)?;
+        ids.iter()
+            .zip(hashes)
+            .filter(|(_, hash)| !hash.is_empty())
+            .map(|(id, hash)| webhook_from_hash(id, &hash))
+            .collect()
+    }
+
+    async fn delete_webhook(&self, workspace: &WorkspaceId, id: &str) -> StoreResult<bool> {
+        let key = webhook_key(workspace, id);
+        let deleted: i64 = self
+            .webhook_scripts
+            .delete
+            .key(ws_key(workspace, "wh:ids"))
+            .key(&key)
+            .key(format!("{key}:cursors"))
+            .key(ws_key(workspace, "wh:count"))
+            .key(FENCE)
+            .arg(id)
+            .arg(self.epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(deleted == 1)
+    }
+
+    async fn set_webhook_state(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        state: &WebhookState,
+    ) -> StoreResult<bool> {
+        let set: i64 = self
+            .webhook_scripts
+            .set_state
+            .key(webhook_key(workspace, id))
+            .key(FENCE)
+            .arg(if state.disabled { "1" } else { "0" })
+            .arg(state.last_error.as_deref().unwrap_or(""))
+            .arg(
+                state
+                    .failing_since_ms
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(self.epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(set == 1)
+    }
+
+    async fn webhook_cursors(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+    ) -> StoreResult<HashMap<ChannelId, u64>> {
+        let raw: HashMap<String, String> = self
+            .conn()
+            .hgetall(format!("{}:cursors", webhook_key(workspace, id)))
+            .await
+            .map_err(redis_error)?;
+        raw.into_iter()
+            .map(|(channel, seq)| {
+                let channel = channel
+                    .parse::<ChannelId>()
+                    .map_err(|e| corrupt("cursor channel", e))?;
+                let seq = seq.parse::<u64>().map_err(|e| corrupt("cursor", e))?;
+                Ok((channel, seq))
+            })
+            .collect()
+    }
+
+    async fn advance_webhook_cursor(
+        &self,
+        workspace: &WorkspaceId,
+        id: &str,
+        channel: &ChannelId,
+        seq: u64,
+    ) -> StoreResult<()> {
+        let key = webhook_key(workspace, id);
+        let _: i64 = self
+            .webhook_scripts
+            .advance_cursor
+            .key(&key)
+            .key(format!("{key}:cursors"))
+            .key(FENCE)
+            .arg(channel.as_str())
+            .arg(seq)
+            .arg(self.epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(())
     }
 
     async fn move_marks(&self) -> StoreResult<Vec<(WorkspaceId, super::MoveMark)>> {

@@ -132,6 +132,10 @@ pub struct Gw {
     attaches: HashMap<String, Result<Vec<ChannelInfo>, CellError>>,
     /// Order of arrival of `Ready` relative to deliveries, per session: index into `delivers`.
     pub ready_at: HashMap<String, usize>,
+    /// Every `Close`, in arrival order, with how many replies had arrived before it.
+    pub closes: Vec<(String, confab_shared::CloseCode, usize)>,
+    /// Replies received so far (answered requests).
+    pub replies_seen: usize,
     next_req: u64,
 }
 
@@ -146,6 +150,8 @@ impl Gw {
             replies: HashMap::new(),
             attaches: HashMap::new(),
             ready_at: HashMap::new(),
+            closes: Vec::new(),
+            replies_seen: 0,
             next_req: 1,
         }
     }
@@ -164,6 +170,7 @@ impl Gw {
                 self.delivers.push((names, value));
             }
             ToGateway::Reply { req, result } => {
+                self.replies_seen += 1;
                 self.replies.insert(req, result);
             }
             ToGateway::Ready { session, channels } => {
@@ -174,7 +181,10 @@ impl Gw {
             ToGateway::AttachFailed { session, error } => {
                 self.attaches.insert(session.to_string(), Err(error));
             }
-            ToGateway::Close { .. } => {}
+            ToGateway::Close { session, code } => {
+                self.closes
+                    .push((session.to_string(), code, self.replies_seen));
+            }
             // Only a moving workspace is answered so; these tests move none.
             ToGateway::Moved { req } => {
                 self.replies

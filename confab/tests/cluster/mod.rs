@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod traffic;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -70,6 +72,16 @@ impl Proc {
         self.0.as_ref().map(Child::id)
     }
 
+    fn sigterm(&self) {
+        if let Some(pid) = self.pid() {
+            let status = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -TERM {pid} failed");
+        }
+    }
+
     fn kill9(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
@@ -92,6 +104,8 @@ pub struct CellProc {
     pub store: RedisServer,
     directory_url: String,
     retention: u64,
+    /// Flags added to the cell's command line (see [`Cluster::cell_with`]).
+    extra: Vec<String>,
     proc: Proc,
 }
 
@@ -111,6 +125,7 @@ impl CellProc {
             ])
             .args(["--cluster-secret", CLUSTER_SECRET])
             .args(["--retention-events", &self.retention.to_string()])
+            .args(&self.extra)
             .env("CONFAB_LOG", "warn")
             .stdout(Stdio::null());
         command
@@ -194,6 +209,11 @@ impl CellProc {
         self.spawn();
         wait_http_ok(&format!("http://127.0.0.1:{}/readyz", self.port)).await;
     }
+
+    /// Sends SIGTERM (a graceful shutdown); the process may still run for a while.
+    pub fn sigterm(&self) {
+        self.proc.sigterm();
+    }
 }
 
 /// A second process started with a cell's id (see [`CellProc::start_twin`]).
@@ -238,6 +258,8 @@ pub struct GatewayProc {
     pub port: u16,
     directory_url: String,
     presence_ttl_ms: u64,
+    /// Flags added to the gateway's command line (see [`Cluster::gateway_args`]).
+    extra: Vec<String>,
     proc: Proc,
     /// `--move-page-delay-ms`.
     move_page_delay_ms: u64,
@@ -252,6 +274,7 @@ impl GatewayProc {
             .args(["--cluster-secret", CLUSTER_SECRET])
             .args(["--presence-ttl-ms", &self.presence_ttl_ms.to_string()])
             .args(["--client-rate", "1000"])
+            .args(&self.extra)
             .args(["--move-page-delay-ms", &self.move_page_delay_ms.to_string()])
             .env("CONFAB_LOG", "warn")
             .stdout(Stdio::piped())
@@ -278,8 +301,19 @@ impl GatewayProc {
         self.proc.kill9();
     }
 
-    /// Starts the gateway again on its port after [`GatewayProc::kill9`].
+    /// Sends SIGTERM (a graceful shutdown); the process may still run for a while.
+    pub fn sigterm(&self) {
+        self.proc.sigterm();
+    }
+
+    /// The exit status, if the gateway exits within `wait`.
+    pub fn exit_status_within(&mut self, wait: Duration) -> Option<ExitStatus> {
+        self.proc.exit_status_within(wait)
+    }
+
+    /// Starts the gateway again on the same port (after it exited or was killed).
     pub async fn restart(&mut self) {
+        self.kill9();
         self.spawn();
         wait_http_ok(&format!("{}/readyz", self.url())).await;
     }
@@ -287,8 +321,9 @@ impl GatewayProc {
 
 /// Builder of a cluster.
 pub struct Cluster {
-    cells: Vec<(String, String)>,
+    cells: Vec<(String, String, Vec<String>)>,
     gateways: usize,
+    gateway_args: Vec<String>,
     presence_ttl_ms: u64,
     retention: u64,
     durable_directory: bool,
@@ -308,6 +343,7 @@ impl Cluster {
         Cluster {
             cells: Vec::new(),
             gateways: 1,
+            gateway_args: Vec::new(),
             presence_ttl_ms: 30_000,
             retention: 10_000,
             durable_directory: false,
@@ -315,8 +351,20 @@ impl Cluster {
         }
     }
 
-    pub fn cell(mut self, id: &str, region: &str) -> Cluster {
-        self.cells.push((id.into(), region.into()));
+    pub fn cell(self, id: &str, region: &str) -> Cluster {
+        self.cell_with(id, region, &[])
+    }
+
+    /// A cell started with extra flags (e.g. `["--max-workspaces", "1"]`).
+    pub fn cell_with(mut self, id: &str, region: &str, args: &[&str]) -> Cluster {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        self.cells.push((id.into(), region.into(), args));
+        self
+    }
+
+    /// Extra flags for every gateway (e.g. `["--shutdown-spread-ms", "1000"]`).
+    pub fn gateway_args(mut self, args: &[&str]) -> Cluster {
+        self.gateway_args = args.iter().map(|a| a.to_string()).collect();
         self
     }
 
@@ -349,7 +397,7 @@ impl Cluster {
             RedisServer::start()
         };
         let mut cells = Vec::new();
-        for (id, region) in self.cells {
+        for (id, region, extra) in self.cells {
             let mut cell = CellProc {
                 id,
                 region,
@@ -357,6 +405,7 @@ impl Cluster {
                 store: RedisServer::start_durable(),
                 directory_url: directory.url(),
                 retention: self.retention,
+                extra,
                 proc: Proc(None),
             };
             cell.spawn();
@@ -376,6 +425,7 @@ impl Cluster {
                 port: free_port(),
                 directory_url: directory.url(),
                 presence_ttl_ms: self.presence_ttl_ms,
+                extra: self.gateway_args.clone(),
                 proc: Proc(None),
                 move_page_delay_ms: self.move_page_delay_ms,
             };

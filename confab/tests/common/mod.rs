@@ -113,11 +113,18 @@ pub struct DevServerBuilder {
 
 /// The flags of `confab dev` that belong to the cell in a cluster (every other one is a
 /// gateway flag).
-const CELL_FLAGS: [&str; 4] = [
+const CELL_FLAGS: [&str; 11] = [
     "--retention-events",
     "--max-channels-per-workspace",
     "--max-channels-per-user",
     "--max-members-per-channel",
+    "--webhook-timeout-ms",
+    "--webhook-backoff-max-s",
+    "--webhook-give-up-after-s",
+    "--webhook-disable-after-s",
+    "--webhook-deny-private",
+    "--max-webhooks-per-user",
+    "--webhook-per-host",
 ];
 
 /// Whether a flag of `confab dev` belongs to the cell in a cluster.

@@ -302,6 +302,38 @@ impl Cluster {
         proc.wait_healthy(&http).await
     }
 
+    /// The PID of the victim's running process (`confab-load capacity` reads its `/proc`).
+    pub fn pid(&self, victim: Victim) -> Option<u32> {
+        let name = victim.name();
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.child.as_ref())
+            .and_then(Child::id)
+    }
+
+    /// The port of a Redis victim (`confab-load capacity` reads its `INFO`).
+    pub fn redis_port(&self, victim: Victim) -> Option<u16> {
+        let name = victim.name();
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| match p.health {
+                Health::Redis(port) => Some(port),
+                Health::Http(_) => None,
+            })
+    }
+
+    /// The port a confab victim listens on (`confab-load capacity` reads its sockets).
+    pub fn http_port(&self, victim: Victim) -> Option<u16> {
+        let name = victim.name();
+        let proc = self.procs.iter().find(|p| p.name == name)?;
+        match &proc.health {
+            Health::Http(url) => url.rsplit(':').next()?.split('/').next()?.parse().ok(),
+            Health::Redis(_) => None,
+        }
+    }
+
     /// Stops everything (SIGKILL: nothing is left to flush that the run still needs).
     pub async fn stop(&mut self) {
         for proc in self.procs.iter_mut().rev() {

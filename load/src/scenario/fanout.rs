@@ -365,7 +365,11 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
             let mut members: Vec<String> = publishers[1..].to_vec();
             members.extend(subscribers.iter().cloned());
             let channel = ctx
-                .create_channel(&creator, &format!("fanout-{}", ctx.run_id), &members)
+                .create_channel(
+                    &creator,
+                    &format!("fanout-{}-{scenario}", ctx.run_id),
+                    &members,
+                )
                 .await?;
             vec![channel; publishers.len()]
         }

@@ -8,11 +8,14 @@
 //!   bound (scenario 2).
 //! - [`idle`]: idle connections and the server's memory per connection (scenario 3).
 //! - [`storm`]: every connection dropped at once and resumed (scenario 4).
+//! - [`webhooks`]: bots in busy channels with local receivers; deliveries/s, their latency,
+//!   and the fanout p99 with and without webhook traffic.
 
 pub mod chat;
 pub mod fanout;
 pub mod idle;
 pub mod storm;
+pub mod webhooks;
 
 use std::future::Future;
 use std::time::Duration;
