@@ -124,11 +124,12 @@ fn phase_of(code: u8) -> MovePhase {
     }
 }
 
-/// Whether `cell` may take a moving workspace; why not otherwise. (A cell's bound on its
-/// workspaces, once cells report one, is checked here too: a full target is `503` as well.)
+/// Whether `cell` may take a moving workspace; why not otherwise (down, draining, or full by
+/// its `--max-workspaces` or `--max-connections`: all `503`).
 fn refusal(cell: &CellRecord, now: u64) -> Option<String> {
     match cell.status(now) {
-        CellStatus::Healthy => None,
+        CellStatus::Healthy if cell.has_room() => None,
+        CellStatus::Healthy => Some("it is full".into()),
         CellStatus::Draining => Some("it is draining".into()),
         CellStatus::Down => Some("it is down".into()),
     }
@@ -614,5 +615,43 @@ async fn drain(gateway: &Arc<Gateway>, cell: &CellId) {
             tracing::warn!(cell = %cell, workspace = %next.id, error = %e, "drain move failed; retrying");
             tokio::time::sleep(DRAIN_RETRY).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(workspaces: u64, max_workspaces: Option<u64>, draining: bool) -> CellRecord {
+        CellRecord {
+            id: CellId::new("c2").unwrap_or_else(|e| panic!("{e}")),
+            region: "us".into(),
+            url: "http://c2".into(),
+            draining,
+            last_heartbeat_ms: 100_000,
+            connections: 0,
+            workspaces,
+            max_workspaces,
+            max_connections: None,
+        }
+    }
+
+    #[test]
+    fn a_move_target_must_be_healthy_and_have_room() {
+        let now = 100_000;
+        assert_eq!(refusal(&cell(1, None, false), now), None);
+        assert_eq!(refusal(&cell(1, Some(2), false), now), None);
+        assert_eq!(
+            refusal(&cell(2, Some(2), false), now).as_deref(),
+            Some("it is full")
+        );
+        assert_eq!(
+            refusal(&cell(0, None, true), now).as_deref(),
+            Some("it is draining")
+        );
+        assert_eq!(
+            refusal(&cell(0, None, false), now + 60_000).as_deref(),
+            Some("it is down")
+        );
     }
 }
