@@ -22,7 +22,10 @@ done
 [ -n "${base:-}" ] || { echo "confab dev did not start" >&2; cat "$log" >&2; exit 1; }
 token="$(sed -n 's/^token alice: //p' "$log" | head -1)"
 checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance
-common=(--checks "$checks" --max-examples "$examples" --seed 1 --workers 2 --no-shrink
+# One worker: with two, hypothesis (on this CPython 3.11.7) now and then failed with
+# "SystemError: AST constructor recursion depth mismatch" while it describes a filter, an error
+# of the tool's own, not of the server under test.
+common=(--checks "$checks" --max-examples "$examples" --seed 1 --workers 1 --no-shrink
   --suppress-health-check all --warnings off)
 
 echo "==> schemathesis: HTTP API with a user token"
