@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::link::{AttachReply, Link, Reply};
-use crate::messages::{AttachSession, ChannelRequest, UserRequest};
+use crate::messages::{AttachSession, ChannelRequest, UserRequest, WorkspaceRequest};
 use crate::registry::{Registry, Settings};
 use crate::store::CellStore;
 use crate::webhooks::{self, Hub, WebhookConfig};
@@ -306,40 +306,25 @@ pub(crate) fn attach_session(reg: &Arc<Registry>, attach: Attach, link: &Arc<Lin
         });
 }
 
-/// Hands a request to the actor that owns it: its channel's, or its user's.
+/// Hands a request to the part of the cell that owns its group: its channel's actor, its
+/// user's actor (user and workspace ops), or the webhook hub.
 pub(crate) fn route_request(reg: &Arc<Registry>, caller: Caller, op: CellOp, reply: Reply) {
-    if webhooks::is_webhook_op(&op) {
-        let reg = reg.clone();
-        reg.arbiter.clone().spawn(async move {
-            reply.send(webhooks::perform(&reg, caller, op).await);
-        });
-        return;
-    }
-    let channel = match &op {
-        CellOp::Send { channel, .. }
-        | CellOp::Edit { channel, .. }
-        | CellOp::Delete { channel, .. }
-        | CellOp::Typing { channel }
-        | CellOp::History { channel, .. }
-        | CellOp::AddMember { channel, .. }
-        | CellOp::RemoveMember { channel, .. }
-        | CellOp::ListMembers { channel } => Some(channel.clone()),
-        CellOp::Read { .. }
-        | CellOp::CreateChannel { .. }
-        | CellOp::ListChannels { .. }
-        | CellOp::OpenDm { .. }
-        | CellOp::CreateWebhook { .. }
-        | CellOp::ListWebhooks
-        | CellOp::DeleteWebhook { .. }
-        | CellOp::EnableWebhook { .. } => None,
-    };
-    match channel {
-        Some(channel) => reg
+    match op {
+        CellOp::Channel { channel, op } => reg
             .channel(&caller.workspace, &channel)
             .do_send(ChannelRequest { caller, op, reply }),
-        None => reg
+        CellOp::User(op) => reg
             .user(&caller.workspace, &caller.user)
             .do_send(UserRequest { caller, op, reply }),
+        CellOp::Workspace(op) => reg
+            .user(&caller.workspace, &caller.user)
+            .do_send(WorkspaceRequest { caller, op, reply }),
+        CellOp::Webhook(op) => {
+            let reg = reg.clone();
+            reg.arbiter.clone().spawn(async move {
+                reply.send(webhooks::perform(&reg, caller, op).await);
+            });
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use actix::fut::{ready, ActorFutureExt, LocalBoxActorFuture, WrapFuture};
 use actix::{Actor, ActorContext, AsyncContext, AtomicResponse, Context, Handler};
-use confab_shared::link::{Caller, CellError, CellOp, CellReply, Frame, ToGateway};
+use confab_shared::link::{Caller, CellError, CellReply, ChannelOp, Frame, ToGateway};
 use confab_shared::server::{ChannelInfo, ChannelKind, Event};
 use confab_shared::{limits, now_ms, now_us, ChannelId, SessionId, UserId, WorkspaceId};
 
@@ -524,44 +524,35 @@ impl ChannelActor {
     fn dispatch(
         &mut self,
         caller: Caller,
-        op: CellOp,
+        op: ChannelOp,
         reply: Reply,
         ctx: &mut Context<Self>,
     ) -> Step {
         let user = caller.user;
         match op {
-            CellOp::Send {
+            ChannelOp::Send {
                 text,
                 client_msg_id,
                 thread,
-                ..
             } => self.op_send(user, text, client_msg_id, thread, reply),
-            CellOp::Edit { seq, text, .. } => self.op_edit(user, seq, Some(text), reply),
-            CellOp::Delete { seq, .. } => self.op_edit(user, seq, None, reply),
-            CellOp::Typing { .. } => {
+            ChannelOp::Edit { seq, text } => self.op_edit(user, seq, Some(text), reply),
+            ChannelOp::Delete { seq } => self.op_edit(user, seq, None, reply),
+            ChannelOp::Typing => {
                 reply.send(self.op_typing(&user));
                 ready(()).boxed_local()
             }
-            CellOp::History {
+            ChannelOp::History {
                 before,
                 after,
                 limit,
-                ..
             } => {
                 self.op_history(&user, before, after, limit, reply, ctx);
                 ready(()).boxed_local()
             }
-            CellOp::AddMember { user: target, .. } => self.op_add(user, target, reply),
-            CellOp::RemoveMember { user: target, .. } => self.op_remove(user, target, reply),
-            CellOp::ListMembers { .. } => {
+            ChannelOp::AddMember { user: target } => self.op_add(user, target, reply),
+            ChannelOp::RemoveMember { user: target } => self.op_remove(user, target, reply),
+            ChannelOp::ListMembers => {
                 reply.send(self.op_members(&user));
-                ready(()).boxed_local()
-            }
-            other => {
-                reply.send(Err(CellError::bad_request(format!(
-                    "{} is not a channel op",
-                    other.name()
-                ))));
                 ready(()).boxed_local()
             }
         }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use actix::Message;
-use confab_shared::link::{Caller, CellError, CellOp};
+use confab_shared::link::{Caller, CellError, ChannelOp, UserOp, WorkspaceOp};
 use confab_shared::server::ChannelInfo;
 use confab_shared::{ChannelId, SessionId, UserId};
 
@@ -11,12 +11,12 @@ use crate::link::{AttachReply, Reply};
 use crate::registry::SessionEntry;
 
 /// Link -> channel actor: perform a channel op (send, edit, delete, typing, history,
-/// membership, member listing) and answer through `reply`.
+/// membership, member listing) on the actor's channel and answer through `reply`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct ChannelRequest {
     pub(crate) caller: Caller,
-    pub(crate) op: CellOp,
+    pub(crate) op: ChannelOp,
     pub(crate) reply: Reply,
 }
 
@@ -64,12 +64,22 @@ pub(crate) struct AttachSession {
     pub(crate) reply: AttachReply,
 }
 
-/// Link -> user actor: a user-level op (read marker, channel listing, channel creation,
-/// DM), answered through `reply`.
+/// Link -> user actor: a user-level op (read marker, channel listing), answered through
+/// `reply`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct UserRequest {
     pub(crate) caller: Caller,
-    pub(crate) op: CellOp,
+    pub(crate) op: UserOp,
+    pub(crate) reply: Reply,
+}
+
+/// Link -> the caller's user actor: a workspace op (channel creation, DM), run there for the
+/// caller and answered through `reply`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct WorkspaceRequest {
+    pub(crate) caller: Caller,
+    pub(crate) op: WorkspaceOp,
     pub(crate) reply: Reply,
 }

@@ -1,7 +1,7 @@
 //! [`UserActor`]: one per user of a workspace with attached sessions (or a user-level request
 //! in flight). It attaches sessions (`Ready` with the user's channels, subscriptions, replay),
 //! moves read markers and tells the user's other sessions, and answers the user's channel
-//! listings, channel creations and DMs.
+//! listings ([`UserOp`]); the user's channel creations and DMs (`WorkspaceOp`) run here too.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use actix::fut::WrapFuture;
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler};
-use confab_shared::link::{Caller, CellError, CellOp, CellReply};
+use confab_shared::link::{Caller, CellError, CellReply, UserOp};
 use confab_shared::server::{ChannelInfo, Event};
 use confab_shared::{limits, now_ms, now_us, ChannelId, UserId, WorkspaceId};
 use futures_util::future::join_all;
@@ -17,7 +17,7 @@ use futures_util::future::join_all;
 use crate::channel::store_unavailable;
 use crate::fanout;
 use crate::link::AttachReply;
-use crate::messages::{AttachSession, Inspect, Subscribe, UserRequest};
+use crate::messages::{AttachSession, Inspect, Subscribe, UserRequest, WorkspaceRequest};
 use crate::registry::{Registry, SessionEntry};
 use crate::store::ChannelSummary;
 use crate::workspace;
@@ -85,6 +85,21 @@ impl Handler<UserRequest> for UserActor {
         let reply = msg.reply;
         let work = async move {
             let result = user_op(&reg, msg.caller, msg.op).await;
+            reply.send(result);
+        };
+        ctx.spawn(work.into_actor(self).map(|(), act, _| act.busy -= 1));
+    }
+}
+
+impl Handler<WorkspaceRequest> for UserActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkspaceRequest, ctx: &mut Context<Self>) {
+        self.busy += 1;
+        let reg = self.reg.clone();
+        let reply = msg.reply;
+        let work = async move {
+            let result = workspace::perform(&reg, msg.caller, msg.op).await;
             reply.send(result);
         };
         ctx.spawn(work.into_actor(self).map(|(), act, _| act.busy -= 1));
@@ -184,20 +199,10 @@ pub(crate) async fn inspect(
         .map_err(|_| CellError::unavailable("channel unavailable, retry"))?
 }
 
-async fn user_op(reg: &Arc<Registry>, caller: Caller, op: CellOp) -> Result<CellReply, CellError> {
+async fn user_op(reg: &Arc<Registry>, caller: Caller, op: UserOp) -> Result<CellReply, CellError> {
     match op {
-        CellOp::Read { channel, seq } => read(reg, &caller, channel, seq).await,
-        CellOp::ListChannels { public } => list_channels(reg, &caller, public).await,
-        CellOp::CreateChannel {
-            name,
-            kind,
-            members,
-        } => workspace::create_channel(reg, &caller, name, kind, members).await,
-        CellOp::OpenDm { user } => workspace::open_dm(reg, &caller, user).await,
-        other => Err(CellError::bad_request(format!(
-            "{} is not a user op",
-            other.name()
-        ))),
+        UserOp::Read { channel, seq } => read(reg, &caller, channel, seq).await,
+        UserOp::ListChannels { public } => list_channels(reg, &caller, public).await,
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use actix::Arbiter;
 use actix_rt::ArbiterHandle;
-use confab_shared::link::{Caller, CellError, CellOp, CellReply, WebhookInfo};
+use confab_shared::link::{Caller, CellError, CellReply, WebhookInfo, WebhookOp};
 use confab_shared::server::{encode_event, Event};
 use confab_shared::{now_ms, ChannelId, ErrorCode, UserId, WorkspaceId};
 use dashmap::DashMap;
@@ -1201,34 +1201,19 @@ async fn check_channels(
 pub(crate) async fn perform(
     reg: &Arc<Registry>,
     caller: Caller,
-    op: CellOp,
+    op: WebhookOp,
 ) -> Result<CellReply, CellError> {
     let hub = &reg.webhooks;
     match op {
-        CellOp::CreateWebhook {
+        WebhookOp::Create {
             url,
             events,
             channels,
         } => hub.create(reg, &caller, url, events, channels).await,
-        CellOp::ListWebhooks => hub.list(&caller).await,
-        CellOp::DeleteWebhook { id } => hub.delete(&caller, &id).await,
-        CellOp::EnableWebhook { id } => hub.enable(&caller, &id).await,
-        other => Err(CellError::bad_request(format!(
-            "{} is not a webhook op",
-            other.name()
-        ))),
+        WebhookOp::List => hub.list(&caller).await,
+        WebhookOp::Delete { id } => hub.delete(&caller, &id).await,
+        WebhookOp::Enable { id } => hub.enable(&caller, &id).await,
     }
-}
-
-/// Whether an op is one of the webhook ops [`perform`] takes.
-pub(crate) fn is_webhook_op(op: &CellOp) -> bool {
-    matches!(
-        op,
-        CellOp::CreateWebhook { .. }
-            | CellOp::ListWebhooks
-            | CellOp::DeleteWebhook { .. }
-            | CellOp::EnableWebhook { .. }
-    )
 }
 
 /// For each event, whether `user` was a member of the channel when it happened, reconstructed

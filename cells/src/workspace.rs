@@ -1,4 +1,5 @@
-//! Workspace-level operations that create channels: `CreateChannel`, `OpenDm` and the admin ops.
+//! Workspace-level operations that create channels: the [`WorkspaceOp`]s (`CreateChannel`,
+//! `OpenDm`, run on the caller's user actor) and the admin ops.
 //!
 //! Creating is two steps: the store claims the id, name or DM pair atomically (so two racing
 //! creations cannot both win), then the new channel's actor logs the initial `member_joined`
@@ -6,7 +7,7 @@
 
 use std::sync::Arc;
 
-use confab_shared::link::{AdminOp, Caller, CellError, CellReply};
+use confab_shared::link::{AdminOp, Caller, CellError, CellReply, WorkspaceOp};
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::{limits, ChannelId, ErrorCode, UserId, WorkspaceId};
 use rand::distributions::Alphanumeric;
@@ -124,8 +125,24 @@ async fn seed(
         .map_err(|_| CellError::unavailable("channel unavailable, retry"))?
 }
 
+/// Performs a workspace op for `caller` (run on the caller's user actor).
+pub(crate) async fn perform(
+    reg: &Arc<Registry>,
+    caller: Caller,
+    op: WorkspaceOp,
+) -> Result<CellReply, CellError> {
+    match op {
+        WorkspaceOp::CreateChannel {
+            name,
+            kind,
+            members,
+        } => create_channel(reg, &caller, name, kind, members).await,
+        WorkspaceOp::OpenDm { user } => open_dm(reg, &caller, user).await,
+    }
+}
+
 /// Creates a public or private channel with a generated id; the caller and `members` join.
-pub(crate) async fn create_channel(
+async fn create_channel(
     reg: &Arc<Registry>,
     caller: &Caller,
     name: String,
@@ -179,7 +196,7 @@ pub(crate) async fn create_channel(
 }
 
 /// The DM channel between the caller and `other`, created on first use.
-pub(crate) async fn open_dm(
+async fn open_dm(
     reg: &Arc<Registry>,
     caller: &Caller,
     other: UserId,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use confab_shared::link::{CellOp, CellReply};
+use confab_shared::link::{CellOp, CellReply, UserOp};
 use confab_shared::ErrorCode;
 use serde_json::Value;
 
@@ -30,10 +30,10 @@ async fn ready_lists_every_channel_of_the_user_with_last_and_read_seq(engine: En
     gw.op(
         "alice",
         None,
-        CellOp::Read {
+        CellOp::User(UserOp::Read {
             channel: ch("general"),
             seq: 2,
-        },
+        }),
     )
     .await
     .unwrap();
@@ -187,9 +187,11 @@ async fn read_marker_never_moves_back_and_other_sessions_get_a_read_event(engine
     gw.attach("alice", "a1").await;
     gw.attach("alice", "a2").await;
     gw.settle().await;
-    let read = |seq| CellOp::Read {
-        channel: ch("general"),
-        seq,
+    let read = |seq| {
+        CellOp::User(UserOp::Read {
+            channel: ch("general"),
+            seq,
+        })
     };
     let ack = gw.op("alice", Some("a1"), read(5)).await;
     assert!(matches!(ack, Ok(CellReply::Ack { seq: 5, .. })), "{ack:?}");
@@ -222,10 +224,10 @@ async fn a_non_member_cannot_move_a_read_marker_of_a_public_channel() {
         .op(
             "carol",
             None,
-            CellOp::Read {
+            CellOp::User(UserOp::Read {
                 channel: ch("general"),
                 seq: 1,
-            },
+            }),
         )
         .await;
     assert_eq!(code(&reply), ErrorCode::Forbidden);

@@ -15,7 +15,7 @@ use confab_cells::store::{
     StoreResult, WebhookCreate, WebhookRecord, WebhookState,
 };
 use confab_cells::{CellStore, MemoryStore, StoreError};
-use confab_shared::link::{CellOp, ToCell};
+use confab_shared::link::{CellOp, ChannelOp, ToCell};
 use confab_shared::server::{Event, MessageView};
 use confab_shared::{ChannelId, ErrorCode, UserId, WorkspaceId};
 
@@ -319,9 +319,10 @@ async fn a_flood_of_requests_is_answered_not_blocked() {
                 "w",
                 "alice",
                 None,
-                CellOp::Typing {
-                    channel: ch(if i % 2 == 0 { "general" } else { "nope" }),
-                },
+                CellOp::channel(
+                    ch(if i % 2 == 0 { "general" } else { "nope" }),
+                    ChannelOp::Typing,
+                ),
             )
         })
         .collect();

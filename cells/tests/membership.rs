@@ -5,28 +5,22 @@
 mod common;
 
 use common::*;
-use confab_shared::link::{AdminOp, CellError, CellOp, CellReply};
+use confab_shared::link::{AdminOp, CellError, CellOp, CellReply, ChannelOp, UserOp, WorkspaceOp};
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::ErrorCode;
 
 fn add(channel: &str, who: &str) -> CellOp {
-    CellOp::AddMember {
-        channel: ch(channel),
-        user: user(who),
-    }
+    CellOp::channel(ch(channel), ChannelOp::AddMember { user: user(who) })
 }
 fn remove(channel: &str, who: &str) -> CellOp {
-    CellOp::RemoveMember {
-        channel: ch(channel),
-        user: user(who),
-    }
+    CellOp::channel(ch(channel), ChannelOp::RemoveMember { user: user(who) })
 }
 fn create(name: &str, kind: ChannelKind, members: &[&str]) -> CellOp {
-    CellOp::CreateChannel {
+    CellOp::Workspace(WorkspaceOp::CreateChannel {
         name: name.into(),
         kind,
         members: members.iter().map(|m| user(m)).collect(),
-    }
+    })
 }
 fn channel_of(reply: Result<CellReply, CellError>) -> ChannelInfo {
     match reply {
@@ -100,45 +94,54 @@ async fn a_private_channel_is_not_found_for_non_members_on_every_op() {
     let id = info.id.as_str().to_string();
     let ops = [
         send_op(&id, "x"),
-        CellOp::Typing { channel: ch(&id) },
-        CellOp::History {
-            channel: ch(&id),
-            before: None,
-            after: None,
-            limit: 10,
-        },
+        CellOp::channel(ch(&id), ChannelOp::Typing),
+        CellOp::channel(
+            ch(&id),
+            ChannelOp::History {
+                before: None,
+                after: None,
+                limit: 10,
+            },
+        ),
         add(&id, "carol"),
         add(&id, "alice"),
         remove(&id, "carol"),
         remove(&id, "bob"),
-        CellOp::ListMembers { channel: ch(&id) },
-        CellOp::Read {
+        CellOp::channel(ch(&id), ChannelOp::ListMembers),
+        CellOp::User(UserOp::Read {
             channel: ch(&id),
             seq: 1,
-        },
-        CellOp::Edit {
-            channel: ch(&id),
-            seq: 1,
-            text: "x".into(),
-        },
-        CellOp::Delete {
-            channel: ch(&id),
-            seq: 1,
-        },
+        }),
+        CellOp::channel(
+            ch(&id),
+            ChannelOp::Edit {
+                seq: 1,
+                text: "x".into(),
+            },
+        ),
+        CellOp::channel(ch(&id), ChannelOp::Delete { seq: 1 }),
     ];
     for op in ops {
         let reply = gw.op("carol", None, op.clone()).await;
         assert_eq!(code(&reply), ErrorCode::NotFound, "{op:?}");
     }
     let public = gw
-        .op("carol", None, CellOp::ListChannels { public: true })
+        .op(
+            "carol",
+            None,
+            CellOp::User(UserOp::ListChannels { public: true }),
+        )
         .await;
     let Ok(CellReply::Channels(list)) = public else {
         panic!("{public:?}")
     };
     assert!(list.iter().all(|c| c.id.as_str() != id));
     let members = gw
-        .op("bob", None, CellOp::ListMembers { channel: ch(&id) })
+        .op(
+            "bob",
+            None,
+            CellOp::channel(ch(&id), ChannelOp::ListMembers),
+        )
         .await;
     assert_eq!(
         members,
@@ -186,8 +189,12 @@ async fn adding_others_needs_membership_and_dms_never_change() {
         ErrorCode::Forbidden
     );
     let dm = channel_of(
-        gw.op("alice", None, CellOp::OpenDm { user: user("bob") })
-            .await,
+        gw.op(
+            "alice",
+            None,
+            CellOp::Workspace(WorkspaceOp::OpenDm { user: user("bob") }),
+        )
+        .await,
     );
     let id = dm.id.as_str().to_string();
     assert_eq!(
@@ -231,9 +238,7 @@ async fn create_channel_logs_the_creator_first_and_refuses_bad_names_and_duplica
         .op(
             "alice",
             None,
-            CellOp::ListMembers {
-                channel: info.id.clone(),
-            },
+            CellOp::channel(info.id.clone(), ChannelOp::ListMembers),
         )
         .await;
     assert_eq!(
@@ -278,8 +283,12 @@ async fn open_dm_creates_once_and_returns_the_same_channel_to_both_users(engine:
     let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.attach("bob", "b1").await;
     let first = channel_of(
-        gw.op("alice", None, CellOp::OpenDm { user: user("bob") })
-            .await,
+        gw.op(
+            "alice",
+            None,
+            CellOp::Workspace(WorkspaceOp::OpenDm { user: user("bob") }),
+        )
+        .await,
     );
     assert_eq!(
         (first.kind, first.name.as_str(), first.last_seq),
@@ -289,9 +298,9 @@ async fn open_dm_creates_once_and_returns_the_same_channel_to_both_users(engine:
         gw.op(
             "bob",
             None,
-            CellOp::OpenDm {
+            CellOp::Workspace(WorkspaceOp::OpenDm {
                 user: user("alice"),
-            },
+            }),
         )
         .await,
     );
@@ -314,15 +323,19 @@ async fn list_channels_gives_mine_with_markers_or_every_public_one(engine: Engin
     gw.op(
         "alice",
         None,
-        CellOp::Read {
+        CellOp::User(UserOp::Read {
             channel: ch("general"),
             seq: 1,
-        },
+        }),
     )
     .await
     .unwrap();
     let Ok(CellReply::Channels(mine)) = gw
-        .op("alice", None, CellOp::ListChannels { public: false })
+        .op(
+            "alice",
+            None,
+            CellOp::User(UserOp::ListChannels { public: false }),
+        )
         .await
     else {
         panic!()
@@ -331,7 +344,11 @@ async fn list_channels_gives_mine_with_markers_or_every_public_one(engine: Engin
     let general = mine.iter().find(|c| c.id.as_str() == "general").unwrap();
     assert_eq!((general.last_seq, general.read_seq), (2, 1));
     let Ok(CellReply::Channels(public)) = gw
-        .op("carol", None, CellOp::ListChannels { public: true })
+        .op(
+            "carol",
+            None,
+            CellOp::User(UserOp::ListChannels { public: true }),
+        )
         .await
     else {
         panic!()
@@ -339,7 +356,11 @@ async fn list_channels_gives_mine_with_markers_or_every_public_one(engine: Engin
     assert_eq!(public.len(), 1);
     assert_eq!((public[0].id.as_str(), public[0].read_seq), ("general", 0));
     let Ok(CellReply::Channels(none)) = gw
-        .op("carol", None, CellOp::ListChannels { public: false })
+        .op(
+            "carol",
+            None,
+            CellOp::User(UserOp::ListChannels { public: false }),
+        )
         .await
     else {
         panic!()
@@ -370,12 +391,14 @@ async fn another_workspace_never_sees_or_touches_this_one(engine: Engine) {
                 "other",
                 "alice",
                 None,
-                CellOp::History {
-                    channel: ch("general"),
-                    before: None,
-                    after: None,
-                    limit: 5
-                }
+                CellOp::channel(
+                    ch("general"),
+                    ChannelOp::History {
+                        before: None,
+                        after: None,
+                        limit: 5
+                    }
+                )
             )
             .await
         ),
@@ -393,7 +416,7 @@ async fn another_workspace_never_sees_or_touches_this_one(engine: Engine) {
             "other",
             "alice",
             None,
-            CellOp::ListChannels { public: true },
+            CellOp::User(UserOp::ListChannels { public: true }),
         )
         .await
     else {
@@ -438,9 +461,7 @@ async fn seeding_an_existing_channel_changes_nothing() {
         .op(
             "alice",
             None,
-            CellOp::ListMembers {
-                channel: ch("general"),
-            },
+            CellOp::channel(ch("general"), ChannelOp::ListMembers),
         )
         .await;
     assert_eq!(

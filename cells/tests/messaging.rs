@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use confab_shared::link::{CellOp, CellReply, ToCell};
+use confab_shared::link::{CellOp, CellReply, ChannelOp, ToCell};
 use confab_shared::server::MessageView;
 use confab_shared::ErrorCode;
 
@@ -107,9 +107,7 @@ async fn typing_skips_all_of_the_typists_sessions_and_is_throttled() {
     gw.attach("alice", "a2").await;
     gw.attach("bob", "b1").await;
     gw.settle().await;
-    let typing = || CellOp::Typing {
-        channel: ch("general"),
-    };
+    let typing = || CellOp::channel(ch("general"), ChannelOp::Typing);
     assert_eq!(
         gw.op("alice", Some("a1"), typing()).await,
         Ok(CellReply::Done)
@@ -148,9 +146,7 @@ async fn typing_by_a_non_member_of_a_public_channel_is_forbidden() {
         .op(
             "carol",
             None,
-            CellOp::Typing {
-                channel: ch("general"),
-            },
+            CellOp::channel(ch("general"), ChannelOp::Typing),
         )
         .await;
     assert_eq!(code(&reply), ErrorCode::Forbidden);
@@ -160,11 +156,15 @@ async fn a_reused_client_msg_id_returns_the_first_ack_without_a_new_event(engine
     let (_cell, mut gw, _store) = start_on(engine, 10_000).await;
     gw.attach("bob", "b1").await;
     gw.settle().await;
-    let send = |text: &str| CellOp::Send {
-        channel: ch("general"),
-        text: text.to_string(),
-        client_msg_id: Some("k1".into()),
-        thread: None,
+    let send = |text: &str| {
+        CellOp::channel(
+            ch("general"),
+            ChannelOp::Send {
+                text: text.to_string(),
+                client_msg_id: Some("k1".into()),
+                thread: None,
+            },
+        )
     };
     let first = gw.op("alice", None, send("once")).await;
     let again = gw.op("alice", None, send("twice")).await;
@@ -190,12 +190,14 @@ async fn send_needs_membership_and_an_existing_thread() {
         .op(
             "alice",
             None,
-            CellOp::Send {
-                channel: ch("general"),
-                text: "reply".into(),
-                client_msg_id: None,
-                thread: Some(1), // seq 1 is a member_joined, not a message
-            },
+            CellOp::channel(
+                ch("general"),
+                ChannelOp::Send {
+                    text: "reply".into(),
+                    client_msg_id: None,
+                    thread: Some(1), // seq 1 is a member_joined, not a message
+                },
+            ),
         )
         .await;
     assert_eq!(code(&reply), ErrorCode::NotFound);
@@ -204,24 +206,28 @@ async fn send_needs_membership_and_an_existing_thread() {
         .op(
             "bob",
             None,
-            CellOp::Send {
-                channel: ch("general"),
-                text: "reply".into(),
-                client_msg_id: None,
-                thread: Some(parent),
-            },
+            CellOp::channel(
+                ch("general"),
+                ChannelOp::Send {
+                    text: "reply".into(),
+                    client_msg_id: None,
+                    thread: Some(parent),
+                },
+            ),
         )
         .await;
     assert_eq!(ack_seq(&reply), parent + 1);
 }
 
 fn history(before: Option<u64>, after: Option<u64>, limit: u32) -> CellOp {
-    CellOp::History {
-        channel: ch("general"),
-        before,
-        after,
-        limit,
-    }
+    CellOp::channel(
+        ch("general"),
+        ChannelOp::History {
+            before,
+            after,
+            limit,
+        },
+    )
 }
 
 fn page(
@@ -240,15 +246,16 @@ async fn edit_and_delete_are_author_only_and_history_shows_messages_as_they_stan
     gw.attach("bob", "b1").await;
     let m1 = ack_seq(&gw.op("alice", None, send_op("general", "first")).await);
     let m2 = ack_seq(&gw.op("alice", None, send_op("general", "second")).await);
-    let edit = |seq, text: &str| CellOp::Edit {
-        channel: ch("general"),
-        seq,
-        text: text.into(),
+    let edit = |seq, text: &str| {
+        CellOp::channel(
+            ch("general"),
+            ChannelOp::Edit {
+                seq,
+                text: text.into(),
+            },
+        )
     };
-    let delete = |seq| CellOp::Delete {
-        channel: ch("general"),
-        seq,
-    };
+    let delete = |seq| CellOp::channel(ch("general"), ChannelOp::Delete { seq });
 
     assert_eq!(
         code(&gw.op("bob", None, edit(m1, "hijack")).await),

@@ -13,7 +13,7 @@
 mod common;
 
 use common::{start_on, Engine};
-use confab_shared::link::{CellOp, CellReply};
+use confab_shared::link::{CellOp, CellReply, ChannelOp, WorkspaceOp};
 use confab_shared::server::ChannelKind;
 use confab_shared::UserId;
 
@@ -43,11 +43,11 @@ async fn creating_a_channel_with_1000_members_takes_a_few_redis_round_trips_not_
     let members: Vec<UserId> = (1..1000)
         .map(|i| UserId::new(&format!("member-{i:04}")).unwrap())
         .collect();
-    let op = CellOp::CreateChannel {
+    let op = CellOp::Workspace(WorkspaceOp::CreateChannel {
         name: "everyone".into(),
         kind: ChannelKind::Public,
         members,
-    };
+    });
 
     let before = reads_processed(&mut probe).await;
     let reply = gw.op("alice", None, op).await;
@@ -61,9 +61,7 @@ async fn creating_a_channel_with_1000_members_takes_a_few_redis_round_trips_not_
         .op(
             "alice",
             None,
-            CellOp::ListMembers {
-                channel: info.id.clone(),
-            },
+            CellOp::channel(info.id.clone(), ChannelOp::ListMembers),
         )
         .await;
     let Ok(CellReply::Members(listed)) = listed else {

@@ -277,7 +277,7 @@ fn request_frame(workspace: &str) -> Vec<u8> {
                 user: confab_shared::UserId::new("mallory").unwrap(),
                 session: None,
             },
-            op: link::CellOp::ListChannels { public: true },
+            op: link::CellOp::User(link::UserOp::ListChannels { public: true }),
         })
         .unwrap();
     writer.take().remove(0)

@@ -11,7 +11,7 @@ use std::time::Instant;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use confab_shared::client::ClientRequest;
 use confab_shared::limits::MAX_PRESENCE_USERS;
-use confab_shared::link::{Caller, CellOp, CellReply};
+use confab_shared::link::{Caller, CellOp, CellReply, ChannelOp, UserOp, WebhookOp, WorkspaceOp};
 use confab_shared::server::{ChannelInfo, ChannelKind, Status};
 use confab_shared::wire::request_op;
 use confab_shared::{ChannelId, ErrorCode, UserId};
@@ -94,7 +94,8 @@ fn authenticate(req: &HttpRequest) -> Result<UserAuth, ApiError> {
 }
 
 impl UserAuth {
-    async fn perform(&self, op: CellOp) -> Result<CellReply, ApiError> {
+    async fn perform(&self, op: impl Into<CellOp>) -> Result<CellReply, ApiError> {
+        let op = op.into();
         Ok(self.gateway.links.request(self.caller.clone(), op).await?)
     }
 }
@@ -122,7 +123,7 @@ async fn create_channel(
             "use POST /v1/dms for direct messages",
         ));
     }
-    let op = CellOp::CreateChannel {
+    let op = WorkspaceOp::CreateChannel {
         name: body.name,
         kind: body.kind,
         members: body.members,
@@ -152,7 +153,7 @@ async fn list_channels(
 }
 
 async fn channels(auth: &UserAuth, public: bool) -> Result<Vec<ChannelInfo>, ApiError> {
-    match auth.perform(CellOp::ListChannels { public }).await? {
+    match auth.perform(UserOp::ListChannels { public }).await? {
         CellReply::Channels(channels) => Ok(channels),
         other => Err(unexpected(&other)),
     }
@@ -261,10 +262,12 @@ async fn add_member(
     id: web::Path<ChannelId>,
     body: web::Json<UserBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let op = CellOp::AddMember {
-        channel: id.into_inner(),
-        user: body.into_inner().user,
-    };
+    let op = CellOp::channel(
+        id.into_inner(),
+        ChannelOp::AddMember {
+            user: body.into_inner().user,
+        },
+    );
     seq_reply(auth.perform(op).await?)
 }
 
@@ -273,7 +276,10 @@ async fn remove_member(
     path: web::Path<(ChannelId, UserId)>,
 ) -> Result<HttpResponse, ApiError> {
     let (channel, user) = path.into_inner();
-    seq_reply(auth.perform(CellOp::RemoveMember { channel, user }).await?)
+    seq_reply(
+        auth.perform(CellOp::channel(channel, ChannelOp::RemoveMember { user }))
+            .await?,
+    )
 }
 
 fn seq_reply(reply: CellReply) -> Result<HttpResponse, ApiError> {
@@ -284,9 +290,7 @@ fn seq_reply(reply: CellReply) -> Result<HttpResponse, ApiError> {
 }
 
 async fn list_members(auth: UserAuth, id: web::Path<ChannelId>) -> Result<HttpResponse, ApiError> {
-    let op = CellOp::ListMembers {
-        channel: id.into_inner(),
-    };
+    let op = CellOp::channel(id.into_inner(), ChannelOp::ListMembers);
     match auth.perform(op).await? {
         CellReply::Members(members) => Ok(HttpResponse::Ok().json(json!({ "members": members }))),
         other => Err(unexpected(&other)),
@@ -294,7 +298,7 @@ async fn list_members(auth: UserAuth, id: web::Path<ChannelId>) -> Result<HttpRe
 }
 
 async fn open_dm(auth: UserAuth, body: web::Json<UserBody>) -> Result<HttpResponse, ApiError> {
-    let op = CellOp::OpenDm {
+    let op = WorkspaceOp::OpenDm {
         user: body.into_inner().user,
     };
     match auth.perform(op).await? {
@@ -317,7 +321,7 @@ async fn create_webhook(
     body: web::Json<CreateWebhookBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let op = CellOp::CreateWebhook {
+    let op = WebhookOp::Create {
         url: body.url,
         events: body.events,
         channels: body.channels,
@@ -331,7 +335,7 @@ async fn create_webhook(
 }
 
 async fn list_webhooks(auth: UserAuth) -> Result<HttpResponse, ApiError> {
-    match auth.perform(CellOp::ListWebhooks).await? {
+    match auth.perform(WebhookOp::List).await? {
         CellReply::Webhooks(webhooks) => {
             Ok(HttpResponse::Ok().json(json!({ "webhooks": webhooks })))
         }
@@ -356,7 +360,7 @@ fn webhook_id(raw: String) -> Result<String, ApiError> {
 
 async fn delete_webhook(auth: UserAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = webhook_id(id.into_inner())?;
-    match auth.perform(CellOp::DeleteWebhook { id }).await? {
+    match auth.perform(WebhookOp::Delete { id }).await? {
         CellReply::Done => Ok(HttpResponse::Ok().json(json!({}))),
         other => Err(unexpected(&other)),
     }
@@ -364,10 +368,7 @@ async fn delete_webhook(auth: UserAuth, id: web::Path<String>) -> Result<HttpRes
 
 async fn enable_webhook(auth: UserAuth, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let id = webhook_id(id.into_inner())?;
-    match auth
-        .perform(CellOp::EnableWebhook { id: id.clone() })
-        .await?
-    {
+    match auth.perform(WebhookOp::Enable { id: id.clone() }).await? {
         CellReply::Done => Ok(HttpResponse::Ok().json(json!({"id": id, "status": "active"}))),
         other => Err(unexpected(&other)),
     }

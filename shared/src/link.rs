@@ -61,86 +61,170 @@ pub struct Attach {
     pub replay_limit: u32,
 }
 
-/// An operation on the workspace's data, on behalf of a [`Caller`].
+/// An operation on the workspace's data, on behalf of a [`Caller`], grouped by the part of
+/// the cell that performs it: the cell routes on the group alone, and each actor is handed
+/// only the ops it performs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CellOp {
-    /// Post a message (`send`, `POST /v1/channels/{id}/messages`).
-    Send {
-        channel: ChannelId,
-        text: String,
-        client_msg_id: Option<String>,
-        thread: Option<u64>,
-    },
-    /// Replace the text of the caller's message `seq`.
-    Edit {
-        channel: ChannelId,
-        seq: u64,
-        text: String,
-    },
-    /// Delete the caller's message `seq`.
-    Delete { channel: ChannelId, seq: u64 },
-    /// Tell the other members the caller is typing (no reply on success).
-    Typing { channel: ChannelId },
-    /// A page of messages.
-    History {
-        channel: ChannelId,
-        before: Option<u64>,
-        after: Option<u64>,
-        limit: u32,
-    },
-    /// Make `user` a member: a join when it is the caller, an invitation otherwise.
-    AddMember { channel: ChannelId, user: UserId },
-    /// Remove `user` from the channel: a leave when it is the caller.
-    RemoveMember { channel: ChannelId, user: UserId },
-    /// Move the caller's read marker forward.
-    Read { channel: ChannelId, seq: u64 },
-    /// Create a public or private channel; the caller and `members` become members.
-    CreateChannel {
-        name: String,
-        kind: ChannelKind,
-        members: Vec<UserId>,
-    },
-    /// The caller's channels, or every public channel of the workspace.
-    ListChannels { public: bool },
-    /// The DM channel between the caller and `user`, created on first use.
-    OpenDm { user: UserId },
-    /// The members of a channel the caller may see.
-    ListMembers { channel: ChannelId },
-    /// Register a webhook for the caller (SPEC §6): `events` of `channels` (or of every
-    /// channel the caller is a member of) are POSTed to `url`.
-    CreateWebhook {
-        url: String,
-        events: Vec<String>,
-        channels: Option<Vec<ChannelId>>,
-    },
-    /// The caller's webhooks.
-    ListWebhooks,
-    /// Delete one of the caller's webhooks, with its pending deliveries.
-    DeleteWebhook { id: String },
-    /// Turn one of the caller's disabled webhooks back to `active`.
-    EnableWebhook { id: String },
+    /// An op on one channel, performed by that channel's actor.
+    Channel { channel: ChannelId, op: ChannelOp },
+    /// An op on the caller's own state, performed by the caller's user actor.
+    User(UserOp),
+    /// An op that creates channels in the workspace (`cells/src/workspace.rs`), run for the
+    /// caller on the caller's user actor.
+    Workspace(WorkspaceOp),
+    /// An op on the caller's webhooks, performed by the cell's webhook hub.
+    Webhook(WebhookOp),
 }
 
 impl CellOp {
     /// The op name, for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
-            CellOp::Send { .. } => "send",
-            CellOp::Edit { .. } => "edit",
-            CellOp::Delete { .. } => "delete",
-            CellOp::Typing { .. } => "typing",
-            CellOp::History { .. } => "history",
-            CellOp::AddMember { .. } => "add_member",
-            CellOp::RemoveMember { .. } => "remove_member",
-            CellOp::Read { .. } => "read",
-            CellOp::CreateChannel { .. } => "create_channel",
-            CellOp::ListChannels { .. } => "list_channels",
-            CellOp::OpenDm { .. } => "open_dm",
-            CellOp::ListMembers { .. } => "list_members",
-            CellOp::CreateWebhook { .. } => "create_webhook",
-            CellOp::ListWebhooks => "list_webhooks",
-            CellOp::DeleteWebhook { .. } => "delete_webhook",
-            CellOp::EnableWebhook { .. } => "enable_webhook",
+            CellOp::Channel { op, .. } => op.name(),
+            CellOp::User(op) => op.name(),
+            CellOp::Workspace(op) => op.name(),
+            CellOp::Webhook(op) => op.name(),
+        }
+    }
+
+    /// An op on `channel`.
+    pub fn channel(channel: ChannelId, op: ChannelOp) -> CellOp {
+        CellOp::Channel { channel, op }
+    }
+}
+
+impl From<UserOp> for CellOp {
+    fn from(op: UserOp) -> CellOp {
+        CellOp::User(op)
+    }
+}
+
+impl From<WorkspaceOp> for CellOp {
+    fn from(op: WorkspaceOp) -> CellOp {
+        CellOp::Workspace(op)
+    }
+}
+
+impl From<WebhookOp> for CellOp {
+    fn from(op: WebhookOp) -> CellOp {
+        CellOp::Webhook(op)
+    }
+}
+
+/// An op on one channel ([`CellOp::Channel`] names the channel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelOp {
+    /// Post a message (`send`, `POST /v1/channels/{id}/messages`).
+    Send {
+        text: String,
+        client_msg_id: Option<String>,
+        thread: Option<u64>,
+    },
+    /// Replace the text of the caller's message `seq`.
+    Edit { seq: u64, text: String },
+    /// Delete the caller's message `seq`.
+    Delete { seq: u64 },
+    /// Tell the other members the caller is typing (no reply on success).
+    Typing,
+    /// A page of messages.
+    History {
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: u32,
+    },
+    /// Make `user` a member: a join when it is the caller, an invitation otherwise.
+    AddMember { user: UserId },
+    /// Remove `user` from the channel: a leave when it is the caller.
+    RemoveMember { user: UserId },
+    /// The members of a channel the caller may see.
+    ListMembers,
+}
+
+impl ChannelOp {
+    /// The op name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChannelOp::Send { .. } => "send",
+            ChannelOp::Edit { .. } => "edit",
+            ChannelOp::Delete { .. } => "delete",
+            ChannelOp::Typing => "typing",
+            ChannelOp::History { .. } => "history",
+            ChannelOp::AddMember { .. } => "add_member",
+            ChannelOp::RemoveMember { .. } => "remove_member",
+            ChannelOp::ListMembers => "list_members",
+        }
+    }
+}
+
+/// An op on the caller's own state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserOp {
+    /// Move the caller's read marker forward.
+    Read { channel: ChannelId, seq: u64 },
+    /// The caller's channels, or every public channel of the workspace.
+    ListChannels { public: bool },
+}
+
+impl UserOp {
+    /// The op name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UserOp::Read { .. } => "read",
+            UserOp::ListChannels { .. } => "list_channels",
+        }
+    }
+}
+
+/// An op that creates a channel of the workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkspaceOp {
+    /// Create a public or private channel; the caller and `members` become members.
+    CreateChannel {
+        name: String,
+        kind: ChannelKind,
+        members: Vec<UserId>,
+    },
+    /// The DM channel between the caller and `user`, created on first use.
+    OpenDm { user: UserId },
+}
+
+impl WorkspaceOp {
+    /// The op name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WorkspaceOp::CreateChannel { .. } => "create_channel",
+            WorkspaceOp::OpenDm { .. } => "open_dm",
+        }
+    }
+}
+
+/// An op on the caller's webhooks (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WebhookOp {
+    /// Register a webhook for the caller: `events` of `channels` (or of every channel the
+    /// caller is a member of) are POSTed to `url`.
+    Create {
+        url: String,
+        events: Vec<String>,
+        channels: Option<Vec<ChannelId>>,
+    },
+    /// The caller's webhooks.
+    List,
+    /// Delete one of the caller's webhooks, with its pending deliveries.
+    Delete { id: String },
+    /// Turn one of the caller's disabled webhooks back to `active`.
+    Enable { id: String },
+}
+
+impl WebhookOp {
+    /// The op name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WebhookOp::Create { .. } => "create_webhook",
+            WebhookOp::List => "list_webhooks",
+            WebhookOp::Delete { .. } => "delete_webhook",
+            WebhookOp::Enable { .. } => "enable_webhook",
         }
     }
 }
@@ -641,15 +725,99 @@ mod tests {
                 user: UserId::new("alice").unwrap_or_else(|e| panic!("{e}")),
                 session: Some(session),
             },
-            op: CellOp::History {
-                channel: ch("general"),
-                before: None,
-                after: Some(3),
-                limit: 50,
-            },
+            op: CellOp::channel(
+                ch("general"),
+                ChannelOp::History {
+                    before: None,
+                    after: Some(3),
+                    limit: 50,
+                },
+            ),
         };
         let back: ToCell = decode(&encode(&to_cell)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, to_cell);
+    }
+
+    #[test]
+    fn every_op_keeps_the_name_logs_and_metrics_know_it_by() {
+        let user = || UserId::new("bob").unwrap_or_else(|e| panic!("{e}"));
+        let on = |op| CellOp::channel(ch("general"), op);
+        let ops = [
+            (
+                on(ChannelOp::Send {
+                    text: "hi".into(),
+                    client_msg_id: None,
+                    thread: None,
+                }),
+                "send",
+            ),
+            (
+                on(ChannelOp::Edit {
+                    seq: 1,
+                    text: "x".into(),
+                }),
+                "edit",
+            ),
+            (on(ChannelOp::Delete { seq: 1 }), "delete"),
+            (on(ChannelOp::Typing), "typing"),
+            (
+                on(ChannelOp::History {
+                    before: None,
+                    after: None,
+                    limit: 1,
+                }),
+                "history",
+            ),
+            (on(ChannelOp::AddMember { user: user() }), "add_member"),
+            (
+                on(ChannelOp::RemoveMember { user: user() }),
+                "remove_member",
+            ),
+            (on(ChannelOp::ListMembers), "list_members"),
+            (
+                UserOp::Read {
+                    channel: ch("general"),
+                    seq: 1,
+                }
+                .into(),
+                "read",
+            ),
+            (
+                UserOp::ListChannels { public: true }.into(),
+                "list_channels",
+            ),
+            (
+                WorkspaceOp::CreateChannel {
+                    name: "x".into(),
+                    kind: ChannelKind::Public,
+                    members: vec![],
+                }
+                .into(),
+                "create_channel",
+            ),
+            (WorkspaceOp::OpenDm { user: user() }.into(), "open_dm"),
+            (
+                WebhookOp::Create {
+                    url: "http://h/".into(),
+                    events: vec![],
+                    channels: None,
+                }
+                .into(),
+                "create_webhook",
+            ),
+            (WebhookOp::List.into(), "list_webhooks"),
+            (
+                WebhookOp::Delete { id: "w".into() }.into(),
+                "delete_webhook",
+            ),
+            (
+                WebhookOp::Enable { id: "w".into() }.into(),
+                "enable_webhook",
+            ),
+        ];
+        for (op, name) in ops {
+            assert_eq!(op.name(), name, "{op:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::client::{validate, ClientRequest, RequestId};
 use crate::codes::ErrorCode;
 use crate::ids::UserId;
 use crate::limits;
-use crate::link::{CellError, CellOp};
+use crate::link::{CellError, CellOp, ChannelOp, UserOp};
 use crate::server::ServerFrame;
 
 /// A SPEC error as clients see it: its code, a message for humans and, where the client
@@ -76,45 +76,46 @@ pub fn request_op(
     max_text_bytes: usize,
 ) -> Result<Option<CellOp>, WireError> {
     validate(&request, max_text_bytes)?;
-    Ok(Some(match request {
+    let on = |channel, op| Some(CellOp::Channel { channel, op });
+    Ok(match request {
         ClientRequest::Send {
             channel,
             text,
             client_msg_id,
             thread,
-        } => CellOp::Send {
+        } => on(
             channel,
-            text,
-            client_msg_id,
-            thread,
-        },
-        ClientRequest::Edit { channel, seq, text } => CellOp::Edit { channel, seq, text },
-        ClientRequest::Delete { channel, seq } => CellOp::Delete { channel, seq },
-        ClientRequest::Typing { channel } => CellOp::Typing { channel },
+            ChannelOp::Send {
+                text,
+                client_msg_id,
+                thread,
+            },
+        ),
+        ClientRequest::Edit { channel, seq, text } => on(channel, ChannelOp::Edit { seq, text }),
+        ClientRequest::Delete { channel, seq } => on(channel, ChannelOp::Delete { seq }),
+        ClientRequest::Typing { channel } => on(channel, ChannelOp::Typing),
         ClientRequest::History {
             channel,
             before,
             after,
             limit,
-        } => CellOp::History {
+        } => on(
             channel,
-            before,
-            after,
-            limit: limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT),
-        },
-        ClientRequest::Join { channel } => CellOp::AddMember {
-            channel,
-            user: user.clone(),
-        },
-        ClientRequest::Leave { channel } => CellOp::RemoveMember {
-            channel,
-            user: user.clone(),
-        },
-        ClientRequest::Read { channel, seq } => CellOp::Read { channel, seq },
+            ChannelOp::History {
+                before,
+                after,
+                limit: limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT),
+            },
+        ),
+        ClientRequest::Join { channel } => on(channel, ChannelOp::AddMember { user: user.clone() }),
+        ClientRequest::Leave { channel } => {
+            on(channel, ChannelOp::RemoveMember { user: user.clone() })
+        }
+        ClientRequest::Read { channel, seq } => Some(CellOp::User(UserOp::Read { channel, seq })),
         ClientRequest::Hello { .. }
         | ClientRequest::Ping {}
-        | ClientRequest::PresenceSub { .. } => return Ok(None),
-    }))
+        | ClientRequest::PresenceSub { .. } => None,
+    })
 }
 
 #[cfg(test)]
@@ -144,11 +145,13 @@ mod tests {
         };
         assert_eq!(
             op(request),
-            Ok(Some(CellOp::Send {
+            Ok(Some(CellOp::Channel {
                 channel,
-                text: "hi".into(),
-                client_msg_id: Some("m1".into()),
-                thread: Some(3),
+                op: ChannelOp::Send {
+                    text: "hi".into(),
+                    client_msg_id: Some("m1".into()),
+                    thread: Some(3),
+                },
             }))
         );
     }
@@ -160,16 +163,16 @@ mod tests {
         });
         assert_eq!(
             join,
-            Ok(Some(CellOp::AddMember {
+            Ok(Some(CellOp::Channel {
                 channel: id("general"),
-                user: id("alice"),
+                op: ChannelOp::AddMember { user: id("alice") },
             }))
         );
         let leave = op(ClientRequest::Leave {
             channel: id("general"),
         });
         assert!(
-            matches!(leave, Ok(Some(CellOp::RemoveMember { user, .. })) if user.as_str() == "alice")
+            matches!(leave, Ok(Some(CellOp::Channel { op: ChannelOp::RemoveMember { user }, .. })) if user.as_str() == "alice")
         );
     }
 
@@ -183,7 +186,7 @@ mod tests {
         };
         assert!(matches!(
             op(history(None)),
-            Ok(Some(CellOp::History { limit, after: Some(4), .. })) if limit == limits::HISTORY_DEFAULT_LIMIT
+            Ok(Some(CellOp::Channel { op: ChannelOp::History { limit, after: Some(4), .. }, .. })) if limit == limits::HISTORY_DEFAULT_LIMIT
         ));
         let refused = op(history(Some(limits::HISTORY_MAX_LIMIT + 1)));
         assert_eq!(refused.map_err(|e| e.code), Err(ErrorCode::BadRequest));
@@ -201,6 +204,48 @@ mod tests {
         assert_eq!(big.map_err(|e| e.code), Err(ErrorCode::TooLarge));
         let empty = op(send("  ".into()));
         assert_eq!(empty.map_err(|e| e.code), Err(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn channel_requests_go_to_their_channel_and_read_to_the_caller() {
+        let on = |op| {
+            Ok(Some(CellOp::Channel {
+                channel: id("general"),
+                op,
+            }))
+        };
+        let edit = ClientRequest::Edit {
+            channel: id("general"),
+            seq: 3,
+            text: "fixed".into(),
+        };
+        assert_eq!(
+            op(edit),
+            on(ChannelOp::Edit {
+                seq: 3,
+                text: "fixed".into()
+            })
+        );
+        let delete = ClientRequest::Delete {
+            channel: id("general"),
+            seq: 3,
+        };
+        assert_eq!(op(delete), on(ChannelOp::Delete { seq: 3 }));
+        let typing = ClientRequest::Typing {
+            channel: id("general"),
+        };
+        assert_eq!(op(typing), on(ChannelOp::Typing));
+        let read = ClientRequest::Read {
+            channel: id("general"),
+            seq: 5,
+        };
+        assert_eq!(
+            op(read),
+            Ok(Some(CellOp::User(UserOp::Read {
+                channel: id("general"),
+                seq: 5,
+            })))
+        );
     }
 
     #[test]

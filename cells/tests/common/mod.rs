@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use confab_cells::{Cell, CellConfig, CellStore, LinkHandle, MemoryStore, RedisStore};
 use confab_shared::link::{
-    AdminOp, Attach, Caller, CellError, CellOp, CellReply, ToCell, ToGateway,
+    AdminOp, Attach, Caller, CellError, CellOp, CellReply, ChannelOp, ToCell, ToGateway,
 };
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::{CellId, ChannelId, SessionId, UserId, WorkspaceId};
@@ -346,12 +346,14 @@ impl Gw {
 }
 
 pub fn send_op(channel: &str, text: &str) -> CellOp {
-    CellOp::Send {
-        channel: ch(channel),
-        text: text.to_string(),
-        client_msg_id: None,
-        thread: None,
-    }
+    CellOp::channel(
+        ch(channel),
+        ChannelOp::Send {
+            text: text.to_string(),
+            client_msg_id: None,
+            thread: None,
+        },
+    )
 }
 
 pub fn ack_seq(reply: &Result<CellReply, CellError>) -> u64 {

@@ -15,8 +15,8 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use confab_fuzz_checks as checks;
 use confab_shared::link::{
-    self, Attach, Caller, CellError, CellOp, CellReply, Frame, LinkAuth, LinkChallenge, LinkHello,
-    ToCell, ToGateway,
+    self, Attach, Caller, CellError, CellOp, CellReply, ChannelOp, Frame, LinkAuth, LinkChallenge,
+    LinkHello, ToCell, ToGateway, WorkspaceOp,
 };
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::{ChannelId, CloseCode, ErrorCode, SessionId, UserId, WorkspaceId};
@@ -152,21 +152,23 @@ fn link_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let send = ToCell::Request {
         req: 7,
         caller: caller.clone(),
-        op: CellOp::Send {
+        op: CellOp::Channel {
             channel: channel.clone(),
-            text: "hi".into(),
-            client_msg_id: Some("m1".into()),
-            thread: None,
+            op: ChannelOp::Send {
+                text: "hi".into(),
+                client_msg_id: Some("m1".into()),
+                thread: None,
+            },
         },
     };
     let create = ToCell::Request {
         req: 8,
         caller,
-        op: CellOp::CreateChannel {
+        op: CellOp::Workspace(WorkspaceOp::CreateChannel {
             name: "x".into(),
             kind: ChannelKind::Private,
             members: vec![id("bob")],
-        },
+        }),
     };
     let ready = ToGateway::Ready {
         session: session.clone(),
