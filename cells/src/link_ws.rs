@@ -188,6 +188,8 @@ enum Refusal {
     NoSecret,
     #[error("no handshake within {HANDSHAKE_DEADLINE:?}")]
     Timeout,
+    #[error("link protocol {0}, this cell speaks {ours}", ours = link::LINK_PROTOCOL)]
+    Protocol(u32),
 }
 
 impl Refusal {
@@ -294,6 +296,9 @@ async fn handshake(
     if !valid_gateway_name(&hello.gateway) {
         return Err(Refusal::BadName(for_log(&hello.gateway)));
     }
+    if hello.protocol != link::LINK_PROTOCOL {
+        return Err(Refusal::Protocol(hello.protocol));
+    }
     let cell_nonce: link::LinkNonce = rand::random();
     let transcript = |role| {
         link::transcript(
@@ -307,6 +312,7 @@ async fn handshake(
     let challenge = LinkChallenge {
         cell: endpoint.cell_id.clone(),
         nonce: cell_nonce,
+        protocol: link::LINK_PROTOCOL,
         proof: endpoint
             .secret
             .as_deref()

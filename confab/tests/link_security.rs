@@ -239,10 +239,20 @@ async fn handshake_as_gateway(
     socket: &mut Socket,
     secret: Option<&str>,
 ) -> Result<LinkWelcome, Option<u16>> {
+    handshake_speaking(socket, secret, link::LINK_PROTOCOL).await
+}
+
+/// [`handshake_as_gateway`], saying it speaks link protocol `protocol`.
+async fn handshake_speaking(
+    socket: &mut Socket,
+    secret: Option<&str>,
+    protocol: u32,
+) -> Result<LinkWelcome, Option<u16>> {
     let gateway_nonce = [7u8; 32];
     let hello = LinkHello {
         gateway: "gw-test".into(),
         nonce: gateway_nonce,
+        protocol,
     };
     socket
         .send(Message::Binary(link::encode(&hello).into()))
@@ -335,6 +345,21 @@ async fn a_cell_refuses_a_gateway_that_cannot_prove_the_cluster_secret() {
     );
 }
 
+#[tokio::test]
+async fn a_cell_refuses_a_gateway_that_speaks_another_link_protocol() {
+    let cluster = Cluster::new().cell("c1", "us-east").start().await;
+    let addr = cell_addr(&cluster);
+    let mut socket = raw_link(&addr).await;
+    let outcome =
+        handshake_speaking(&mut socket, Some(CLUSTER_SECRET), link::LINK_PROTOCOL - 1).await;
+    assert_eq!(outcome.err(), Some(Some(1008)));
+    // The same gateway speaking this build's protocol is welcome.
+    let mut socket = raw_link(&addr).await;
+    handshake_as_gateway(&mut socket, Some(CLUSTER_SECRET))
+        .await
+        .expect("welcome");
+}
+
 /// A WebSocket server that plays a cell without knowing the secret: it answers the hello
 /// with `proof` and, if a gateway ever sent its own proof or a request, says so.
 async fn impostor_cell(cell: &'static str, proof: Option<[u8; 32]>) -> (String, Arc<AtomicBool>) {
@@ -356,6 +381,7 @@ async fn impostor_cell(cell: &'static str, proof: Option<[u8; 32]>) -> (String, 
                     cell: CellId::new(cell).unwrap(),
                     nonce: [1u8; 32],
                     proof,
+                    protocol: link::LINK_PROTOCOL,
                 };
                 let _ = ws
                     .send(Message::Binary(link::encode(&challenge).into()))

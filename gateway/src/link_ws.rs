@@ -91,12 +91,21 @@ impl WsConnector {
         let hello = LinkHello {
             gateway: self.gateway.clone(),
             nonce: gateway_nonce,
+            protocol: link::LINK_PROTOCOL,
         };
         socket
             .send(Message::Binary(link::encode(&hello).into()))
             .await
             .map_err(|e| LinkError(format!("sending hello: {e}")))?;
         let challenge: LinkChallenge = read_from_cell(&mut socket).await?;
+        if challenge.protocol != link::LINK_PROTOCOL {
+            let _ = socket.close(None).await;
+            return Err(LinkError(format!(
+                "{url} speaks link protocol {}, this gateway {}: run one build on both sides",
+                challenge.protocol,
+                link::LINK_PROTOCOL
+            )));
+        }
         if &challenge.cell != cell {
             return Err(LinkError(format!(
                 "{url} is cell {}, not {cell}",

@@ -387,7 +387,18 @@ pub type LinkProof = [u8; 32];
 pub struct LinkHello {
     pub gateway: String,
     pub nonce: LinkNonce,
+    /// The sender's [`LINK_PROTOCOL`]; last, so that a hello of a build without it fails to
+    /// decode instead of being misread.
+    pub protocol: u32,
 }
+
+/// The version of the link's message encoding. postcard encodes enum variants by position, so
+/// any change to a link message other than a variant appended at the end changes it; a cell
+/// and a gateway link only when theirs are equal, and otherwise refuse each other with a clear
+/// error rather than misreading each other's messages.
+///
+/// 1: the vocabulary until the typed ops; 2: `CellOp` grouped by the actor that performs it.
+pub const LINK_PROTOCOL: u32 = 2;
 
 /// The cell's answer to [`LinkHello`]: who it is, its own nonce and, when it has a cluster
 /// secret, its proof over [`transcript`]`(`[`LinkRole::Cell`]`, ..)`. A gateway with a secret
@@ -397,6 +408,8 @@ pub struct LinkChallenge {
     pub cell: CellId,
     pub nonce: LinkNonce,
     pub proof: Option<LinkProof>,
+    /// The cell's [`LINK_PROTOCOL`] (last, as in [`LinkHello`]).
+    pub protocol: u32,
 }
 
 /// The gateway's proof over [`transcript`]`(`[`LinkRole::Gateway`]`, ..)`, when it has a

@@ -222,6 +222,7 @@ fn link_seeds() -> Vec<(&'static str, Vec<u8>)> {
             link::encode(&LinkHello {
                 gateway: "g1".into(),
                 nonce: [7; 32],
+                protocol: link::LINK_PROTOCOL,
             }),
         ),
         (
@@ -230,6 +231,7 @@ fn link_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 cell: "c1".parse().unwrap_or_else(|e| panic!("{e}")),
                 nonce: [9; 32],
                 proof: Some([3; 32]),
+                protocol: link::LINK_PROTOCOL,
             }),
         ),
         ("auth", link::encode(&LinkAuth { proof: None })),
