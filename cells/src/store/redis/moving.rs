@@ -12,6 +12,7 @@ use std::sync::LazyLock;
 
 use confab_shared::moves::{key_prefix, KeyDump, KeyPage, MAX_PAGE_BYTES, MAX_PAGE_KEYS};
 use confab_shared::WorkspaceId;
+use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
 use super::{redis_error, RedisStore, CELL_FENCE_GUARD, FENCE, WORKSPACES};
@@ -220,15 +221,7 @@ impl RedisStore {
         let pattern = format!("{}*", key_prefix(ws));
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
+            let (next, keys) = scan_step(&mut conn, &pattern, cursor).await?;
             if !keys.is_empty() {
                 conn.rpush::<_, _, ()>(&export, keys)
                     .await
@@ -393,15 +386,7 @@ impl RedisStore {
         let pattern = format!("{}*", key_prefix(ws));
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
+            let (next, keys) = scan_step(&mut conn, &pattern, cursor).await?;
             if !keys.is_empty() {
                 redis::cmd("UNLINK")
                     .arg(keys)
@@ -428,4 +413,22 @@ mod tests {
         assert_eq!(parse_mark("gone:x"), None);
         assert_eq!(parse_mark("other:1"), None);
     }
+}
+
+/// One step of a `SCAN` over the keys matching `pattern`: the next cursor (0 once the scan is
+/// through) and the keys of this step (possibly none).
+async fn scan_step(
+    conn: &mut ConnectionManager,
+    pattern: &str,
+    cursor: u64,
+) -> StoreResult<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT)
+        .query_async(conn)
+        .await
+        .map_err(redis_error)
 }
