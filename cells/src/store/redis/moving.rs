@@ -402,19 +402,6 @@ impl RedisStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn marks_parse_back_with_their_epoch() {
-        assert_eq!(parse_mark("frozen:7"), Some(MoveMark::Frozen(7)));
-        assert_eq!(parse_mark("incoming:1"), Some(MoveMark::Incoming(1)));
-        assert_eq!(parse_mark("gone:x"), None);
-        assert_eq!(parse_mark("other:1"), None);
-    }
-}
-
 /// One step of a `SCAN` over the keys matching `pattern`: the next cursor (0 once the scan is
 /// through) and the keys of this step (possibly none).
 async fn scan_step(
@@ -431,4 +418,17 @@ async fn scan_step(
         .query_async(conn)
         .await
         .map_err(redis_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_back_with_their_epoch() {
+        assert_eq!(parse_mark("frozen:7"), Some(MoveMark::Frozen(7)));
+        assert_eq!(parse_mark("incoming:1"), Some(MoveMark::Incoming(1)));
+        assert_eq!(parse_mark("gone:x"), None);
+        assert_eq!(parse_mark("other:1"), None);
+    }
 }
