@@ -140,22 +140,7 @@ async fn redis(dir: &Path, name: &str) -> Result<(Proc, String)> {
     let port = free_port()?;
     let data = dir.join(name);
     std::fs::create_dir_all(&data)?;
-    let args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        &data.to_string_lossy(),
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--save",
-        "",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = crate::chaos::cluster::durable_redis_args(port, &data);
     let proc = spawn(
         Path::new("redis-server"),
         &args,

@@ -168,22 +168,7 @@ impl Cluster {
             Ok(Proc {
                 name: name.into(),
                 program: "redis-server".into(),
-                args: [
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    &data.to_string_lossy(),
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                    "--save",
-                    "",
-                ]
-                .map(String::from)
-                .to_vec(),
+                args: durable_redis_args(port, &data),
                 log: dir.join(format!("{name}.log")),
                 health: Health::Redis(port),
                 child: None,
@@ -340,4 +325,25 @@ impl Cluster {
             let _ = proc.kill9().await;
         }
     }
+}
+
+/// The arguments of a `redis-server` on `port` whose writes are on disk before it answers
+/// (`appendonly yes`, `appendfsync always`, no RDB snapshots), keeping its files in `data`.
+pub(crate) fn durable_redis_args(port: u16, data: &Path) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        &data.to_string_lossy(),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+    ]
+    .map(String::from)
+    .to_vec()
 }
