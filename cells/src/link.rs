@@ -158,8 +158,9 @@ impl Reply {
             return;
         }
         self.answered = true;
-        self.link.settle();
+        // Queued before it stops counting, so a shutdown's `4010` never overtakes it.
         self.link.push(ToGateway::Moved { req: self.req });
+        self.link.settle();
     }
 
     fn answer(&mut self, result: Result<CellReply, CellError>) {
@@ -167,11 +168,13 @@ impl Reply {
             return;
         }
         self.answered = true;
-        self.link.settle();
+        // Queued before it stops counting: the shutdown drain waits for `in_flight` to reach
+        // 0 and then queues the sessions' `4010`, which must come after this answer.
         self.link.push(ToGateway::Reply {
             req: self.req,
             result,
         });
+        self.link.settle();
     }
 }
 

@@ -10,7 +10,7 @@ mod cluster;
 use std::time::{Duration, Instant};
 
 use cluster::traffic::{all_messages, check_nothing_lost, Report, Sender};
-use cluster::{Client, Cluster, WAIT};
+use cluster::{Client, Cluster, Running, WAIT};
 use reqwest::Method;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,15 @@ async fn public_channel(cluster: &cluster::Running, token: &str, members: &[&str
         .await;
     assert_eq!(status, 201, "{body}");
     body["id"].as_str().unwrap().to_string()
+}
+
+/// Clients the cell's store holds back (`CLIENT PAUSE`): the writes waiting there.
+fn blocked_store_clients(cluster: &Running) -> u64 {
+    let info = cluster.cells[0].store_cli(&["INFO", "clients"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 async fn status_of(url: &str) -> Option<u16> {
@@ -265,12 +274,31 @@ async fn a_cell_on_sigterm_is_unready_while_it_finishes_the_write_it_took_then_a
     alice
         .send(&json!({"op": "send", "id": 1, "channel": channel, "text": "in flight"}))
         .await;
-    // Let the send reach the store (where it waits), then stop the cell.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop the cell once the send reached the store and waits there (on a loaded machine a
+    // fixed sleep let the signal come first, and the cell then had nothing to finish).
+    let held = Instant::now() + Duration::from_millis(1200);
+    while blocked_store_clients(&cluster) == 0 {
+        assert!(
+            Instant::now() < held,
+            "the send never reached the paused store; the test needs a longer pause"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The pause again from now, so the cell stays in its drain long enough to be seen
+    // unready however late the write arrived; still below the store's timeout for it.
+    cluster.cells[0].store_cli(&["CLIENT", "PAUSE", "1500", "WRITE"]);
     cluster.cells[0].sigterm();
     let readyz = format!("{}/readyz", cluster.cells[0].url());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .expect("http client");
+    let status = |url: String| {
+        let request = http.get(url).send();
+        async move { request.await.ok().map(|r| r.status().as_u16()) }
+    };
     let deadline = Instant::now() + WAIT;
-    while status_of(&readyz).await != Some(503) {
+    while status(readyz.clone()).await != Some(503) {
         assert!(
             Instant::now() < deadline,
             "the cell never answered readyz 503"

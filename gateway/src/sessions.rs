@@ -6,11 +6,14 @@
 //! increment, no copy, no encoding) into each listed session's [`Outbox`]. An outbox that is
 //! full, in events or bytes, closes its session with `4008` instead of growing.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use confab_shared::link::Frame;
 use confab_shared::{CellId, CloseCode, SessionId, UserId, WorkspaceId};
 use dashmap::DashMap;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -26,6 +29,25 @@ pub struct SessionHandle {
     /// The cell the session is attached to.
     pub cell: CellId,
     outbox: Arc<Outbox>,
+    /// Requests of this session sent on to the cell whose answer is not queued yet.
+    answers_due: AtomicUsize,
+    /// Woken each time one of those answers is queued.
+    answered: Notify,
+}
+
+/// The longest a close asked for by the cell waits for answers still on their way to the
+/// outbox (see [`SessionHandle::close_once_answered`]).
+const ANSWERS_BEFORE_CLOSE: Duration = Duration::from_secs(5);
+
+/// Counts one request of a session as unanswered until it is dropped, which the request's
+/// task does once the answer (or error) is queued.
+pub struct AnswerDue(Arc<SessionHandle>);
+
+impl Drop for AnswerDue {
+    fn drop(&mut self) {
+        self.0.answers_due.fetch_sub(1, Ordering::AcqRel);
+        self.0.answered.notify_waiters();
+    }
 }
 
 impl SessionHandle {
@@ -42,7 +64,40 @@ impl SessionHandle {
             user,
             cell,
             outbox,
+            answers_due: AtomicUsize::new(0),
+            answered: Notify::new(),
         })
+    }
+
+    /// Counts a request as unanswered until the returned guard is dropped.
+    pub fn expect_answer(self: &Arc<Self>) -> AnswerDue {
+        self.answers_due.fetch_add(1, Ordering::AcqRel);
+        AnswerDue(Arc::clone(self))
+    }
+
+    /// Closes with `code` once the answers of requests already sent on are queued (at most
+    /// [`ANSWERS_BEFORE_CLOSE`] later). A cell that shuts down answers every request it took
+    /// before it asks for the close, but each answer still travels through its request's own
+    /// task to the outbox: closing at once could drop an ack the cell sent first.
+    pub fn close_once_answered(self: &Arc<Self>, code: CloseCode) {
+        if self.answers_due.load(Ordering::Acquire) == 0 {
+            self.close(code);
+            return;
+        }
+        let session = Arc::clone(self);
+        actix_rt::spawn(async move {
+            let deadline = tokio::time::Instant::now() + ANSWERS_BEFORE_CLOSE;
+            loop {
+                let answered = session.answered.notified();
+                if session.answers_due.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, answered).await.is_err() {
+                    break;
+                }
+            }
+            session.close(code);
+        });
     }
 
     /// Queues an event for the socket. On overflow the session is closed with `4008`.

@@ -93,7 +93,7 @@ impl Shard {
             }
             Item::Close { session, code } => {
                 if let Some(session) = sessions.get(&session) {
-                    session.close(code);
+                    session.close_once_answered(code);
                 }
             }
         }

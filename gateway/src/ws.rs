@@ -566,6 +566,9 @@ async fn forward(
     id: Option<RequestId>,
     op: CellOp,
 ) {
+    // Held until the answer is queued, so that a close the cell asks for after answering
+    // does not overtake it.
+    let _due = handle.expect_answer();
     let caller = Caller {
         workspace: handle.workspace.clone(),
         user: handle.user.clone(),
