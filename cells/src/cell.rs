@@ -17,7 +17,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::link::{AttachReply, Link, Reply};
 use crate::messages::{AttachSession, ChannelRequest, UserRequest, WorkspaceRequest};
-use crate::registry::{Registry, Settings};
+use crate::registry::{ActorArbiters, Registry, Settings};
 use crate::store::CellStore;
 use crate::webhooks::{self, Hub, WebhookConfig};
 use crate::workspace;
@@ -38,6 +38,15 @@ pub struct CellConfig {
     pub bounds: CellBounds,
     /// Webhook delivery (SPEC §6).
     pub webhooks: WebhookConfig,
+    /// Threads (actix arbiters) the cell's channel and user actors run on, at least 1. Each
+    /// actor lives on one of them, placed by a hash of its key, so a channel still has exactly
+    /// one seq-assigning actor (see `Registry::actor_arbiter`).
+    pub actor_threads: usize,
+}
+
+/// The default of [`CellConfig::actor_threads`]: one per core.
+pub fn default_actor_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// How much one cell takes on (SPEC §1: `--max-workspaces N`, `--max-connections N`). The
@@ -64,6 +73,7 @@ impl CellConfig {
             max_members_per_channel: limits::MAX_MEMBERS_PER_CHANNEL,
             bounds: CellBounds::default(),
             webhooks: WebhookConfig::default(),
+            actor_threads: default_actor_threads(),
         }
     }
 }
@@ -114,7 +124,14 @@ impl Cell {
             bounds: config.bounds,
         };
         let hooks = Hub::start(store.clone(), config.webhooks.clone());
-        let reg = Arc::new(Registry::new(store, settings, Arbiter::current(), hooks));
+        let actor_arbiters = ActorArbiters::start(config.actor_threads);
+        let reg = Arc::new(Registry::new(
+            store,
+            settings,
+            Arbiter::current(),
+            actor_arbiters,
+            hooks,
+        ));
         let counting = reg.clone();
         reg.arbiter
             .spawn(async move { workspace::refresh_workspace_count(&counting).await });
@@ -127,6 +144,7 @@ impl Cell {
             max_channels_per_workspace = reg.settings.max_channels_per_workspace,
             max_channels_per_user = reg.settings.max_channels_per_user,
             max_members_per_channel = reg.settings.max_members_per_channel,
+            actor_threads = reg.actor_arbiters.len(),
             "cell started"
         );
         Cell { id: config.id, reg }
@@ -135,6 +153,11 @@ impl Cell {
     /// The cell's id.
     pub fn id(&self) -> &CellId {
         &self.id
+    }
+
+    /// The threads its channel and user actors run on (`--actor-threads`).
+    pub fn actor_threads(&self) -> usize {
+        self.reg.actor_arbiters.len()
     }
 
     /// A gateway connects: messages for it go into `outbound`. Returns the handle the

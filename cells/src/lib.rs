@@ -54,7 +54,9 @@ mod user;
 pub mod webhooks;
 mod workspace;
 
-pub use cell::{ActorCounts, Cell, CellBounds, CellConfig, CellStats, LinkHandle};
+pub use cell::{
+    default_actor_threads, ActorCounts, Cell, CellBounds, CellConfig, CellStats, LinkHandle,
+};
 pub use shutdown::DrainReport;
 pub use store::{CellStore, MemoryStore, RedisStore, StoreError};
 pub use webhooks::WebhookConfig;

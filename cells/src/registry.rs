@@ -7,6 +7,7 @@
 //! reference is ever held across an await or while another map of the registry is locked.
 
 use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -97,11 +98,61 @@ pub(crate) struct Settings {
     pub(crate) bounds: CellBounds,
 }
 
+/// The threads a cell's channel and user actors run on: the cell's own arbiter first, then
+/// one more arbiter per extra thread, stopped when the cell's state is dropped.
+///
+/// An actor's key (workspace and channel, or workspace and user) picks its arbiter by hash,
+/// and [`Registry::channel`] starts at most one actor per key, so each channel still has
+/// exactly one actor assigning its seqs; spreading only lets different channels (and users)
+/// run on different cores.
+pub(crate) struct ActorArbiters {
+    handles: Vec<ArbiterHandle>,
+    owned: Vec<actix::Arbiter>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl ActorArbiters {
+    /// The current arbiter and `threads - 1` new ones (at least the current one).
+    pub(crate) fn start(threads: usize) -> Self {
+        let owned: Vec<actix::Arbiter> =
+            (1..threads.max(1)).map(|_| actix::Arbiter::new()).collect();
+        let handles = std::iter::once(actix::Arbiter::current())
+            .chain(owned.iter().map(|a| a.handle()))
+            .collect();
+        ActorArbiters {
+            handles,
+            owned,
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// How many threads actors run on.
+    pub(crate) fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// The arbiter the actor of `key` runs on.
+    fn for_key(&self, key: &impl std::hash::Hash) -> &ArbiterHandle {
+        let slot = self.hasher.hash_one(key) as usize % self.handles.len();
+        &self.handles[slot]
+    }
+}
+
+impl Drop for ActorArbiters {
+    fn drop(&mut self) {
+        for arbiter in &self.owned {
+            arbiter.stop();
+        }
+    }
+}
+
 /// Shared state of one cell.
 pub(crate) struct Registry {
     pub(crate) store: Arc<dyn CellStore>,
     pub(crate) settings: Settings,
     pub(crate) arbiter: ArbiterHandle,
+    /// The threads channel and user actors run on.
+    pub(crate) actor_arbiters: ActorArbiters,
     /// The webhook worker, woken by channel actors after each append.
     pub(crate) webhooks: Arc<Hub>,
     channels: DashMap<ChannelKey, Addr<ChannelActor>>,
@@ -127,12 +178,14 @@ impl Registry {
         store: Arc<dyn CellStore>,
         settings: Settings,
         arbiter: ArbiterHandle,
+        actor_arbiters: ActorArbiters,
         webhooks: Arc<Hub>,
     ) -> Self {
         Registry {
             store,
             settings,
             arbiter,
+            actor_arbiters,
             webhooks,
             channels: DashMap::new(),
             users: DashMap::new(),
@@ -193,7 +246,7 @@ impl Registry {
         (self.channels.len(), self.users.len())
     }
 
-    /// The actor of a channel, started (on the cell's arbiter) if none is running.
+    /// The actor of a channel, started (on the arbiter its key hashes to) if none is running.
     pub(crate) fn channel(
         self: &Arc<Self>,
         workspace: &WorkspaceId,
@@ -204,7 +257,7 @@ impl Registry {
             (workspace.clone(), channel.clone()),
             |key| {
                 let (reg, ws, ch) = (self.clone(), key.0.clone(), key.1.clone());
-                ChannelActor::start_in_arbiter(&self.arbiter, move |_| {
+                ChannelActor::start_in_arbiter(self.actor_arbiters.for_key(key), move |_| {
                     ChannelActor::new(reg, ws, ch)
                 })
             },
@@ -235,7 +288,9 @@ impl Registry {
     ) -> Addr<UserActor> {
         get_or_start(&self.users, (workspace.clone(), user.clone()), |key| {
             let (reg, ws, u) = (self.clone(), key.0.clone(), key.1.clone());
-            UserActor::start_in_arbiter(&self.arbiter, move |_| UserActor::new(reg, ws, u))
+            UserActor::start_in_arbiter(self.actor_arbiters.for_key(key), move |_| {
+                UserActor::new(reg, ws, u)
+            })
         })
     }
 

@@ -23,8 +23,10 @@ use confab_shared::{ChannelId, ErrorCode, UserId, WorkspaceId};
 async fn a_full_link_queue_gives_the_link_up_instead_of_blocking() {
     let (cell, mut gw) = start().await;
     // A gateway that never reads, with room for 4 messages.
-    let slow = Gw::connect(&cell, "slow", 4);
-    slow.send_attach("w", "bob", "slow-b", &[], 4096);
+    let mut slow = Gw::connect(&cell, "slow", 4);
+    // Read only the attach outcome, so that the session is in the channel before the sends
+    // (its user actor may run on another thread than the channel's).
+    slow.attach("bob", "slow-b").await;
     gw.attach("alice", "a1").await;
     let lost = slow.link.lost();
     for i in 0..10 {

@@ -4,14 +4,17 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
+use confab_cells::{Cell, CellConfig, MemoryStore};
+use confab_shared::link::AdminOp;
 use confab_shared::link::{CellOp, CellReply, ChannelOp, ToCell};
+use confab_shared::server::ChannelKind;
 use confab_shared::server::MessageView;
-use confab_shared::ErrorCode;
+use confab_shared::{CellId, ErrorCode};
 
 on_every_engine!(
     seqs_are_1_2_3_without_gaps_across_concurrent_senders_on_several_threads,
@@ -401,4 +404,52 @@ async fn each_published_event_increments_the_counter_once_whatever_the_recipient
     gw.op("alice", None, send_op("general", "y")).await.unwrap();
     gw.settle().await;
     assert_eq!(count.load(Ordering::Relaxed), seeded + 2);
+}
+
+/// Channels spread over four actor threads: sends to all of them at once, interleaved, still
+/// get one gapless seq order per channel, and every event reaches the subscriber in it.
+#[actix_rt::test]
+async fn channels_on_four_actor_threads_each_keep_one_gapless_seq_order() {
+    let cell = Cell::start(
+        CellConfig {
+            actor_threads: 4,
+            ..CellConfig::new(CellId::new("c1").unwrap())
+        },
+        Arc::new(MemoryStore::new()),
+    );
+    let mut gw = Gw::connect(&cell, "g1", 100_000);
+    gw.admin(AdminOp::CreateWorkspace {
+        workspace: ws("w"),
+        name: None,
+    })
+    .await
+    .unwrap();
+    let channels: Vec<String> = (0..16).map(|i| format!("room-{i}")).collect();
+    for channel in &channels {
+        gw.seed(channel, ChannelKind::Public, &["alice", "bob"])
+            .await;
+    }
+    gw.attach("bob", "b1").await;
+    let mut requests = Vec::new();
+    for round in 0..50 {
+        for channel in &channels {
+            let req = gw.send_request("w", "alice", None, send_op(channel, &format!("{round}")));
+            requests.push((channel.clone(), req));
+        }
+    }
+    let mut seqs: HashMap<String, Vec<u64>> = HashMap::new();
+    for (channel, req) in requests {
+        let seq = ack_seq(&gw.reply(req).await);
+        seqs.entry(channel).or_default().push(seq);
+    }
+    for (channel, mut got) in seqs {
+        got.sort_unstable();
+        let first = got[0];
+        let expected: Vec<u64> = (first..first + 50).collect();
+        assert_eq!(got, expected, "{channel}: seqs not one gapless order");
+    }
+    gw.settle().await;
+    let events = gw.drain("b1").await;
+    assert_eq!(events.len(), 16 * 50, "bob got {} events", events.len());
+    assert_eq!(cell.actor_threads(), 4);
 }

@@ -98,6 +98,10 @@ pub struct CellLimitArgs {
     /// `conflict`, a creation naming more answers 400 `bad_request`.
     #[arg(long, env = "CONFAB_MAX_MEMBERS_PER_CHANNEL", default_value_t = limits::MAX_MEMBERS_PER_CHANNEL)]
     pub max_members_per_channel: usize,
+    /// Threads the cell's channel and user actors run on (default: one per core). Each
+    /// channel keeps one actor, on the thread its id hashes to.
+    #[arg(long, env = "CONFAB_ACTOR_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub actor_threads: Option<u16>,
 }
 
 impl CellLimitArgs {
@@ -108,6 +112,9 @@ impl CellLimitArgs {
             max_channels_per_workspace: self.max_channels_per_workspace.max(1),
             max_channels_per_user: self.max_channels_per_user.max(1),
             max_members_per_channel: self.max_members_per_channel.max(2),
+            actor_threads: self
+                .actor_threads
+                .map_or_else(confab_cells::default_actor_threads, usize::from),
             ..CellConfig::new(id)
         }
     }
