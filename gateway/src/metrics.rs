@@ -113,4 +113,11 @@ fn describe() {
     metrics::counter!(CONNECTIONS_REFUSED).absolute(0);
     metrics::counter!(PENDING_HELLO_REFUSED).absolute(0);
     metrics::counter!(SLOW_BODIES).absolute(0);
+    metrics::describe_counter!(
+        crate::links::DIRECTORY_FALLBACKS,
+        "lookups answered from the gateway's last-known directory because the directory did not answer, by lookup"
+    );
+    for lookup in ["route", "cell"] {
+        metrics::counter!(crate::links::DIRECTORY_FALLBACKS, "lookup" => lookup).absolute(0);
+    }
 }

@@ -162,6 +162,7 @@ impl Gateway {
         actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
         actix_rt::spawn(crate::cell_watch::export_cell_counts(
             Arc::clone(&self.directory),
+            Arc::clone(&self.links),
             self.shutdown.clone(),
         ));
         let gateway = Arc::clone(self);
