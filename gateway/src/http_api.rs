@@ -12,7 +12,7 @@ use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use confab_shared::client::ClientRequest;
 use confab_shared::limits::MAX_PRESENCE_USERS;
 use confab_shared::link::{Caller, CellOp, CellReply, ChannelOp, UserOp, WebhookOp, WorkspaceOp};
-use confab_shared::server::{ChannelInfo, ChannelKind, Status};
+use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::wire::request_op;
 use confab_shared::{ChannelId, ErrorCode, UserId};
 use serde::Deserialize;
@@ -392,13 +392,10 @@ async fn presence(
     if users.len() > MAX_PRESENCE_USERS {
         return Err(ApiError::bad_request("at most 500 users"));
     }
-    let statuses = auth
+    let users = auth
         .gateway
         .presence
-        .store()
-        .statuses(&auth.caller.workspace, &users)
-        .await?;
-    let users: std::collections::BTreeMap<UserId, Status> =
-        users.into_iter().zip(statuses).collect();
+        .statuses(&auth.caller.workspace, users)
+        .await;
     Ok(HttpResponse::Ok().json(json!({ "users": users })))
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use confab_directory::{CellRecord, Directory, DirectoryChange};
+use confab_directory::{CellRecord, Directory, DirectoryChange, EngineError};
 use confab_shared::link::{
     AdminOp, Attach, Caller, CellError, CellOp, CellReply, RequestKey, ToCell, ToGateway,
 };
@@ -104,6 +104,13 @@ const MOVED_RETRY_LIMIT: Duration = Duration::from_secs(5);
 /// Pause before asking the directory again when it still names the cell that said "moved".
 const MOVED_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Longest a lookup waits for the directory when the gateway has a last-known answer to fall
+/// back on (a directory Redis that drops packets answers nothing for seconds).
+const DIRECTORY_FALLBACK_WAIT: Duration = Duration::from_secs(1);
+/// Counter: lookups answered from the gateway's last-known copy of the directory because the
+/// directory did not answer, by `lookup` (`route`, `cell`).
+pub const DIRECTORY_FALLBACKS: &str = "confab_gateway_directory_fallbacks_total";
+
 /// One open link to a cell.
 pub struct CellLink {
     pub cell: CellId,
@@ -167,6 +174,11 @@ pub struct Links {
     sessions: Arc<SessionRegistry>,
     links: DashMap<CellId, Arc<CellLink>>,
     routes: DashMap<WorkspaceId, CellId>,
+    /// The last-known copy of the directory (static stability): every workspace -> cell and
+    /// every cell registration the directory answered, kept when `routes` is cleared, and
+    /// used only when the directory does not answer.
+    known_routes: DashMap<WorkspaceId, CellId>,
+    known_cells: DashMap<CellId, CellRecord>,
     /// The attempt under way to open each cell's link, so that concurrent first uses open one
     /// link and a cell that is down delays no other cell's link.
     connecting: DashMap<CellId, Opening>,
@@ -186,6 +198,8 @@ impl Links {
             sessions,
             links: DashMap::new(),
             routes: DashMap::new(),
+            known_routes: DashMap::new(),
+            known_cells: DashMap::new(),
             connecting: DashMap::new(),
             request_timeout,
         })
@@ -197,7 +211,8 @@ impl Links {
         let mut changes = self.directory.subscribe();
         loop {
             match changes.recv().await {
-                Ok(DirectoryChange::WorkspaceMoved { workspace, .. }) => {
+                Ok(DirectoryChange::WorkspaceMoved { workspace, cell }) => {
+                    self.known_routes.insert(workspace.clone(), cell);
                     self.routes.remove(&workspace);
                 }
                 Ok(DirectoryChange::CellChanged { .. }) => {}
@@ -213,19 +228,83 @@ impl Links {
         self.routes.remove_if(workspace, |_, c| c == cell);
     }
 
-    /// The cell serving `workspace`.
+    /// Records the cells the directory answered, as the last-known copy.
+    pub fn remember_cells(&self, cells: &[CellRecord]) {
+        for cell in cells {
+            self.known_cells.insert(cell.id.clone(), cell.clone());
+        }
+    }
+
+    /// The cell serving `workspace`. When the directory does not answer, a workspace this
+    /// gateway routed before goes to its last-known cell (a cell that no longer serves it says
+    /// "moved", and the directory is asked again); an unknown one is `unavailable`.
     pub async fn route(&self, workspace: &WorkspaceId) -> Result<CellId, RouteError> {
         if let Some(cell) = self.routes.get(workspace) {
             return Ok(cell.clone());
         }
-        let record = self
-            .directory
-            .workspace(workspace)
-            .await
-            .map_err(|e| RouteError::Unavailable(e.to_string()))?
-            .ok_or_else(|| RouteError::UnknownWorkspace(workspace.clone()))?;
-        self.routes.insert(workspace.clone(), record.cell.clone());
-        Ok(record.cell)
+        let known = self.known_routes.get(workspace).map(|c| c.clone());
+        let lookup = self.directory.workspace(workspace);
+        let answer = match &known {
+            Some(_) => tokio::time::timeout(DIRECTORY_FALLBACK_WAIT, lookup)
+                .await
+                .unwrap_or_else(|_| Err(EngineError("the directory did not answer".into()))),
+            None => lookup.await,
+        };
+        match answer {
+            Ok(Some(record)) => {
+                self.known_routes
+                    .insert(workspace.clone(), record.cell.clone());
+                self.routes.insert(workspace.clone(), record.cell.clone());
+                Ok(record.cell)
+            }
+            Ok(None) => {
+                self.known_routes.remove(workspace);
+                Err(RouteError::UnknownWorkspace(workspace.clone()))
+            }
+            Err(e) => match known {
+                Some(cell) => {
+                    metrics::counter!(DIRECTORY_FALLBACKS, "lookup" => "route").increment(1);
+                    tracing::debug!(workspace = %workspace, cell = %cell, error = %e, "directory unreachable: routing with the last-known cell");
+                    Ok(cell)
+                }
+                None => Err(RouteError::Unavailable(format!(
+                    "the directory is unreachable and this gateway has not routed workspace \
+                     {workspace} before; retry ({e})"
+                ))),
+            },
+        }
+    }
+
+    /// The registration of `cell`: the directory's, or the last-known one when the directory
+    /// does not answer or no longer lists the cell (a directory that lost its data lists a
+    /// cell again at its next heartbeat; the link handshake checks the cell's identity).
+    async fn cell_record(&self, cell: &CellId) -> Result<CellRecord, RouteError> {
+        let known = self.known_cells.get(cell).map(|c| c.clone());
+        let lookup = self.directory.cells();
+        let answer = match &known {
+            Some(_) => tokio::time::timeout(DIRECTORY_FALLBACK_WAIT, lookup)
+                .await
+                .unwrap_or_else(|_| Err(EngineError("the directory did not answer".into()))),
+            None => lookup.await,
+        };
+        let error = match answer {
+            Ok(cells) => {
+                self.remember_cells(&cells);
+                if let Some(record) = cells.into_iter().find(|c| &c.id == cell) {
+                    return Ok(record);
+                }
+                format!("cell {cell} is not registered")
+            }
+            Err(e) => e.to_string(),
+        };
+        match known {
+            Some(record) => {
+                metrics::counter!(DIRECTORY_FALLBACKS, "lookup" => "cell").increment(1);
+                tracing::debug!(cell = %cell, error = %error, "directory unreachable: using the last-known registration");
+                Ok(record)
+            }
+            None => Err(RouteError::Unavailable(error)),
+        }
     }
 
     /// The open link to `cell`, opening it if needed; `unavailable` within [`LINK_OPEN_WAIT`]
@@ -285,14 +364,7 @@ impl Links {
         if let Some(link) = self.links.get(cell).filter(|l| !l.is_lost()) {
             return Ok(Arc::clone(&link));
         }
-        let record = self
-            .directory
-            .cells()
-            .await
-            .map_err(|e| RouteError::Unavailable(e.to_string()))?
-            .into_iter()
-            .find(|c| &c.id == cell)
-            .ok_or_else(|| RouteError::Unavailable(format!("cell {cell} is not registered")))?;
+        let record = self.cell_record(cell).await?;
         let connection = self
             .connector
             .connect(&record)

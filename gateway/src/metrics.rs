@@ -30,6 +30,9 @@ pub const SLOW_BODIES: &str = "confab_http_slow_bodies_total";
 pub const PRESENCE_WATCHERS: &str = "confab_presence_watchers";
 /// Gauge: distinct users watched by this gateway's presence subscriptions.
 pub const PRESENCE_WATCHED_USERS: &str = "confab_presence_watched_users";
+/// Gauge: 1 while presence answers come from this gateway's last-known statuses (the
+/// presence + directory Redis does not answer), else 0.
+pub const PRESENCE_STALE: &str = "confab_presence_stale";
 /// Gauge: the directory's cells as this gateway last read them, by `status` (`healthy`,
 /// `draining`, `down`); none but `down` means `/readyz` answers 503.
 pub const GATEWAY_CELLS: &str = "confab_gateway_cells";
@@ -107,10 +110,22 @@ fn describe() {
     metrics::gauge!(CONNECTIONS).set(0.0);
     metrics::gauge!(PRESENCE_WATCHERS).set(0.0);
     metrics::gauge!(PRESENCE_WATCHED_USERS).set(0.0);
+    metrics::describe_gauge!(
+        PRESENCE_STALE,
+        "1 while presence answers come from this gateway's last-known statuses (the directory redis does not answer)"
+    );
+    metrics::gauge!(PRESENCE_STALE).set(0.0);
     metrics::counter!(FRAMES_IN).absolute(0);
     metrics::counter!(FRAMES_OUT).absolute(0);
     metrics::counter!(SLOW_CONSUMER_CLOSES).absolute(0);
     metrics::counter!(CONNECTIONS_REFUSED).absolute(0);
     metrics::counter!(PENDING_HELLO_REFUSED).absolute(0);
     metrics::counter!(SLOW_BODIES).absolute(0);
+    metrics::describe_counter!(
+        crate::links::DIRECTORY_FALLBACKS,
+        "lookups answered from the gateway's last-known directory because the directory did not answer, by lookup"
+    );
+    for lookup in ["route", "cell"] {
+        metrics::counter!(crate::links::DIRECTORY_FALLBACKS, "lookup" => lookup).absolute(0);
+    }
 }

@@ -1,9 +1,18 @@
 //! Presence subscriptions of this gateway's sessions (`presence_sub`), fed by the presence
 //! engine's change stream: each change is encoded once and queued to every local session that
 //! subscribed to that user.
+//!
+//! Presence lives in the directory Redis. While that Redis does not answer, the hub degrades
+//! instead of failing (static stability): `presence_sub` and `GET /v1/presence` answer from
+//! the statuses this gateway last knew (`confab_presence_stale` is 1 meanwhile), sessions that
+//! open or close are not reported to the engine but remembered, and once the engine answers
+//! again the hub re-publishes this gateway's live sessions, reports the closes it held back,
+//! and re-reads the statuses its watchers show.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use confab_directory::{EngineError, PresenceChange, PresenceSession, PresenceStore};
 use confab_shared::link::Frame;
@@ -17,6 +26,13 @@ use crate::sessions::SessionRegistry;
 
 /// Users whose statuses one resync reads at a time.
 const RESYNC_BATCH: usize = 1000;
+/// Most statuses kept as the last-known answer (watched users are always kept).
+const MAX_KNOWN: usize = 100_000;
+/// Most session closes held back while the engine does not answer; beyond it the engine's
+/// TTL expires them.
+const MAX_PENDING_DOWNS: usize = 100_000;
+/// How often a stale hub tries the engine again.
+const RECOVERY_EVERY: Duration = Duration::from_secs(1);
 
 /// Local presence subscriptions.
 pub struct PresenceHub {
@@ -27,6 +43,12 @@ pub struct PresenceHub {
     watchers: DashMap<(WorkspaceId, UserId), HashSet<SessionId>>,
     /// session -> (its workspace, the users it watches), to replace or drop the set.
     subscriptions: DashMap<SessionId, (WorkspaceId, Vec<UserId>)>,
+    /// Whether the engine failed and presence answers come from `known`.
+    stale: AtomicBool,
+    /// The statuses this gateway last knew, from reads and changes.
+    known: DashMap<(WorkspaceId, UserId), Status>,
+    /// Session closes the engine has not been told of yet.
+    pending_downs: parking_lot::Mutex<Vec<PresenceSession>>,
 }
 
 impl PresenceHub {
@@ -41,6 +63,9 @@ impl PresenceHub {
             gateway_id,
             watchers: DashMap::new(),
             subscriptions: DashMap::new(),
+            stale: AtomicBool::new(false),
+            known: DashMap::new(),
+            pending_downs: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -104,8 +129,9 @@ impl PresenceHub {
                 let statuses = match self.store.statuses(&workspace, chunk).await {
                     Ok(statuses) => statuses,
                     Err(e) => {
-                        // The stream is down again: its next reset re-reads.
+                        // The stream is down again: its next reset, or the recovery, re-reads.
                         tracing::warn!(error = %e, "presence resync failed");
+                        self.mark_stale(&e);
                         return;
                     }
                 };
@@ -122,6 +148,7 @@ impl PresenceHub {
 
     fn announce(&self, change: &PresenceChange) {
         let key = (change.workspace.clone(), change.user.clone());
+        self.remember(&key, change.status);
         let Some(watchers) = self.watchers.get(&key) else {
             return;
         };
@@ -139,15 +166,117 @@ impl PresenceHub {
         }
     }
 
-    /// A session became ready: it counts as online.
-    pub async fn session_up(&self, session: &PresenceSession) -> Result<(), EngineError> {
-        self.store.session_up(&self.gateway_id, session).await
+    /// Whether presence answers come from the last-known statuses (the engine failed).
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
     }
 
-    /// A session closed: drop its subscriptions and its presence.
-    pub async fn session_down(&self, session: &PresenceSession) -> Result<(), EngineError> {
+    fn mark_stale(&self, e: &EngineError) {
+        if !self.stale.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "presence engine unreachable: answering from the last-known statuses");
+        }
+        metrics::gauge!(m::PRESENCE_STALE).set(1.0);
+    }
+
+    /// Keeps `status` as the last-known one of `key` (bounded: at [`MAX_KNOWN`], only watched
+    /// users are kept).
+    fn remember(&self, key: &(WorkspaceId, UserId), status: Status) {
+        if self.known.len() >= MAX_KNOWN && !self.known.contains_key(key) {
+            self.known.retain(|k, _| self.watchers.contains_key(k));
+            if self.known.len() >= MAX_KNOWN && !self.watchers.contains_key(key) {
+                return;
+            }
+        }
+        self.known.insert(key.clone(), status);
+    }
+
+    /// A session became ready: it counts as online. Never fails: while the engine does not
+    /// answer, the session is published by the next refresh that reaches it.
+    pub async fn session_up(&self, session: &PresenceSession) {
+        let key = (session.workspace.clone(), session.user.clone());
+        if !self.is_stale() {
+            match self.store.session_up(&self.gateway_id, session).await {
+                Ok(()) => return,
+                Err(e) => self.mark_stale(&e),
+            }
+        }
+        // What this gateway knows for sure: the user is online.
+        if self.known.get(&key).map(|s| *s) != Some(Status::Online) {
+            self.announce(&PresenceChange {
+                workspace: key.0,
+                user: key.1,
+                status: Status::Online,
+            });
+        }
+    }
+
+    /// A session closed: drop its subscriptions and its presence. Never fails: while the
+    /// engine does not answer, the close is held back and reported once it does.
+    pub async fn session_down(&self, session: &PresenceSession) {
         self.unsubscribe(&session.session);
-        self.store.session_down(&self.gateway_id, session).await
+        if !self.is_stale() {
+            match self.store.session_down(&self.gateway_id, session).await {
+                Ok(()) => return,
+                Err(e) => self.mark_stale(&e),
+            }
+        }
+        let mut pending = self.pending_downs.lock();
+        if pending.len() < MAX_PENDING_DOWNS {
+            pending.push(session.clone());
+        }
+    }
+
+    /// While stale, tries the engine every [`RECOVERY_EVERY`] until `shutdown`.
+    pub async fn recover_when_back(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(RECOVERY_EVERY);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if self.is_stale() {
+                let _ = self.keep_alive().await;
+            }
+        }
+    }
+
+    /// Publishes this gateway's live sessions (extending their lifetime), reports the closes
+    /// held back, and, if presence was stale, re-reads what the watchers show and clears the
+    /// stale mark.
+    pub async fn keep_alive(&self) -> Result<(), EngineError> {
+        let sessions = self.sessions.snapshot(|s| PresenceSession {
+            workspace: s.workspace.clone(),
+            user: s.user.clone(),
+            session: s.id.clone(),
+        });
+        if let Err(e) = self.store.refresh(&self.gateway_id, &sessions).await {
+            self.mark_stale(&e);
+            return Err(e);
+        }
+        // A session that closed while the refresh was under way may have been added back by
+        // it: take it out again (a second session_down announces nothing).
+        let mut downs: Vec<PresenceSession> = std::mem::take(&mut *self.pending_downs.lock());
+        downs.extend(
+            sessions
+                .into_iter()
+                .filter(|s| self.sessions.get(&s.session).is_none()),
+        );
+        for (i, session) in downs.iter().enumerate() {
+            if let Err(e) = self.store.session_down(&self.gateway_id, session).await {
+                let mut pending = self.pending_downs.lock();
+                pending.extend(downs[i..].iter().cloned());
+                pending.truncate(MAX_PENDING_DOWNS);
+                drop(pending);
+                self.mark_stale(&e);
+                return Err(e);
+            }
+        }
+        if self.stale.swap(false, Ordering::Relaxed) {
+            tracing::info!("presence engine reachable again: re-reading statuses");
+            metrics::gauge!(m::PRESENCE_STALE).set(0.0);
+            self.resync().await;
+        }
+        Ok(())
     }
 
     /// Replaces the set of users `session` watches and returns it, sorted and deduplicated.
@@ -178,14 +307,34 @@ impl PresenceHub {
         users
     }
 
-    /// The current statuses of `users` (a `presence_sub` reply).
+    /// The current statuses of `users` (a `presence_sub` reply); while the engine does not
+    /// answer, the last-known ones (`offline` for a user this gateway knows nothing of).
     pub async fn statuses(
         &self,
         workspace: &WorkspaceId,
         users: Vec<UserId>,
-    ) -> Result<BTreeMap<UserId, Status>, EngineError> {
-        let statuses = self.store.statuses(workspace, &users).await?;
-        Ok(users.into_iter().zip(statuses).collect())
+    ) -> BTreeMap<UserId, Status> {
+        if !self.is_stale() {
+            match self.store.statuses(workspace, &users).await {
+                Ok(statuses) => {
+                    for (user, status) in users.iter().zip(&statuses) {
+                        self.remember(&(workspace.clone(), user.clone()), *status);
+                    }
+                    return users.into_iter().zip(statuses).collect();
+                }
+                Err(e) => self.mark_stale(&e),
+            }
+        }
+        users
+            .into_iter()
+            .map(|user| {
+                let status = self
+                    .known
+                    .get(&(workspace.clone(), user.clone()))
+                    .map_or(Status::Offline, |s| *s);
+                (user, status)
+            })
+            .collect()
     }
 
     fn unsubscribe(&self, session: &SessionId) {
@@ -208,10 +357,5 @@ impl PresenceHub {
     fn update_gauges(&self) {
         metrics::gauge!(m::PRESENCE_WATCHERS).set(self.subscriptions.len() as f64);
         metrics::gauge!(m::PRESENCE_WATCHED_USERS).set(self.watchers.len() as f64);
-    }
-
-    /// Keeps this gateway's sessions alive in the engine (for engines that expire them).
-    pub async fn refresh(&self, sessions: &[PresenceSession]) -> Result<(), EngineError> {
-        self.store.refresh(&self.gateway_id, sessions).await
     }
 }

@@ -11,7 +11,7 @@ use actix_http::HttpService;
 use actix_service::{fn_service, map_config, ServiceFactory};
 use actix_web::dev::{AppConfig, ServiceRequest, ServiceResponse};
 use actix_web::{web, App, HttpResponse};
-use confab_directory::{CellStatus, Directory, PresenceSession, PresenceStore};
+use confab_directory::{CellStatus, Directory, PresenceStore};
 use confab_shared::{CloseCode, UserId, WorkspaceId};
 use dashmap::DashMap;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -160,8 +160,10 @@ impl Gateway {
         actix_rt::spawn(Arc::clone(&self.links).follow_directory());
         actix_rt::spawn(crate::moves::recover_abandoned(Arc::clone(self)));
         actix_rt::spawn(Arc::clone(&self.presence).follow_changes());
+        actix_rt::spawn(Arc::clone(&self.presence).recover_when_back(self.shutdown.clone()));
         actix_rt::spawn(crate::cell_watch::export_cell_counts(
             Arc::clone(&self.directory),
+            Arc::clone(&self.links),
             self.shutdown.clone(),
         ));
         let gateway = Arc::clone(self);
@@ -173,28 +175,8 @@ impl Gateway {
                     _ = tick.tick() => {}
                 }
                 gateway.prune_http_buckets();
-                let sessions = gateway.sessions.snapshot(|s| PresenceSession {
-                    workspace: s.workspace.clone(),
-                    user: s.user.clone(),
-                    session: s.id.clone(),
-                });
-                if let Err(e) = gateway.presence.refresh(&sessions).await {
+                if let Err(e) = gateway.presence.keep_alive().await {
                     tracing::warn!(error = %e, "presence refresh failed");
-                    continue;
-                }
-                // A session that closed while the refresh was under way may have been added
-                // back by it: take it out again (a second session_down announces nothing).
-                for session in &sessions {
-                    if gateway.sessions.get(&session.session).is_none() {
-                        if let Err(e) = gateway
-                            .presence
-                            .store()
-                            .session_down(&gateway.config.gateway_id, session)
-                            .await
-                        {
-                            tracing::warn!(error = %e, "presence session_down failed");
-                        }
-                    }
                 }
             }
         });

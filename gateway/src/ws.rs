@@ -418,9 +418,7 @@ impl Connection {
         // The session counts as online before the client learns it is ready: whatever the
         // client does next (or tells another user to check) must already see it online, also
         // with a presence engine a network round trip away.
-        if let Err(e) = gateway.presence.session_up(&presence_of(&handle)).await {
-            tracing::warn!(error = %e, "presence session_up failed");
-        }
+        gateway.presence.session_up(&presence_of(&handle)).await;
         // `ready` goes first; events that reached the session while it attached follow it.
         self.outbox.go_live(ready);
         self.session = Some(Arc::clone(&handle));
@@ -468,14 +466,10 @@ impl Connection {
     async fn forget(&self, handle: &SessionHandle) {
         self.gateway.sessions.remove(&handle.id);
         self.gateway.links.detach(&handle.cell, &handle.id);
-        if let Err(e) = self
-            .gateway
+        self.gateway
             .presence
             .session_down(&presence_of(handle))
-            .await
-        {
-            tracing::warn!(error = %e, "presence session_down failed");
-        }
+            .await;
     }
 
     fn handle_text(&mut self, handle: &Arc<SessionHandle>, text: &str) -> Step {
@@ -613,10 +607,8 @@ async fn presence_sub(
     id: Option<RequestId>,
     users: Vec<confab_shared::UserId>,
 ) {
-    match gateway.presence.statuses(&handle.workspace, users).await {
-        Ok(users) => handle.push_reply(encode(&ServerFrame::Presence { id, users })),
-        Err(e) => push_error(&handle, id, &CellError::unavailable(e.to_string())),
-    }
+    let users = gateway.presence.statuses(&handle.workspace, users).await;
+    handle.push_reply(encode(&ServerFrame::Presence { id, users }));
 }
 
 fn push_error(handle: &SessionHandle, id: Option<RequestId>, e: &CellError) {
