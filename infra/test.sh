@@ -15,6 +15,8 @@ python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
 # systemd: systemd-analyze for the unit checks (verify needs no running systemd).
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# iproute2: ip netns and tc for confab/tests/partition.rs (which skips, saying so, without them).
+command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_cmd=""
@@ -66,6 +68,12 @@ cargo test -q -p confab-fuzz-checks --locked --test corpus
 
 # docs/chaos.md: 75 s of the chat mix while a gateway, the cell, the cell's Redis and the
 # directory Redis are killed with SIGKILL in turn; fails on any loss, duplicate or reorder.
+# docs/operations.md "What a partition does": gateway, cell, store and directory Redis in
+# network namespaces of their own; each link cut and healed under traffic. Part of the
+# workspace tests above; run again here with its output, for the figures.
+echo "==> partition test across hosts (network namespaces), with its figures"
+cargo test -q -p confab --locked --test partition -- --nocapture
+
 echo "==> chaos, short run"
 CONFAB_BIN="${CONFAB_BIN:-target/debug/confab}" infra/chaos.sh --short
 

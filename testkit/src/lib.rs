@@ -5,6 +5,10 @@
 //! server is durable as production requires (`appendonly yes`, `appendfsync always`) unless a
 //! test asks for other settings with [`RedisServer::start_with_args`] (to check that a cell
 //! refuses a store that is not durable).
+//!
+//! [`RedisServer::start_in_netns`] runs one inside a network namespace the test made (see
+//! confab/tests/cluster/netns.rs), listening on every address of that namespace, so that
+//! processes in other namespaces reach it over the test's own virtual links.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -26,6 +30,8 @@ pub struct RedisServer {
     dir: PathBuf,
     /// Extra `redis-server` arguments, after the durable defaults (so they override them).
     args: Vec<String>,
+    /// The network namespace it runs in (`ip netns exec`), or `None`: 127.0.0.1 of the test's.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -55,6 +61,7 @@ impl RedisServer {
                 port,
                 dir,
                 args: args.iter().map(|a| a.to_string()).collect(),
+                netns: None,
                 child: None,
             };
             if server.try_spawn() {
@@ -62,6 +69,24 @@ impl RedisServer {
             }
         }
         panic!("could not start redis-server on any free port");
+    }
+
+    /// Starts a durable server in network namespace `netns` on `port`, bound to every address
+    /// of that namespace (which holds nothing else, so the port is free). Reach it at
+    /// [`RedisServer::url_at`] the namespace's address on a link.
+    pub fn start_in_netns(netns: &str, port: u16) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("confab-redis-{}-{netns}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
+        let mut server = RedisServer {
+            port,
+            dir,
+            // Redis refuses clients from other hosts while it has no password unless told.
+            args: vec!["--protected-mode".into(), "no".into()],
+            netns: Some(netns.to_string()),
+            child: None,
+        };
+        server.spawn();
+        server
     }
 
     fn spawn(&mut self) {
@@ -74,12 +99,16 @@ impl RedisServer {
 
     /// Starts the process and waits until it answers; `false` if it exited or never did.
     fn try_spawn(&mut self) -> bool {
-        let mut command = Command::new("redis-server");
+        let mut command = self.in_netns("redis-server");
         command
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--bind")
-            .arg("127.0.0.1")
+            .arg(if self.netns.is_some() {
+                "0.0.0.0"
+            } else {
+                "127.0.0.1"
+            })
             .arg("--dir")
             .arg(&self.dir)
             .arg("--save")
@@ -116,8 +145,29 @@ impl RedisServer {
         false
     }
 
+    /// `program` to run in this server's network namespace, if it has one.
+    fn in_netns(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, program]);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Whether the server answers `PING`.
     pub fn ping(&self) -> bool {
+        if self.netns.is_some() {
+            // Only its own namespace may reach it: ask there, with a bound on the wait.
+            let output = self
+                .in_netns("timeout")
+                .args(["2", "redis-cli", "-p", &self.port.to_string(), "PING"])
+                .stderr(Stdio::null())
+                .output();
+            return output.is_ok_and(|o| o.stdout.starts_with(b"PONG"));
+        }
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
@@ -131,7 +181,12 @@ impl RedisServer {
 
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.url_at("127.0.0.1")
+    }
+
+    /// `redis://ADDRESS:PORT`: the server as reached at `address` (one of its namespace's).
+    pub fn url_at(&self, address: &str) -> String {
+        format!("redis://{address}:{}", self.port)
     }
 
     /// Kills the server with SIGKILL (no shutdown save).

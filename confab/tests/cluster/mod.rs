@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod traffic;
 
 use std::collections::VecDeque;
@@ -30,6 +31,59 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_confab")
+}
+
+/// The flags of a `confab cell` process: who it is, where it listens and which Redis servers
+/// it uses (`listen` and `advertise` as `IP:PORT`), with the cluster secret.
+fn cell_flags(
+    id: &str,
+    region: &str,
+    listen: &str,
+    advertise: &str,
+    redis: &str,
+    directory: &str,
+) -> Vec<String> {
+    [
+        "cell",
+        "--id",
+        id,
+        "--region",
+        region,
+        "--listen",
+        listen,
+        "--advertise",
+        &format!("http://{advertise}"),
+        "--redis",
+        redis,
+        "--directory",
+        directory,
+        "--cluster-secret",
+        CLUSTER_SECRET,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The flags of a `confab gateway` process listening on `listen` with directory `redis`: the
+/// test secrets and tokens, and a client rate no test traffic reaches.
+fn gateway_flags(listen: &str, redis: &str) -> Vec<String> {
+    [
+        "gateway",
+        "--listen",
+        listen,
+        "--redis",
+        redis,
+        "--jwt-secret",
+        JWT_SECRET,
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--cluster-secret",
+        CLUSTER_SECRET,
+        "--client-rate",
+        "1000",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// A child process killed when dropped.
@@ -112,18 +166,18 @@ pub struct CellProc {
 impl CellProc {
     /// The command line of this cell's process, listening on `port`.
     fn command(&self, port: u16) -> Command {
+        let address = format!("127.0.0.1:{port}");
+        let flags = cell_flags(
+            &self.id,
+            &self.region,
+            &address,
+            &address,
+            &self.store.url(),
+            &self.directory_url,
+        );
         let mut command = Command::new(binary());
         command
-            .args(["cell", "--id", &self.id, "--region", &self.region])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--advertise", &format!("http://127.0.0.1:{port}")])
-            .args([
-                "--redis",
-                &self.store.url(),
-                "--directory",
-                &self.directory_url,
-            ])
-            .args(["--cluster-secret", CLUSTER_SECRET])
+            .args(flags)
             .args(["--retention-events", &self.retention.to_string()])
             .args(&self.extra)
             .env("CONFAB_LOG", "warn")
@@ -267,13 +321,10 @@ pub struct GatewayProc {
 
 impl GatewayProc {
     fn spawn(&mut self) {
+        let listen = format!("127.0.0.1:{}", self.port);
         let child = Command::new(binary())
-            .args(["gateway", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--redis", &self.directory_url])
-            .args(["--jwt-secret", JWT_SECRET, "--admin-token", ADMIN_TOKEN])
-            .args(["--cluster-secret", CLUSTER_SECRET])
+            .args(gateway_flags(&listen, &self.directory_url))
             .args(["--presence-ttl-ms", &self.presence_ttl_ms.to_string()])
-            .args(["--client-rate", "1000"])
             .args(&self.extra)
             .args(["--move-page-delay-ms", &self.move_page_delay_ms.to_string()])
             .env("CONFAB_LOG", "warn")
@@ -463,9 +514,81 @@ pub async fn wait_http_ok(url: &str) {
     panic!("{url} never answered 200");
 }
 
+/// The HTTP and admin API of one gateway, at its base URL.
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    /// The API of the gateway at `base` (`http://IP:PORT`).
+    pub fn new(base: &str) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: base.to_string(),
+        }
+    }
+
+    /// A call with a bearer token: (status, body).
+    pub async fn call(
+        &self,
+        bearer: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(bearer);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("http request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a workspace in `region`; returns the cell it was placed on.
+    pub async fn create_workspace(&self, id: &str, region: &str) -> String {
+        let (status, body) = self
+            .call(
+                ADMIN_TOKEN,
+                reqwest::Method::POST,
+                "/admin/v1/workspaces",
+                Some(json!({"id": id, "region": region})),
+            )
+            .await;
+        assert_eq!(status, 201, "creating workspace {id}: {body}");
+        body["cell"].as_str().expect("cell").to_string()
+    }
+
+    /// A token for `user` of `workspace`, minted by the admin API.
+    pub async fn token(&self, workspace: &str, user: &str) -> String {
+        let (status, body) = self
+            .call(
+                ADMIN_TOKEN,
+                reqwest::Method::POST,
+                "/admin/v1/tokens",
+                Some(json!({"workspace": workspace, "user": user})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().expect("token").to_string()
+    }
+}
+
 impl Running {
     pub fn gateway(&self, i: usize) -> &GatewayProc {
         &self.gateways[i]
+    }
+
+    /// The API of gateway `i`.
+    fn api_of(&self, i: usize) -> Api {
+        Api {
+            http: self.http.clone(),
+            base: self.gateway(i).url(),
+        }
     }
 
     /// An admin API call on gateway `i`: (status, body).
@@ -488,44 +611,17 @@ impl Running {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.gateway(i).url()))
-            .bearer_auth(bearer);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("http request");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.api_of(i).call(bearer, method, path, body).await
     }
 
     /// Creates a workspace in `region`; returns the cell it was placed on.
     pub async fn create_workspace(&self, id: &str, region: &str) -> String {
-        let (status, body) = self
-            .admin(
-                0,
-                reqwest::Method::POST,
-                "/admin/v1/workspaces",
-                Some(json!({"id": id, "region": region})),
-            )
-            .await;
-        assert_eq!(status, 201, "creating workspace {id}: {body}");
-        body["cell"].as_str().expect("cell").to_string()
+        self.api_of(0).create_workspace(id, region).await
     }
 
     /// A token for `user` of `workspace`, minted by the admin API.
     pub async fn token(&self, workspace: &str, user: &str) -> String {
-        let (status, body) = self
-            .admin(
-                0,
-                reqwest::Method::POST,
-                "/admin/v1/tokens",
-                Some(json!({"workspace": workspace, "user": user})),
-            )
-            .await;
-        assert_eq!(status, 201, "{body}");
-        body["token"].as_str().expect("token").to_string()
+        self.api_of(0).token(workspace, user).await
     }
 
     /// An HTTP API call on gateway `i` with a user token: (status, body).

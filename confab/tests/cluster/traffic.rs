@@ -2,9 +2,11 @@
 //! channel through whichever gateway is up, reconnecting after any close and retrying an
 //! unanswered message with the same `client_msg_id` (as the JS SDK does), and that records
 //! every ack, every error code, every close code and, optionally, each message's delivery
-//! latency back to its own socket.
+//! latency back to its own socket. A [`Timeline`] shows the acks and disruptions while the
+//! sender runs, for tests that wait on them.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -50,6 +52,23 @@ pub struct Sender {
     pub measure: bool,
 }
 
+/// What a sender did so far, as it happens (see [`Sender::run_watched`]).
+#[derive(Debug, Default)]
+pub struct Timeline {
+    /// `(sent, acked)`: when each acked message was first sent and when its ack arrived.
+    pub acks: Vec<(Instant, Instant)>,
+    /// When each `unavailable` reply, refused `hello` or close arrived.
+    pub disruptions: Vec<Instant>,
+}
+
+/// A sender's [`Timeline`], shared with the test.
+pub type Watch = Arc<Mutex<Timeline>>;
+
+/// Locks `watch` (a panicked holder leaves it usable: the data is only pushed to).
+pub fn timeline(watch: &Watch) -> std::sync::MutexGuard<'_, Timeline> {
+    watch.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 enum Outcome {
     Acked(u64),
     Unavailable,
@@ -59,19 +78,38 @@ enum Outcome {
 impl Sender {
     /// Sends until `stop` fires (finishing the message under way), then reports.
     pub async fn run(self, stop: CancellationToken) -> Report {
+        self.run_watched(stop, HANG, Watch::default()).await
+    }
+
+    /// As [`Sender::run`], but a request may go unanswered for `hang` before it counts as a
+    /// hang, and every ack and disruption is also recorded in `watch` as it happens.
+    pub async fn run_watched(
+        self,
+        stop: CancellationToken,
+        hang: Duration,
+        watch: Watch,
+    ) -> Report {
         let mut report = Report::default();
         let mut gateway = 0;
         let mut n = 0u64;
         let mut next_id = 1u64;
+        // When the message under way (`n`) was first sent; kept across its retries.
+        let mut first_sent = None;
+        let disrupted = |report: &mut Report| {
+            let now = Instant::now();
+            report.disruptions.push(now);
+            timeline(&watch).disruptions.push(now);
+        };
         'connect: while !stop.is_cancelled() {
             let url = &self.gateways[gateway % self.gateways.len()];
             gateway += 1;
-            let mut socket = match connect(url, &self.token).await {
+            let mut socket = match connect(url, &self.token, hang).await {
                 Ok(socket) => socket,
                 Err(refusal) => {
                     if let Some(code) = refusal {
                         *report.errors.entry(code).or_default() += 1;
                     }
+                    timeline(&watch).disruptions.push(Instant::now());
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -81,29 +119,32 @@ impl Sender {
                 let id = next_id;
                 next_id += 1;
                 let sent = Instant::now();
+                let first = *first_sent.get_or_insert(sent);
                 let send = json!({"op": "send", "id": id, "channel": self.channel,
                                   "text": text, "client_msg_id": text});
                 if socket.send(Message::text(send.to_string())).await.is_err() {
                     *report.closes.entry(0).or_default() += 1;
-                    report.disruptions.push(Instant::now());
+                    disrupted(&mut report);
                     continue 'connect;
                 }
                 match self
-                    .outcome(&mut socket, id, &text, sent, &mut report)
+                    .outcome(&mut socket, id, &text, sent, hang, &mut report)
                     .await
                 {
                     Outcome::Acked(seq) => {
                         report.acked.push((text, seq));
+                        timeline(&watch).acks.push((first, Instant::now()));
+                        first_sent = None;
                         n += 1;
                         tokio::time::sleep(self.pace).await;
                     }
                     Outcome::Unavailable => {
-                        report.disruptions.push(Instant::now());
+                        disrupted(&mut report);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Outcome::Closed(code) => {
                         *report.closes.entry(code).or_default() += 1;
-                        report.disruptions.push(Instant::now());
+                        disrupted(&mut report);
                         continue 'connect;
                     }
                 }
@@ -120,17 +161,18 @@ impl Sender {
         id: u64,
         text: &str,
         sent: Instant,
+        hang: Duration,
         report: &mut Report,
     ) -> Outcome {
         let mut acked = None;
         let mut delivered = !self.measure;
-        let deadline = tokio::time::Instant::now() + HANG;
+        let deadline = tokio::time::Instant::now() + hang;
         loop {
             if let (Some(seq), true) = (acked, delivered) {
                 return Outcome::Acked(seq);
             }
             let frame = match tokio::time::timeout_at(deadline, socket.next()).await {
-                Err(_) => panic!("{}: no reply to message {text} within {HANG:?}", self.label),
+                Err(_) => panic!("{}: no reply to message {text} within {hang:?}", self.label),
                 Ok(Some(Ok(Message::Text(raw)))) => {
                     serde_json::from_str::<Value>(&raw).expect("json frame")
                 }
@@ -176,8 +218,8 @@ impl Sender {
 
 /// Opens a socket and says hello. `Err` when the gateway is down or refuses the socket, or
 /// closes it before `ready` (its cell unreachable), with the error code it sent if any.
-async fn connect(url: &str, token: &str) -> Result<Socket, Option<String>> {
-    let (mut socket, _) = tokio::time::timeout(HANG, tokio_tungstenite::connect_async(url))
+async fn connect(url: &str, token: &str, hang: Duration) -> Result<Socket, Option<String>> {
+    let (mut socket, _) = tokio::time::timeout(hang, tokio_tungstenite::connect_async(url))
         .await
         .map_err(|_| None)?
         .map_err(|_| None)?;
@@ -188,7 +230,7 @@ async fn connect(url: &str, token: &str) -> Result<Socket, Option<String>> {
         .map_err(|_| None)?;
     let mut refusal = None;
     loop {
-        match tokio::time::timeout(HANG, socket.next())
+        match tokio::time::timeout(hang, socket.next())
             .await
             .map_err(|_| None)?
         {
