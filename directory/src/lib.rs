@@ -15,6 +15,7 @@ pub mod directory;
 pub mod memory;
 pub mod moves;
 pub mod presence;
+pub mod redis_conn;
 pub mod redis_engine;
 mod redis_moves;
 
@@ -25,6 +26,7 @@ pub use directory::{
 pub use memory::{MemoryDirectory, MemoryPresence};
 pub use moves::{MoveBegun, MovePhase, MoveRecord, MOVE_LEASE_MS};
 pub use presence::{PresenceChange, PresenceSession, PresenceStore};
+pub use redis_conn::{RedisConn, Timeouts as RedisTimeouts};
 pub use redis_engine::{RedisDirectory, RedisPresence};
 
 /// An engine could not do what was asked (its backing service is unreachable or answered

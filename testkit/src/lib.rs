@@ -210,3 +210,116 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis Cluster of `masters` masters (no replicas) owned by a test: one
+/// `redis-server --cluster-enabled yes` per node on free ports, joined with
+/// `redis-cli --cluster create`. Each node is a [`RedisServer`], so a test can kill one.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every node reports
+    /// `cluster_state:ok`.
+    pub fn start(masters: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                RedisServer::start_with_args(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .arg("--cluster-replicas")
+            .arg("0")
+            .arg("--cluster-yes")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): apt-get install redis-tools"));
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cluster.nodes.iter().all(|n| n.cluster_ok()) {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never reached cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`, every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The index of the node that serves `key`'s slot (`redis-cli CLUSTER KEYSLOT` and
+    /// `CLUSTER SLOTS` asked of a live node).
+    pub fn node_of(&self, key: &str) -> usize {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| n.ping())
+            .unwrap_or_else(|| panic!("no live cluster node"));
+        let slot: u16 = live
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT: {e}"));
+        let shards = live.cli(&["CLUSTER", "SLOTS"]);
+        // Plain redis-cli output: per range, lines "start", "end", "ip", "port", "id", ...
+        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
+        for window in lines.windows(4) {
+            let (Ok(start), Ok(end), Ok(port)) = (
+                window[0].parse::<u16>(),
+                window[1].parse::<u16>(),
+                window[3].parse::<u16>(),
+            ) else {
+                continue;
+            };
+            if window[2] == "127.0.0.1" && (start..=end).contains(&slot) {
+                if let Some(i) = self.nodes.iter().position(|n| n.port == port) {
+                    return i;
+                }
+            }
+        }
+        panic!("no node serves slot {slot} of {key:?}: {shards}");
+    }
+}
+
+impl RedisServer {
+    /// `redis-cli -p PORT ARGS…`, its standard output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Whether this cluster node answers `cluster_state:ok`.
+    pub fn cluster_ok(&self) -> bool {
+        self.ping() && self.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+    }
+}
