@@ -391,9 +391,24 @@ impl metrics::Recorder for CountingRecorder {
 async fn each_published_event_increments_the_counter_once_whatever_the_recipients() {
     let count = Arc::new(AtomicU64::new(0));
     let recorder = CountingRecorder(count.clone());
-    // The test's System runs every actor on this thread, so a thread-local recorder sees them.
+    // One actor thread, this one, so that a thread-local recorder sees every actor.
     let _guard = metrics::set_default_local_recorder(&recorder);
-    let (_cell, mut gw) = start().await;
+    let cell = Cell::start(
+        CellConfig {
+            actor_threads: 1,
+            ..CellConfig::new(CellId::new("c1").unwrap())
+        },
+        Arc::new(MemoryStore::new()),
+    );
+    let mut gw = Gw::connect(&cell, "g1", 10_000);
+    gw.admin(AdminOp::CreateWorkspace {
+        workspace: ws("w"),
+        name: None,
+    })
+    .await
+    .unwrap();
+    gw.seed("general", ChannelKind::Public, &["alice", "bob"])
+        .await;
     gw.attach("alice", "a1").await;
     gw.attach("bob", "b1").await;
     gw.attach("bob", "b2").await;
