@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use confab_cells::{Cell, CellConfig, MemoryStore};
-use confab_shared::link::AdminOp;
+use confab_cells::{CellConfig, MemoryStore};
 use confab_shared::link::{CellOp, CellReply, ChannelOp, ToCell};
 use confab_shared::server::ChannelKind;
 use confab_shared::server::MessageView;
@@ -393,22 +392,8 @@ async fn each_published_event_increments_the_counter_once_whatever_the_recipient
     let recorder = CountingRecorder(count.clone());
     // One actor thread, this one, so that a thread-local recorder sees every actor.
     let _guard = metrics::set_default_local_recorder(&recorder);
-    let cell = Cell::start(
-        CellConfig {
-            actor_threads: 1,
-            ..CellConfig::new(CellId::new("c1").unwrap())
-        },
-        Arc::new(MemoryStore::new()),
-    );
-    let mut gw = Gw::connect(&cell, "g1", 10_000);
-    gw.admin(AdminOp::CreateWorkspace {
-        workspace: ws("w"),
-        name: None,
-    })
-    .await
-    .unwrap();
-    gw.seed("general", ChannelKind::Public, &["alice", "bob"])
-        .await;
+    let (_cell, mut gw) =
+        start_configured(Arc::new(MemoryStore::new()), with_actor_threads(1)).await;
     gw.attach("alice", "a1").await;
     gw.attach("bob", "b1").await;
     gw.attach("bob", "b2").await;
@@ -421,24 +406,20 @@ async fn each_published_event_increments_the_counter_once_whatever_the_recipient
     assert_eq!(count.load(Ordering::Relaxed), seeded + 2);
 }
 
+/// A cell's config with `actor_threads` threads.
+fn with_actor_threads(actor_threads: usize) -> CellConfig {
+    CellConfig {
+        actor_threads,
+        ..CellConfig::new(CellId::new("c1").unwrap())
+    }
+}
+
 /// Channels spread over four actor threads: sends to all of them at once, interleaved, still
 /// get one gapless seq order per channel, and every event reaches the subscriber in it.
 #[actix_rt::test]
 async fn channels_on_four_actor_threads_each_keep_one_gapless_seq_order() {
-    let cell = Cell::start(
-        CellConfig {
-            actor_threads: 4,
-            ..CellConfig::new(CellId::new("c1").unwrap())
-        },
-        Arc::new(MemoryStore::new()),
-    );
-    let mut gw = Gw::connect(&cell, "g1", 100_000);
-    gw.admin(AdminOp::CreateWorkspace {
-        workspace: ws("w"),
-        name: None,
-    })
-    .await
-    .unwrap();
+    let (cell, mut gw) =
+        start_configured(Arc::new(MemoryStore::new()), with_actor_threads(4)).await;
     let channels: Vec<String> = (0..16).map(|i| format!("room-{i}")).collect();
     for channel in &channels {
         gw.seed(channel, ChannelKind::Public, &["alice", "bob"])

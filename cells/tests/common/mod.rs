@@ -35,13 +35,20 @@ pub fn sid(s: &str) -> SessionId {
 
 /// Starts a cell over `store` with workspace `w` holding public `general` {alice, bob}.
 pub async fn start_with(store: Arc<dyn CellStore>, retention: u64) -> (Cell, Gw) {
-    let cell = Cell::start(
+    start_configured(
+        store,
         CellConfig {
             retention_events: retention,
             ..CellConfig::new(CellId::new("c1").unwrap())
         },
-        store,
-    );
+    )
+    .await
+}
+
+/// Starts a cell of `config` over `store` with workspace `w` holding public `general`
+/// {alice, bob}.
+pub async fn start_configured(store: Arc<dyn CellStore>, config: CellConfig) -> (Cell, Gw) {
+    let cell = Cell::start(config, store);
     let mut gw = Gw::connect(&cell, "g1", 10_000);
     gw.admin(AdminOp::CreateWorkspace {
         workspace: ws("w"),
