@@ -234,6 +234,7 @@ pub struct RedisCluster {
     /// Every node, in the order they were given to `redis-cli --cluster create` (masters
     /// first).
     pub nodes: Vec<RedisServer>,
+    masters: usize,
 }
 
 /// How long the node of a cluster may miss the others before it counts as failed.
@@ -364,24 +365,51 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster { nodes, masters };
+        cluster.wait_settled();
+        cluster
+    }
+
+    /// Kills every node with SIGKILL: the whole cluster is down.
+    pub fn kill_all(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Starts every node again (after [`RedisCluster::kill_all`], or kills them first) and
+    /// waits until the cluster is whole again.
+    pub fn restart_all(&mut self) {
+        self.kill_all();
+        for node in &mut self.nodes {
+            node.spawn();
+        }
+        self.wait_settled();
+    }
+
+    /// Waits (bounded: 60 s) until every node serves every slot and sees every node, with as
+    /// many masters as the cluster was created with.
+    pub fn wait_settled(&self) {
+        let masters = self.masters;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            // Every node serves requests for every slot, and agrees on the masters and their
-            // replicas (a replica that has not joined yet cannot take over).
-            let settled = cluster.nodes.iter().all(|node| {
+            // A replica that has not joined yet could not take over.
+            let settled = self.nodes.iter().all(|node| {
                 let view = node.cluster_nodes();
                 node.cluster_ok()
-                    && view.len() == cluster.nodes.len()
+                    && view.len() == self.nodes.len()
                     && view.iter().filter(|n| n.master).count() == masters
             });
             if settled {
-                return cluster;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "the cluster never settled: {:#?}",
-                cluster.nodes[0].cluster_nodes()
+                self.nodes
+                    .iter()
+                    .find(|n| n.ping())
+                    .map(|n| n.cluster_nodes())
             );
             std::thread::sleep(Duration::from_millis(100));
         }
