@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cluster::{Client, Cluster, WAIT};
 use common_move::{
     assert_acks_in_history, channel, connect_retrying, directory_cli, history, keep_sending,
-    metric, post_messages, store_holds, wait_for_count,
+    metric, move_key, post_messages, store_holds, wait_for_count,
 };
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -267,7 +267,7 @@ async fn move_answers_not_found_for_unknown_names_ok_for_the_same_cell_and_unava
 /// Waits until the directory holds no record of a move of `ws`.
 async fn wait_move_record_gone(cluster: &cluster::Running, ws: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !directory_cli(cluster, &["GET", &format!("confab:move:{ws}")]).is_empty() {
+    while !directory_cli(cluster, &["GET", &move_key(ws)]).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the move of {ws} was never finished or undone"
@@ -328,7 +328,7 @@ async fn a_move_whose_gateway_is_killed_half_way_is_undone_by_another_gateway_an
             .map(|r| r.status().as_u16())
     });
     let deadline = Instant::now() + WAIT;
-    while directory_cli(&cluster, &["GET", "confab:move:acme"]).is_empty() {
+    while directory_cli(&cluster, &["GET", &move_key("acme")]).is_empty() {
         assert!(Instant::now() < deadline, "the move never started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -392,7 +392,7 @@ async fn a_move_whose_source_cell_is_killed_half_way_is_undone_once_the_cell_is_
         response.status().as_u16()
     });
     let deadline = Instant::now() + WAIT;
-    while directory_cli(&cluster, &["GET", "confab:move:acme"]).is_empty() {
+    while directory_cli(&cluster, &["GET", &move_key("acme")]).is_empty() {
         assert!(Instant::now() < deadline, "the move never started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

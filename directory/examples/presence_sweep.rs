@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use confab_directory::redis_engine::keys;
 use confab_directory::{PresenceSession, PresenceStore, RedisPresence};
 use confab_shared::{SessionId, UserId, WorkspaceId};
 use confab_testkit::RedisServer;
@@ -51,7 +52,7 @@ async fn run(count: usize) {
     let mut left: u64 = 1;
     while left > 0 {
         announced += presence.sweep().await.unwrap();
-        left = redis::AsyncCommands::zcard(&mut conn, "confab:presence:users")
+        left = redis::AsyncCommands::zcard(&mut conn, keys::presence_users(&workspace))
             .await
             .unwrap();
     }

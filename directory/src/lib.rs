@@ -9,7 +9,8 @@
 //! - [`moves`]: the record of a workspace move under way (epoch, phase, lease).
 //!
 //! Each engine is a trait with an in-memory implementation here and a Redis one for
-//! production, chosen once at start-up; the code above them does not know which it has.
+//! production ([`redis_engine`], on a single Redis or a Redis Cluster through
+//! [`redis_conn`]), chosen once at start-up; the code above them does not know which it has.
 
 pub mod directory;
 pub mod memory;

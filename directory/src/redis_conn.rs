@@ -8,18 +8,32 @@
 //!
 //! In a cluster a script or a pipeline may only touch keys of one slot: callers hash-tag the
 //! keys that must travel together (`{…}`). A `SCAN` is per node: [`RedisConn::scan_slot`] runs
-//! it on the master owning a given key's slot, which is where every key of that hash tag lives.
+//! it on the master owning a given key's slot, which is where every key of that hash tag lives;
+//! [`RedisConn::scan_all`] runs it on every master.
 //!
-//! This module is the first step of Redis Cluster support (issue 11 item 5): the engines do
-//! not use it yet, see docs/operations.md.
+//! Scripts go through [`Lua`] rather than [`redis::Script`]: on `NOSCRIPT` (a node that never
+//! ran the script, or restarted) `redis::Script` loads it with `SCRIPT LOAD` on *every* node of
+//! a cluster, which fails while any one node is down, so that a process started during an
+//! outage of one master could run no script anywhere. [`Lua`] sends the script's text (`EVAL`)
+//! to the one node that asked. Pub/sub is not a connection of this type: a `PUBLISH` in a
+//! Redis Cluster reaches the subscribers of every node, so a subscriber listens on one node at
+//! a time ([`pubsub_urls`]) and [`RedisConn::publish_via`] publishes on the node of a given
+//! key's slot (the one a caller already depends on).
+//!
+//! See docs/operations.md, "Running on a Redis Cluster".
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, ToRedisArgs, Value,
+};
 
 /// The scheme that names a Redis Cluster by its seed nodes.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -60,6 +74,99 @@ pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {
             .map(|s| format!("redis://{s}"))
             .collect(),
     )
+}
+
+/// The URLs to subscribe to, one at a time, for the pub/sub channels of `url`: the URL itself
+/// for a single Redis; each seed of a `redis+cluster://` URL (a message published on any node
+/// of a cluster reaches the subscribers of every node, so one node is enough; the next is
+/// tried when it fails).
+pub fn pubsub_urls(url: &str) -> Vec<String> {
+    match cluster_seeds(url) {
+        Some(seeds) if !seeds.is_empty() => seeds,
+        _ => vec![url.to_string()],
+    }
+}
+
+/// A Lua script, run with `EVALSHA` and sent whole (`EVAL`) to the node that answers
+/// `NOSCRIPT` (see the module docs for why not [`redis::Script`]).
+#[derive(Debug)]
+pub struct Lua {
+    code: &'static str,
+    hash: String,
+}
+
+/// One call of a [`Lua`] script: its keys and arguments.
+#[derive(Debug)]
+pub struct LuaCall<'a> {
+    lua: &'a Lua,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Lua {
+    pub fn new(code: &'static str) -> Lua {
+        Lua {
+            code,
+            hash: redis::Script::new(code).get_hash().to_string(),
+        }
+    }
+
+    /// A call with no key or argument yet.
+    pub fn prepare(&self) -> LuaCall<'_> {
+        LuaCall {
+            lua: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// A call with its first key.
+    pub fn key<T: ToRedisArgs>(&self, key: T) -> LuaCall<'_> {
+        let mut call = self.prepare();
+        call.key(key);
+        call
+    }
+}
+
+impl LuaCall<'_> {
+    pub fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    pub fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    /// How many keys the call has so far.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn command(&self, name: &str, script: &str) -> Cmd {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(script)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+
+    /// Runs the script on the node of its first key's slot (any node without keys).
+    pub async fn invoke<T: FromRedisValue>(&self, conn: &mut RedisConn) -> RedisResult<T> {
+        match self
+            .command("EVALSHA", &self.lua.hash)
+            .query_async(conn)
+            .await
+        {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // EVAL caches the script on that node: the next EVALSHA finds it.
+                self.command("EVAL", self.lua.code).query_async(conn).await
+            }
+            other => other,
+        }
+    }
 }
 
 impl RedisConn {
@@ -131,6 +238,128 @@ impl RedisConn {
             }
         }
     }
+}
+
+impl RedisConn {
+    /// Every key matching `pattern`, on a cluster from every master (a `SCAN` per master, each
+    /// to the end). Fails when any master does not answer: the listing would be incomplete.
+    pub async fn scan_all(&mut self, pattern: &str, count: usize) -> RedisResult<Vec<String>> {
+        let scan = |cursor: u64| {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(count);
+            cmd
+        };
+        let mut all = Vec::new();
+        match self {
+            RedisConn::Single(conn) => {
+                let mut cursor = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = scan(cursor).query_async(conn).await?;
+                    all.extend(keys);
+                    if next == 0 {
+                        return Ok(all);
+                    }
+                    cursor = next;
+                }
+            }
+            RedisConn::Cluster(conn) => {
+                // Every master the slot map names, each scanned by its address: a master that
+                // is down fails the listing rather than leaving its keys out of it.
+                for (host, port) in cluster_masters(conn).await? {
+                    let mut cursor = 0;
+                    loop {
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port,
+                        });
+                        let reply = conn.route_command(scan(cursor), routing).await?;
+                        let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+                        all.extend(keys);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+                Ok(all)
+            }
+        }
+    }
+
+    /// `PUBLISH channel payload`, on a cluster sent to the master of `slot_key`'s slot (the
+    /// message reaches every node's subscribers from there). A caller names a key whose
+    /// master it needs anyway, so that a publish fails only when the change it announces could
+    /// not be made either.
+    pub async fn publish_via(
+        &mut self,
+        slot_key: &str,
+        channel: &str,
+        payload: &str,
+    ) -> RedisResult<()> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(payload);
+        match self {
+            RedisConn::Single(conn) => cmd.query_async(conn).await,
+            RedisConn::Cluster(conn) => {
+                let route = Route::with_key(slot_key, SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                conn.route_command(cmd, routing).await.map(|_| ())
+            }
+        }
+    }
+}
+
+/// The address of every master that serves slots, from `CLUSTER SLOTS` as the masters this
+/// connection reaches answer it (the first answer that parses).
+async fn cluster_masters(conn: &mut ClusterConnection) -> RedisResult<Vec<(String, u16)>> {
+    let answers = conn
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+        )
+        .await?;
+    let answers = match answers {
+        Value::Map(per_node) => per_node.into_iter().map(|(_, v)| v).collect(),
+        other => vec![other],
+    };
+    for answer in answers {
+        // Each range: [start, end, [host, port, id, …] of its master, replicas…].
+        let Ok(ranges) = redis::from_redis_value::<Vec<Vec<Value>>>(answer) else {
+            continue;
+        };
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        for range in ranges {
+            let Some(master) = range.get(2).cloned() else {
+                continue;
+            };
+            let Ok(node) = redis::from_redis_value::<Vec<Value>>(master) else {
+                continue;
+            };
+            let (Some(host), Some(port)) = (node.first(), node.get(1)) else {
+                continue;
+            };
+            let (Ok(host), Ok(port)) = (
+                redis::from_redis_value::<String>(host.clone()),
+                redis::from_redis_value::<u16>(port.clone()),
+            ) else {
+                continue;
+            };
+            if !masters.contains(&(host.clone(), port)) {
+                masters.push((host, port));
+            }
+        }
+        if !masters.is_empty() {
+            return Ok(masters);
+        }
+    }
+    Err(RedisError::from((
+        ErrorKind::Client,
+        "CLUSTER SLOTS: no master answered with the slot map",
+    )))
 }
 
 impl ConnectionLike for RedisConn {

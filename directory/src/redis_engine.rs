@@ -1,34 +1,59 @@
 //! Redis engines for presence and the directory, shared by every gateway and cell of a
-//! deployment.
+//! deployment, on a single Redis or a Redis Cluster (a `redis+cluster://` URL, see
+//! [`crate::redis_conn`]).
 //!
-//! Keys (all under `confab:`):
-//! - `presence:{ws}/{user}`: sorted set of the user's sessions, scored by expiry (Unix ms).
-//!   Gateways refresh their sessions every few seconds; a dead gateway's sessions simply stop
-//!   being refreshed and expire.
-//! - `presence:users`: sorted set of `{ws}/{user}` with at least one session, scored by the
-//!   latest expiry, so a sweep finds users whose sessions all expired and announces them
-//!   offline. A user is in it exactly while announced online: a refresh that finds its user
-//!   missing (swept during an outage longer than the TTL) announces it online again.
-//! - `cells` (set of ids) and `cell:{id}` (hash: region, url, draining, heartbeat, connections,
-//!   and `epoch` and `process`: the epoch of the id's latest claim and who made it).
-//! - `ws:{id}`: a workspace's record (JSON); `cellws`: workspaces per cell (hash).
-//! - `move:{ws}` and `move_epoch`: moves under way (see `redis_moves`).
-//! - Pub/sub channels `presence` and `directory` carry changes to every process.
+//! Keys (the layout is the same on both; `{…}` is a Redis Cluster hash tag, so every key with
+//! the same tag lives in one slot, and every script, `MULTI` and pipeline below touches the
+//! keys of one slot only):
 //!
-//! Every status transition is decided inside a Lua script, so exactly one process announces
-//! it. Commands time out quickly (`unavailable`, never a hang) and the connection manager
-//! reconnects by itself when Redis is back.
+//! One slot per workspace, tag `{WS}` (the workspace id): a workspace never spans two masters.
+//! - `confab:ws:{WS}`: the workspace's record (JSON).
+//! - `confab:move:{WS}`: the move of the workspace under way (see `redis_moves`).
+//! - `confab:presence:{WS}:USER`: sorted set of the user's sessions, scored by expiry (Unix
+//!   ms). Gateways refresh their sessions every few seconds; a dead gateway's sessions simply
+//!   stop being refreshed and expire.
+//! - `confab:presence:{WS}`: sorted set of the workspace's users with at least one session,
+//!   scored by their latest expiry, so a sweep finds users whose sessions all expired and
+//!   announces them offline. A user is in it exactly while announced online: a refresh that
+//!   finds its user missing (swept during an outage longer than the TTL) announces it online
+//!   again.
+//!
+//! The cell registry, tag `{cells}`, one slot (cells are few):
+//! - `confab:{cells}:ids` (set of ids) and `confab:{cells}:cell:ID` (hash: region, url,
+//!   draining, heartbeat, connections, bounds, and `epoch` and `process`: the epoch of the
+//!   id's latest claim and who made it).
+//! - `confab:{cells}:placement` (hash: workspace → its cell) and `confab:{cells}:counts`
+//!   (hash: cell → how many workspaces it has), changed together by one script
+//!   ([`PLACE_FN`]) that is idempotent, so running it again after a failure repairs them.
+//!
+//! Single keys, each in a slot of its own:
+//! - `confab:move_epoch`: the counter that numbers moves.
+//! - `confab:presence:due`: sorted set of workspaces with users, each scored at or before the
+//!   earliest expiry among its users: the sweep visits only workspaces that are due.
+//! - Pub/sub channels `confab:presence` and `confab:directory` carry changes to every process
+//!   (a `PUBLISH` on any node of a cluster reaches the subscribers of all of them).
+//!
+//! On a single Redis the workspace record, the move record and the placement change in one
+//! script. On a cluster they are in different slots: the workspace's slot changes first (that
+//! is the truth every read uses) and the placement follows in a second script; a process that
+//! dies in between leaves one workspace counted on its former cell until the move's end or
+//! the next change of that workspace runs the idempotent placement again.
+//!
+//! Every status transition is decided inside a Lua script in the workspace's slot, so exactly
+//! one process announces it. Commands time out quickly (`unavailable`, never a hang) and the
+//! connection reconnects by itself when Redis is back; on a cluster, a master that is down
+//! makes only the workspaces of its slots (and, if it holds them, the cell registry or the
+//! presence index) unavailable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_shared::server::Status;
 use confab_shared::{CellId, UserId, WorkspaceId};
-use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use futures_util::{StreamExt, TryStreamExt};
+use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
@@ -38,24 +63,67 @@ use crate::directory::{
 };
 use crate::moves::{MoveBegun, MovePhase, MoveRecord};
 use crate::presence::{PresenceChange, PresenceSession, PresenceStore};
+use crate::redis_conn::{pubsub_urls, Lua, RedisConn, Timeouts};
 use crate::EngineError;
 
 /// A session not refreshed for this long counts as gone.
 pub const SESSION_TTL: Duration = Duration::from_secs(30);
 /// How often each process sweeps for users whose sessions all expired.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// Users expired in one sweep script (one Redis round trip); a sweep runs batches until none
-/// is left, so a dead gateway's sessions expire within one sweep at any size.
+/// Users expired in one sweep script (one Redis round trip), and workspaces read from the
+/// presence index at a time; a sweep runs batches until none is left, so a dead gateway's
+/// sessions expire within one sweep at any size.
 const SWEEP_BATCH: usize = 1000;
 /// Most batches in one sweep (a million users); the next sweep goes on from there.
 const SWEEP_MAX_BATCHES: usize = 1000;
 /// Sessions refreshed in one refresh script.
 const REFRESH_BATCH: usize = 1000;
+/// Refresh scripts in flight at once on a cluster (one per workspace).
+const REFRESH_CONCURRENCY: usize = 16;
 const PRESENCE_CHANNEL: &str = "confab:presence";
 pub(crate) const DIRECTORY_CHANNEL: &str = "confab:directory";
-const USERS_KEY: &str = "confab:presence:users";
-const CELLS_KEY: &str = "confab:cells";
-pub(crate) const CELL_WORKSPACES_KEY: &str = "confab:cellws";
+
+/// The names of every key of the engines (see the module docs). Public for tests and tools
+/// that look at a deployment's Redis.
+pub mod keys {
+    use confab_shared::{CellId, UserId, WorkspaceId};
+
+    /// The presence index: workspaces with users, scored by when they are due for a sweep.
+    pub const PRESENCE_DUE: &str = "confab:presence:due";
+    /// The set of registered cell ids.
+    pub const CELLS: &str = "confab:{cells}:ids";
+    /// Workspace → its cell.
+    pub const PLACEMENT: &str = "confab:{cells}:placement";
+    /// Cell → how many workspaces it has.
+    pub const COUNTS: &str = "confab:{cells}:counts";
+    /// The counter that numbers moves.
+    pub const MOVE_EPOCH: &str = "confab:move_epoch";
+
+    /// A workspace's record.
+    pub fn workspace(ws: &WorkspaceId) -> String {
+        format!("confab:ws:{{{ws}}}")
+    }
+
+    /// A workspace's move under way.
+    pub fn move_record(ws: &WorkspaceId) -> String {
+        format!("confab:move:{{{ws}}}")
+    }
+
+    /// A cell's hash.
+    pub fn cell(id: &CellId) -> String {
+        format!("confab:{{cells}}:cell:{id}")
+    }
+
+    /// The sorted set of a workspace's users with sessions.
+    pub fn presence_users(ws: &WorkspaceId) -> String {
+        format!("confab:presence:{{{ws}}}")
+    }
+
+    /// The sorted set of a user's sessions.
+    pub fn presence_sessions(ws: &WorkspaceId, user: &UserId) -> String {
+        format!("confab:presence:{{{ws}}}:{user}")
+    }
+}
 
 /// Counter: failed commands on the directory and presence Redis (`engine="directory"`).
 pub const REDIS_ERRORS: &str = "confab_redis_errors_total";
@@ -68,24 +136,20 @@ pub(crate) fn engine_error(e: redis::RedisError) -> EngineError {
     EngineError(format!("redis: {e}"))
 }
 
-/// Opens a connection manager that fails requests fast while Redis is unreachable and
-/// reconnects in the background.
-pub fn connect(url: &str) -> Result<ConnectionManager, EngineError> {
+/// Opens a connection (to a single Redis, or to a Redis Cluster for a `redis+cluster://`
+/// URL) that fails requests fast while Redis is unreachable and reconnects in the background.
+pub fn connect(url: &str) -> Result<RedisConn, EngineError> {
     // The series exists from the first connection on, so dashboards show 0 rather than nothing.
     metrics::counter!(REDIS_ERRORS, "engine" => "directory").increment(0);
-    let client = redis::Client::open(url).map_err(engine_error)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, config).map_err(engine_error)
+    RedisConn::open(url, Timeouts::default()).map_err(engine_error)
 }
 
-/// Forwards the messages of a pub/sub channel into `sink`, reconnecting forever; `connected`,
-/// if given, counts the subscriptions made (messages published in between were never received).
+/// Forwards the messages of a pub/sub channel into `sink`, reconnecting forever (to the next
+/// of `urls` each time: the seeds of a cluster); `connected`, if given, counts the
+/// subscriptions made (messages published in between were never received: on a cluster, when
+/// the node subscribed to fails, the stream resets like on a single Redis that restarts).
 fn spawn_subscriber<T, F>(
-    url: String,
+    urls: Vec<String>,
     channel: &'static str,
     sink: broadcast::Sender<T>,
     connected: Option<watch::Sender<u64>>,
@@ -96,8 +160,15 @@ fn spawn_subscriber<T, F>(
 {
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
-        loop {
-            match subscribe_once(&url, channel, &sink, connected.as_ref(), &parse).await {
+        // Processes start at different seeds, so that not every subscriber of a deployment
+        // is on one node (and reset when it fails).
+        let first = std::process::id() as usize;
+        for attempt in first.. {
+            let Some(url) = urls.get(attempt % urls.len().max(1)) else {
+                tracing::error!(channel, "no URL to subscribe to");
+                return;
+            };
+            match subscribe_once(url, channel, &sink, connected.as_ref(), &parse).await {
                 Ok(()) => delay = Duration::from_millis(100),
                 Err(e) => tracing::warn!(channel, error = %e, "redis subscription lost"),
             }
@@ -118,7 +189,11 @@ where
     F: Fn(&[u8]) -> Option<T>,
 {
     let client = redis::Client::open(url)?;
-    let mut pubsub = client.get_async_pubsub().await?;
+    let mut pubsub = tokio::time::timeout(Timeouts::default().connect, client.get_async_pubsub())
+        .await
+        .map_err(|_| {
+            redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connection timed out"))
+        })??;
     pubsub.subscribe(channel).await?;
     if let Some(connected) = connected {
         connected.send_modify(|n| *n += 1);
@@ -142,7 +217,9 @@ struct PresenceWire {
     status: Status,
 }
 
-/// Adds a session; announces `online` when it is the user's first live one.
+/// Adds a session: KEYS = the user's sessions, the workspace's users; ARGV = session, expiry,
+/// now, user, channel, `online` payload. Announces `online` when it is the user's first live
+/// session.
 const SESSION_UP: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 local before = redis.call('ZCARD', KEYS[1])
@@ -154,8 +231,10 @@ if before == 0 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return before
 ";
 
-/// Removes a session (or sweeps expired ones when ARGV[1] is empty); announces `offline` when
-/// the user has no live session left and this call is the one that removed the user.
+/// Removes a session (or sweeps expired ones when ARGV[1] is empty): KEYS as [`SESSION_UP`];
+/// ARGV = session, now, user, channel, `offline` payload. Announces `offline` when the user has
+/// no live session left and this call is the one that removed the user. Returns the user's
+/// latest expiry left, or `''` when it has none.
 const SESSION_DOWN: &str = r"
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
@@ -163,27 +242,28 @@ local count = redis.call('ZCARD', KEYS[1])
 if count == 0 then
   redis.call('DEL', KEYS[1])
   if redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
-else
-  local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-  redis.call('ZADD', KEYS[2], top[2], ARGV[3])
+  return ''
 end
-return count
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('ZADD', KEYS[2], top[2], ARGV[3])
+return top[2]
 ";
 
-/// Extends the lifetime of a batch of sessions (KEYS[2..]: their users' keys; ARGV: expiry,
-/// channel, now, then session, member and `online` payload per key), adding back what
-/// expired. A user that counted as offline — not in the users set (swept offline, or lost with
-/// Redis), or with every session expired (which `statuses` already reads as offline) — is
-/// announced online again.
+/// Extends the lifetime of a batch of sessions (KEYS: per session its workspace's users, then
+/// its user's sessions; ARGV: expiry, channel, now, then session, user and `online` payload
+/// per session), adding back what expired. A user that counted as offline — not in its
+/// workspace's users (swept offline, or lost with Redis), or with every session expired (which
+/// `statuses` already reads as offline) — is announced online again.
 const REFRESH: &str = r"
 local expiry = tonumber(ARGV[1])
 local announced = 0
-for i = 2, #KEYS do
-  local base = 3 * (i - 2) + 3
-  local live = redis.call('ZCOUNT', KEYS[i], ARGV[3], '+inf')
-  redis.call('ZADD', KEYS[i], expiry, ARGV[base + 1])
-  redis.call('PEXPIREAT', KEYS[i], expiry + 60000)
-  local added = redis.call('ZADD', KEYS[1], 'GT', expiry, ARGV[base + 2])
+for i = 1, #KEYS / 2 do
+  local users, sessions = KEYS[2 * i - 1], KEYS[2 * i]
+  local base = 3 * (i - 1) + 3
+  local live = redis.call('ZCOUNT', sessions, ARGV[3], '+inf')
+  redis.call('ZADD', sessions, expiry, ARGV[base + 1])
+  redis.call('PEXPIREAT', sessions, expiry + 60000)
+  local added = redis.call('ZADD', users, 'GT', expiry, ARGV[base + 2])
   if added == 1 or live == 0 then
     redis.call('PUBLISH', ARGV[2], ARGV[base + 3])
     announced = announced + 1
@@ -192,8 +272,10 @@ end
 return announced
 ";
 
-/// Expires a batch of users (KEYS[2..]: their keys; ARGV: now, channel, then member and
-/// `offline` payload per key): as [`SESSION_DOWN`] without a session, for each.
+/// Expires a batch of one workspace's users (KEYS: the workspace's users, then each user's
+/// sessions; ARGV: now, channel, then user and `offline` payload per user): as
+/// [`SESSION_DOWN`] without a session, for each. Returns {announced, the earliest expiry left
+/// among the workspace's users or ''}.
 const SWEEP: &str = r"
 local announced = 0
 for i = 2, #KEYS do
@@ -210,28 +292,33 @@ for i = 2, #KEYS do
     redis.call('ZADD', KEYS[1], top[2], ARGV[base + 1])
   end
 end
-return announced
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {announced, first[2] or ''}
 ";
 
 /// The Redis presence engine.
 pub struct RedisPresence {
-    conn: ConnectionManager,
+    conn: RedisConn,
     ttl_ms: u64,
     changes: broadcast::Sender<PresenceChange>,
     /// Counts the change subscriber's (re)connections.
     resets: watch::Sender<u64>,
-    up: Script,
-    down: Script,
-    refresh: Script,
-    sweep: Script,
+    up: Lua,
+    down: Lua,
+    refresh: Lua,
+    sweep: Lua,
 }
 
-fn user_member(workspace: &WorkspaceId, user: &UserId) -> String {
-    format!("{workspace}/{user}")
-}
-
-fn user_key(member: &str) -> String {
-    format!("confab:presence:{member}")
+/// The earliest expiry among a workspace's users, as `ZRANGE … 0 0 WITHSCORES` answers it.
+async fn earliest_expiry(
+    conn: &mut RedisConn,
+    ws: &WorkspaceId,
+) -> Result<Option<f64>, EngineError> {
+    let first: Vec<(String, f64)> = conn
+        .zrange_withscores(keys::presence_users(ws), 0, 0)
+        .await
+        .map_err(engine_error)?;
+    Ok(first.first().map(|(_, score)| *score))
 }
 
 impl RedisPresence {
@@ -249,14 +336,14 @@ impl RedisPresence {
             ttl_ms: ttl.as_millis() as u64,
             changes: changes.clone(),
             resets: resets.clone(),
-            up: Script::new(SESSION_UP),
-            down: Script::new(SESSION_DOWN),
-            refresh: Script::new(REFRESH),
-            sweep: Script::new(SWEEP),
+            up: Lua::new(SESSION_UP),
+            down: Lua::new(SESSION_DOWN),
+            refresh: Lua::new(REFRESH),
+            sweep: Lua::new(SWEEP),
         });
         let connected = Some(resets);
         spawn_subscriber(
-            url.to_string(),
+            pubsub_urls(url),
             PRESENCE_CHANNEL,
             changes,
             connected,
@@ -294,49 +381,128 @@ impl RedisPresence {
         .unwrap_or_default()
     }
 
+    /// Puts workspaces in the presence index due no later than `at` (Unix ms): `ZADD LT`
+    /// lowers a later score and adds a missing workspace, never delays one.
+    async fn due_by(&self, workspaces: &[&WorkspaceId], at: u64) -> Result<(), EngineError> {
+        if workspaces.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(keys::PRESENCE_DUE).arg("LT");
+        for ws in workspaces {
+            cmd.arg(at).arg(ws.as_str());
+        }
+        cmd.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(engine_error)
+    }
+
     /// Announces `offline` for users whose sessions all expired (their gateway died), in
-    /// batches of one script each until none is left; returns how many it announced.
+    /// batches of one script each until none is left; returns how many it announced. Only
+    /// the workspaces the presence index has due are visited. A workspace whose slot does not
+    /// answer (its master is down) is skipped and the others are swept; the sweep then fails
+    /// (it did not run through), naming how many it skipped.
     pub async fn sweep(&self) -> Result<usize, EngineError> {
         let mut conn = self.conn.clone();
         let mut announced = 0;
+        let mut skipped = 0;
+        let mut last_error = None;
         for _ in 0..SWEEP_MAX_BATCHES {
             let now = confab_shared::now_ms();
-            let expired: Vec<String> = conn
-                .zrangebyscore_limit(USERS_KEY, "-inf", now, 0, SWEEP_BATCH as isize)
+            // Workspaces swept go out of the range (due later, or gone); those skipped stay
+            // in it, and the next batch starts after them.
+            let due: Vec<String> = conn
+                .zrangebyscore_limit(
+                    keys::PRESENCE_DUE,
+                    "-inf",
+                    now,
+                    skipped as isize,
+                    SWEEP_BATCH as isize,
+                )
                 .await
                 .map_err(engine_error)?;
-            let mut batch = self.sweep.prepare_invoke();
-            batch.key(USERS_KEY).arg(now).arg(PRESENCE_CHANNEL);
-            let mut users = 0;
+            for member in &due {
+                let Ok(ws) = WorkspaceId::new(member) else {
+                    conn.zrem::<_, _, ()>(keys::PRESENCE_DUE, member)
+                        .await
+                        .map_err(engine_error)?;
+                    continue;
+                };
+                match self.sweep_workspace(&ws, now).await {
+                    Ok(n) => announced += n,
+                    Err(e) => {
+                        skipped += 1;
+                        last_error = Some(e);
+                    }
+                }
+            }
+            if due.len() < SWEEP_BATCH {
+                break;
+            }
+        }
+        match last_error {
+            Some(e) => Err(EngineError(format!(
+                "{skipped} workspaces not swept ({announced} users announced offline in \
+                 others): {}",
+                e.0
+            ))),
+            None => Ok(announced),
+        }
+    }
+
+    /// Sweeps one workspace and sets when it is due next.
+    async fn sweep_workspace(&self, ws: &WorkspaceId, now: u64) -> Result<usize, EngineError> {
+        let mut conn = self.conn.clone();
+        let users_key = keys::presence_users(ws);
+        let mut announced = 0;
+        let mut earliest = None;
+        for _ in 0..SWEEP_MAX_BATCHES {
+            let expired: Vec<String> = conn
+                .zrangebyscore_limit(&users_key, "-inf", now, 0, SWEEP_BATCH as isize)
+                .await
+                .map_err(engine_error)?;
+            let mut batch = self.sweep.key(&users_key);
+            batch.arg(now).arg(PRESENCE_CHANNEL);
             let mut malformed = Vec::new();
             for member in &expired {
-                let parsed = member.split_once('/').and_then(|(ws, user)| {
-                    Some((WorkspaceId::new(ws).ok()?, UserId::new(user).ok()?))
-                });
-                let Some((ws, user)) = parsed else {
+                let Ok(user) = UserId::new(member) else {
                     malformed.push(member.as_str());
                     continue;
                 };
-                batch.key(user_key(member)).arg(member).arg(Self::payload(
-                    &ws,
-                    &user,
-                    Status::Offline,
-                ));
-                users += 1;
+                batch
+                    .key(keys::presence_sessions(ws, &user))
+                    .arg(member)
+                    .arg(Self::payload(ws, &user, Status::Offline));
             }
             if !malformed.is_empty() {
-                conn.zrem::<_, _, ()>(USERS_KEY, &malformed)
+                conn.zrem::<_, _, ()>(&users_key, &malformed)
                     .await
                     .map_err(engine_error)?;
             }
-            if users > 0 {
-                announced += batch
-                    .invoke_async::<usize>(&mut conn)
-                    .await
-                    .map_err(engine_error)?;
-            }
+            let (n, first): (usize, String) =
+                batch.invoke(&mut conn).await.map_err(engine_error)?;
+            announced += n;
+            earliest = first.parse::<f64>().ok();
             if expired.len() < SWEEP_BATCH {
                 break;
+            }
+        }
+        // The index follows what the workspace's slot says; a session opened or closed
+        // meanwhile lowers it again (`due_by`) after changing the workspace, so reading the
+        // workspace once more after writing the index catches what that write overwrote.
+        match earliest {
+            Some(at) => conn
+                .zadd::<_, _, _, ()>(keys::PRESENCE_DUE, ws.as_str(), at)
+                .await
+                .map_err(engine_error)?,
+            None => conn
+                .zrem::<_, _, ()>(keys::PRESENCE_DUE, ws.as_str())
+                .await
+                .map_err(engine_error)?,
+        }
+        if let Some(at) = earliest_expiry(&mut conn, ws).await? {
+            if earliest.is_none_or(|written| at < written) {
+                self.due_by(&[ws], at as u64).await?;
             }
         }
         Ok(announced)
@@ -347,36 +513,40 @@ impl RedisPresence {
 impl PresenceStore for RedisPresence {
     async fn session_up(&self, _gateway: &str, s: &PresenceSession) -> Result<(), EngineError> {
         let now = confab_shared::now_ms();
-        let member = user_member(&s.workspace, &s.user);
+        let expiry = now + self.ttl_ms;
         self.up
-            .key(user_key(&member))
-            .key(USERS_KEY)
+            .key(keys::presence_sessions(&s.workspace, &s.user))
+            .key(keys::presence_users(&s.workspace))
             .arg(s.session.as_str())
-            .arg(now + self.ttl_ms)
+            .arg(expiry)
             .arg(now)
-            .arg(&member)
+            .arg(s.user.as_str())
             .arg(PRESENCE_CHANNEL)
             .arg(Self::payload(&s.workspace, &s.user, Status::Online))
-            .invoke_async::<i64>(&mut self.conn.clone())
+            .invoke::<i64>(&mut self.conn.clone())
             .await
             .map_err(engine_error)?;
-        Ok(())
+        self.due_by(&[&s.workspace], expiry).await
     }
 
     async fn session_down(&self, _gateway: &str, s: &PresenceSession) -> Result<(), EngineError> {
-        let member = user_member(&s.workspace, &s.user);
-        self.down
-            .key(user_key(&member))
-            .key(USERS_KEY)
+        let left: String = self
+            .down
+            .key(keys::presence_sessions(&s.workspace, &s.user))
+            .key(keys::presence_users(&s.workspace))
             .arg(s.session.as_str())
             .arg(confab_shared::now_ms())
-            .arg(&member)
+            .arg(s.user.as_str())
             .arg(PRESENCE_CHANNEL)
             .arg(Self::payload(&s.workspace, &s.user, Status::Offline))
-            .invoke_async::<i64>(&mut self.conn.clone())
+            .invoke(&mut self.conn.clone())
             .await
             .map_err(engine_error)?;
-        Ok(())
+        // The user's latest expiry may have come down to an earlier session's.
+        match left.parse::<f64>() {
+            Ok(at) => self.due_by(&[&s.workspace], at as u64).await,
+            Err(_) => Ok(()),
+        }
     }
 
     async fn refresh(
@@ -386,26 +556,48 @@ impl PresenceStore for RedisPresence {
     ) -> Result<(), EngineError> {
         let now = confab_shared::now_ms();
         let expiry = now + self.ttl_ms;
-        // One script per batch: a refresh is a few round trips, not one per session.
-        for chunk in sessions.chunks(REFRESH_BATCH) {
-            let mut batch = self.refresh.prepare_invoke();
-            batch
-                .key(USERS_KEY)
-                .arg(expiry)
-                .arg(PRESENCE_CHANNEL)
-                .arg(now);
-            for s in chunk {
-                let member = user_member(&s.workspace, &s.user);
-                batch
-                    .key(user_key(&member))
+        // One script per batch: a refresh is a few round trips, not one per session. On a
+        // cluster a batch holds the sessions of one workspace (one slot); on a single Redis
+        // any sessions.
+        let mut groups: BTreeMap<&WorkspaceId, Vec<&PresenceSession>> = BTreeMap::new();
+        let batches: Vec<Vec<&PresenceSession>> = if self.conn.is_cluster() {
+            for s in sessions {
+                groups.entry(&s.workspace).or_default().push(s);
+            }
+            groups
+                .values()
+                .flat_map(|group| group.chunks(REFRESH_BATCH).map(<[_]>::to_vec))
+                .collect()
+        } else {
+            sessions
+                .chunks(REFRESH_BATCH)
+                .map(|chunk| chunk.iter().collect())
+                .collect()
+        };
+        let mut calls = Vec::with_capacity(batches.len());
+        for batch in &batches {
+            let mut call = self.refresh.prepare();
+            call.arg(expiry).arg(PRESENCE_CHANNEL).arg(now);
+            for s in batch {
+                call.key(keys::presence_users(&s.workspace))
+                    .key(keys::presence_sessions(&s.workspace, &s.user))
                     .arg(s.session.as_str())
-                    .arg(&member)
+                    .arg(s.user.as_str())
                     .arg(Self::payload(&s.workspace, &s.user, Status::Online));
             }
-            batch
-                .invoke_async::<usize>(&mut self.conn.clone())
-                .await
-                .map_err(engine_error)?;
+            let mut conn = self.conn.clone();
+            calls.push(async move { call.invoke::<usize>(&mut conn).await });
+        }
+        futures_util::stream::iter(calls)
+            .buffer_unordered(REFRESH_CONCURRENCY)
+            .try_collect::<Vec<usize>>()
+            .await
+            .map_err(engine_error)?;
+        let mut workspaces: Vec<&WorkspaceId> = sessions.iter().map(|s| &s.workspace).collect();
+        workspaces.sort();
+        workspaces.dedup();
+        for chunk in workspaces.chunks(REFRESH_BATCH) {
+            self.due_by(chunk, expiry).await?;
         }
         Ok(())
     }
@@ -421,7 +613,7 @@ impl PresenceStore for RedisPresence {
         let now = confab_shared::now_ms();
         let mut pipe = redis::pipe();
         for user in users {
-            pipe.zcount(user_key(&user_member(workspace, user)), now, "+inf");
+            pipe.zcount(keys::presence_sessions(workspace, user), now, "+inf");
         }
         let counts: Vec<u64> = pipe
             .query_async(&mut self.conn.clone())
@@ -463,19 +655,67 @@ enum DirectoryWire {
     },
 }
 
-/// Points a workspace at another cell and moves its count, atomically.
-const MOVE_WORKSPACE: &str = r"
+/// Lua: `place(placement, counts, ws, cell)` records that workspace `ws` is on `cell` (`false`:
+/// on none, it was deleted) and moves the per-cell counts to match. Idempotent: a second run
+/// changes nothing, so it repairs a placement that a failure left behind.
+macro_rules! place_fn {
+    () => {
+        r"
+local function place(placement, counts, ws, cell)
+  local old = redis.call('HGET', placement, ws)
+  if old == cell then return end
+  if old then redis.call('HINCRBY', counts, old, -1) end
+  if cell then
+    redis.call('HSET', placement, ws, cell)
+    redis.call('HINCRBY', counts, cell, 1)
+  else
+    redis.call('HDEL', placement, ws)
+  end
+end
+"
+    };
+}
+pub(crate) use place_fn;
+
+/// Places a workspace on its own: KEYS = placement, counts; ARGV = workspace, cell (`''`:
+/// none).
+const PLACE: &str = concat!(
+    place_fn!(),
+    r"
+local cell = ARGV[2]
+if cell == '' then cell = false end
+place(KEYS[1], KEYS[2], ARGV[1], cell)
+return 1
+"
+);
+
+/// Points a workspace at another cell: KEYS = workspace record, then (on a single Redis)
+/// placement and counts; ARGV = cell, region, channel, payload, workspace.
+const MOVE_WORKSPACE: &str = concat!(
+    place_fn!(),
+    r"
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local record = cjson.decode(raw)
-redis.call('HINCRBY', KEYS[2], record['cell'], -1)
 record['cell'] = ARGV[1]
 record['region'] = ARGV[2]
 redis.call('SET', KEYS[1], cjson.encode(record))
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+if KEYS[2] then place(KEYS[2], KEYS[3], ARGV[5], ARGV[1]) end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
-";
+"
+);
+
+/// Deletes a workspace record: KEYS = the record, then (on a single Redis) placement and
+/// counts; ARGV = workspace.
+const DELETE_WORKSPACE: &str = concat!(
+    place_fn!(),
+    r"
+redis.call('DEL', KEYS[1])
+if KEYS[2] then place(KEYS[2], KEYS[3], ARGV[1], false) end
+return 1
+"
+);
 
 /// Claims a cell id: KEYS = cell hash, cells set; ARGV = id, region, url, now, process,
 /// min epoch. Returns {epoch, then the previous epoch, process, url, heartbeat or ''}.
@@ -520,12 +760,14 @@ fn bound_field(bound: Option<u64>) -> String {
 
 /// The Redis directory engine.
 pub struct RedisDirectory {
-    conn: ConnectionManager,
+    conn: RedisConn,
     changes: broadcast::Sender<DirectoryChange>,
-    move_script: Script,
-    claim_script: Script,
-    register_script: Script,
-    heartbeat_script: Script,
+    move_script: Lua,
+    delete_script: Lua,
+    place_script: Lua,
+    claim_script: Lua,
+    register_script: Lua,
+    heartbeat_script: Lua,
 }
 
 /// A registration or heartbeat script's answer.
@@ -539,14 +781,6 @@ fn tenure(outcome: i64) -> CellTenure {
     }
 }
 
-fn cell_key(id: &CellId) -> String {
-    format!("confab:cell:{id}")
-}
-
-fn workspace_key(id: &WorkspaceId) -> String {
-    format!("confab:ws:{id}")
-}
-
 impl RedisDirectory {
     /// Connects and starts the change subscriber.
     pub fn start(url: &str) -> Result<Arc<RedisDirectory>, EngineError> {
@@ -554,24 +788,74 @@ impl RedisDirectory {
         let directory = Arc::new(RedisDirectory {
             conn: connect(url)?,
             changes: changes.clone(),
-            move_script: Script::new(MOVE_WORKSPACE),
-            claim_script: Script::new(CLAIM_CELL),
-            register_script: Script::new(REGISTER_CELL),
-            heartbeat_script: Script::new(HEARTBEAT_CELL),
+            move_script: Lua::new(MOVE_WORKSPACE),
+            delete_script: Lua::new(DELETE_WORKSPACE),
+            place_script: Lua::new(PLACE),
+            claim_script: Lua::new(CLAIM_CELL),
+            register_script: Lua::new(REGISTER_CELL),
+            heartbeat_script: Lua::new(HEARTBEAT_CELL),
         });
-        spawn_subscriber(url.to_string(), DIRECTORY_CHANNEL, changes, None, |bytes| {
-            Some(match serde_json::from_slice(bytes).ok()? {
-                DirectoryWire::Moved { workspace, cell } => {
-                    DirectoryChange::WorkspaceMoved { workspace, cell }
-                }
-                DirectoryWire::Cell { cell } => DirectoryChange::CellChanged { cell },
-            })
-        });
+        spawn_subscriber(
+            pubsub_urls(url),
+            DIRECTORY_CHANNEL,
+            changes,
+            None,
+            |bytes| {
+                Some(match serde_json::from_slice(bytes).ok()? {
+                    DirectoryWire::Moved { workspace, cell } => {
+                        DirectoryChange::WorkspaceMoved { workspace, cell }
+                    }
+                    DirectoryWire::Cell { cell } => DirectoryChange::CellChanged { cell },
+                })
+            },
+        );
         Ok(directory)
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// Whether the placement changes in the workspace slot's own scripts (a single Redis,
+    /// where every key is on one server) rather than after them (a cluster: another slot).
+    pub(crate) fn placement_inline(&self) -> bool {
+        !self.conn.is_cluster()
+    }
+
+    /// Adds the placement keys to a workspace script's call on a single Redis.
+    pub(crate) fn with_placement(&self, call: &mut crate::redis_conn::LuaCall<'_>) {
+        if self.placement_inline() {
+            call.key(keys::PLACEMENT).key(keys::COUNTS);
+        }
+    }
+
+    /// Records that `ws` is on `cell` (`None`: deleted), in the cell registry's slot.
+    pub(crate) async fn place(
+        &self,
+        ws: &WorkspaceId,
+        cell: Option<&CellId>,
+    ) -> Result<(), EngineError> {
+        self.place_script
+            .key(keys::PLACEMENT)
+            .key(keys::COUNTS)
+            .arg(ws.as_str())
+            .arg(cell.map_or("", CellId::as_str))
+            .invoke::<i64>(&mut self.conn())
+            .await
+            .map_err(engine_error)?;
+        Ok(())
+    }
+
+    /// On a cluster, places `ws` after its own slot changed. The workspace's record is the
+    /// truth and has changed already, so a failure here is logged, not returned: the
+    /// workspace stays counted on its former cell until its move ends or it changes again.
+    pub(crate) async fn place_after(&self, ws: &WorkspaceId, cell: Option<&CellId>) {
+        if self.placement_inline() {
+            return;
+        }
+        if let Err(e) = self.place(ws, cell).await {
+            tracing::warn!(workspace = %ws, error = %e, "workspace placement not recorded");
+        }
     }
 
     /// Announces that a cell changed (drained, undrained, registered).
@@ -582,9 +866,9 @@ impl RedisDirectory {
 
     async fn publish(&self, wire: &DirectoryWire) -> Result<(), EngineError> {
         let payload = serde_json::to_string(wire).unwrap_or_default();
-        self.conn
-            .clone()
-            .publish::<_, _, ()>(DIRECTORY_CHANNEL, payload)
+        // Only cell changes are published from here: through the cell registry's master.
+        self.conn()
+            .publish_via(keys::CELLS, DIRECTORY_CHANNEL, &payload)
             .await
             .map_err(engine_error)
     }
@@ -618,15 +902,15 @@ impl Directory for RedisDirectory {
     ) -> Result<CellClaim, EngineError> {
         let reply: Vec<String> = self
             .claim_script
-            .key(cell_key(&cell.id))
-            .key(CELLS_KEY)
+            .key(keys::cell(&cell.id))
+            .key(keys::CELLS)
             .arg(cell.id.as_str())
             .arg(&cell.region)
             .arg(&cell.url)
             .arg(now_ms)
             .arg(process)
             .arg(min_epoch)
-            .invoke_async(&mut self.conn.clone())
+            .invoke(&mut self.conn())
             .await
             .map_err(engine_error)?;
         let field = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
@@ -652,15 +936,15 @@ impl Directory for RedisDirectory {
     ) -> Result<CellTenure, EngineError> {
         let outcome: i64 = self
             .register_script
-            .key(cell_key(&cell.id))
-            .key(CELLS_KEY)
+            .key(keys::cell(&cell.id))
+            .key(keys::CELLS)
             .arg(cell.id.as_str())
             .arg(&cell.region)
             .arg(&cell.url)
             .arg(now_ms)
             .arg(process)
             .arg(epoch)
-            .invoke_async(&mut self.conn.clone())
+            .invoke(&mut self.conn())
             .await
             .map_err(engine_error)?;
         let tenure = tenure(outcome);
@@ -679,33 +963,35 @@ impl Directory for RedisDirectory {
     ) -> Result<CellTenure, EngineError> {
         let outcome: i64 = self
             .heartbeat_script
-            .key(cell_key(id))
+            .key(keys::cell(id))
             .arg(epoch)
             .arg(now_ms)
             .arg(load.connections)
             .arg(bound_field(load.max_workspaces))
             .arg(bound_field(load.max_connections))
-            .invoke_async(&mut self.conn.clone())
+            .invoke(&mut self.conn())
             .await
             .map_err(engine_error)?;
         Ok(tenure(outcome))
     }
 
     async fn cells(&self) -> Result<Vec<CellRecord>, EngineError> {
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = conn.smembers(CELLS_KEY).await.map_err(engine_error)?;
+        let mut conn = self.conn();
+        let ids: Vec<String> = conn.smembers(keys::CELLS).await.map_err(engine_error)?;
+        // Only valid ids are ever registered.
+        let ids: Vec<CellId> = ids.iter().filter_map(|id| CellId::new(id).ok()).collect();
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.hgetall(format!("confab:cell:{id}"));
+            pipe.hgetall(keys::cell(id));
         }
-        pipe.hgetall(CELL_WORKSPACES_KEY);
+        pipe.hgetall(keys::COUNTS);
         let mut hashes: Vec<HashMap<String, String>> =
             pipe.query_async(&mut conn).await.map_err(engine_error)?;
         let counts = hashes.pop().unwrap_or_default();
         let mut cells: Vec<CellRecord> = ids
             .iter()
             .zip(&hashes)
-            .filter_map(|(id, hash)| cell_from_hash(id, hash))
+            .filter_map(|(id, hash)| cell_from_hash(id.as_str(), hash))
             .map(|mut cell| {
                 cell.workspaces = counts
                     .get(cell.id.as_str())
@@ -720,27 +1006,13 @@ impl Directory for RedisDirectory {
     }
 
     async fn drain_cell(&self, id: &CellId) -> Result<bool, EngineError> {
-        let mut conn = self.conn.clone();
-        let known: bool = conn
-            .sismember(CELLS_KEY, id.as_str())
-            .await
-            .map_err(engine_error)?;
-        if !known {
-            return Ok(false);
-        }
-        conn.hset::<_, _, _, ()>(cell_key(id), "draining", "1")
-            .await
-            .map_err(engine_error)?;
-        self.publish(&DirectoryWire::Cell { cell: id.clone() })
-            .await?;
-        Ok(true)
+        self.set_draining(id, true).await
     }
 
     async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceRecord>, EngineError> {
         let raw: Option<String> = self
-            .conn
-            .clone()
-            .get(workspace_key(id))
+            .conn()
+            .get(keys::workspace(id))
             .await
             .map_err(engine_error)?;
         raw.map(|raw| {
@@ -752,9 +1024,9 @@ impl Directory for RedisDirectory {
 
     async fn create_workspace(&self, record: WorkspaceRecord) -> Result<(), CreateWorkspaceError> {
         let raw = serde_json::to_string(&record).unwrap_or_default();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let created: bool = redis::cmd("SET")
-            .arg(workspace_key(&record.id))
+            .arg(keys::workspace(&record.id))
             .arg(raw)
             .arg("NX")
             .query_async::<Option<String>>(&mut conn)
@@ -764,24 +1036,23 @@ impl Directory for RedisDirectory {
         if !created {
             return Err(CreateWorkspaceError::Exists(record.id));
         }
-        conn.hincr::<_, _, _, ()>(CELL_WORKSPACES_KEY, record.cell.as_str(), 1)
-            .await
-            .map_err(engine_error)?;
+        if self.placement_inline() {
+            self.place(&record.id, Some(&record.cell)).await?;
+        } else {
+            self.place_after(&record.id, Some(&record.cell)).await;
+        }
         Ok(())
     }
 
     async fn delete_workspace(&self, id: &WorkspaceId) -> Result<(), EngineError> {
-        if let Some(record) = self.workspace(id).await? {
-            let mut conn = self.conn.clone();
-            redis::pipe()
-                .atomic()
-                .del(workspace_key(id))
-                .ignore()
-                .hincr(CELL_WORKSPACES_KEY, record.cell.as_str(), -1)
-                .ignore()
-                .query_async::<()>(&mut conn)
+        if self.workspace(id).await?.is_some() {
+            let mut call = self.delete_script.key(keys::workspace(id));
+            self.with_placement(&mut call);
+            call.arg(id.as_str())
+                .invoke::<i64>(&mut self.conn())
                 .await
                 .map_err(engine_error)?;
+            self.place_after(id, None).await;
         }
         Ok(())
     }
@@ -797,20 +1068,21 @@ impl Directory for RedisDirectory {
             cell: cell.clone(),
         })
         .unwrap_or_default();
-        let moved: i64 = self
-            .move_script
-            .key(workspace_key(id))
-            .key(CELL_WORKSPACES_KEY)
+        let mut call = self.move_script.key(keys::workspace(id));
+        self.with_placement(&mut call);
+        let moved: i64 = call
             .arg(cell.as_str())
             .arg(region)
             .arg(DIRECTORY_CHANNEL)
             .arg(payload)
-            .invoke_async(&mut self.conn.clone())
+            .arg(id.as_str())
+            .invoke(&mut self.conn())
             .await
             .map_err(engine_error)?;
         if moved == 0 {
             return Err(EngineError(format!("workspace {id} does not exist")));
         }
+        self.place_after(id, Some(cell)).await;
         Ok(())
     }
 

@@ -1,18 +1,110 @@
-//! The Redis presence and directory engines against a real `redis-server`.
+//! The Redis presence and directory engines against a real `redis-server` and against a real
+//! 3-master Redis Cluster: every engine test runs on both (`<test>::single_redis` and
+//! `<test>::redis_cluster`), and the cluster's own cases (a dead master, a promoted replica)
+//! follow.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
+use confab_directory::redis_engine::keys;
 use confab_directory::{
     CellLoad, CellRegistration, CellTenure, CreateWorkspaceError, Directory, DirectoryChange,
     PresenceSession, PresenceStore, RedisDirectory, RedisPresence, WorkspaceRecord,
 };
+use confab_directory::{RedisConn, RedisTimeouts};
 use confab_shared::server::Status;
 use confab_shared::{CellId, SessionId, UserId, WorkspaceId};
-use confab_testkit::RedisServer;
+use confab_testkit::{RedisCluster, RedisServer};
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
+
+/// The Redis a test runs against.
+enum Redis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    fn single() -> Redis {
+        Redis::Single(RedisServer::start())
+    }
+
+    fn cluster() -> Redis {
+        Redis::Cluster(RedisCluster::start(3))
+    }
+
+    /// The URL the engines are given (`redis+cluster://…` for the cluster).
+    fn url(&self) -> String {
+        match self {
+            Redis::Single(server) => server.url(),
+            Redis::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// A plain `redis://` URL to subscribe on (a publish on any node of a cluster reaches
+    /// the subscribers of every node).
+    fn pubsub_url(&self) -> String {
+        match self {
+            Redis::Single(server) => server.url(),
+            Redis::Cluster(cluster) => cluster.nodes[0].url(),
+        }
+    }
+
+    /// A connection of the test's own, to read keys by name.
+    fn conn(&self) -> RedisConn {
+        RedisConn::open(&self.url(), RedisTimeouts::default()).unwrap()
+    }
+
+    /// Every server down (SIGKILL).
+    fn kill(&mut self) {
+        match self {
+            Redis::Single(server) => server.kill(),
+            Redis::Cluster(cluster) => cluster.kill_all(),
+        }
+    }
+
+    /// Every server up again with its data (the cluster whole again).
+    fn restart(&mut self) {
+        match self {
+            Redis::Single(server) => server.restart(),
+            Redis::Cluster(cluster) => cluster.restart_all(),
+        }
+    }
+}
+
+/// Runs each named `async fn(Redis)` as two tests, `NAME::single_redis` and
+/// `NAME::redis_cluster`.
+macro_rules! on_single_and_cluster {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test]
+            async fn single_redis() {
+                super::$test(super::Redis::single()).await;
+            }
+
+            #[tokio::test]
+            async fn redis_cluster() {
+                super::$test(super::Redis::cluster()).await;
+            }
+        }
+    )*};
+}
+
+on_single_and_cluster!(
+    presence_is_online_while_a_session_lives_and_changes_reach_subscribers,
+    sessions_of_a_dead_gateway_expire_and_the_user_is_announced_offline,
+    refreshed_sessions_do_not_expire,
+    directory_registers_cells_places_workspaces_and_announces_moves,
+    engines_answer_unavailable_quickly_while_redis_is_down_and_recover,
+    a_refresh_after_the_users_sessions_were_swept_announces_it_online_again,
+    a_refresh_of_a_user_whose_sessions_all_expired_announces_it_online_again,
+    the_change_stream_reports_a_reset_when_it_reconnects_after_a_redis_restart,
+    a_dead_gateways_twenty_thousand_sessions_all_go_offline_within_60_s,
+    sessions_across_many_workspaces_are_refreshed_and_swept_offline,
+    a_second_claim_of_a_cell_id_supersedes_the_first_process,
+    redis_move_records_switch_once_and_an_undo_is_final,
+);
 
 fn session(ws: &str, user: &str, id: &str) -> PresenceSession {
     PresenceSession {
@@ -31,7 +123,7 @@ async fn next_change(
             .expect("no change within 10 s")
             .expect("change stream closed");
         // The subscription probe's own changes may still be in flight; they are not the test's.
-        if change.workspace.as_str() != "probe" {
+        if change.user.as_str() != "probe" {
             return change;
         }
     }
@@ -42,7 +134,16 @@ async fn wait_subscribed(
     presence: &RedisPresence,
     rx: &mut broadcast::Receiver<confab_directory::PresenceChange>,
 ) {
-    let probe = session("probe", "probe", "probe");
+    wait_subscribed_in(presence, rx, "probe").await;
+}
+
+/// [`wait_subscribed`] with the probe user in workspace `ws`; drops every change pending.
+async fn wait_subscribed_in(
+    presence: &RedisPresence,
+    rx: &mut broadcast::Receiver<confab_directory::PresenceChange>,
+    ws: &str,
+) {
+    let probe = session(ws, "probe", "probe");
     for _ in 0..100 {
         presence.session_up("g", &probe).await.unwrap();
         presence.session_down("g", &probe).await.unwrap();
@@ -54,9 +155,7 @@ async fn wait_subscribed(
     panic!("presence subscriber never connected");
 }
 
-#[tokio::test]
-async fn presence_is_online_while_a_session_lives_and_changes_reach_subscribers() {
-    let redis = RedisServer::start();
+async fn presence_is_online_while_a_session_lives_and_changes_reach_subscribers(redis: Redis) {
     let presence = RedisPresence::start(&redis.url()).unwrap();
     let mut changes = presence.subscribe();
     wait_subscribed(&presence, &mut changes).await;
@@ -96,9 +195,7 @@ async fn presence_is_online_while_a_session_lives_and_changes_reach_subscribers(
     }
 }
 
-#[tokio::test]
-async fn sessions_of_a_dead_gateway_expire_and_the_user_is_announced_offline() {
-    let redis = RedisServer::start();
+async fn sessions_of_a_dead_gateway_expire_and_the_user_is_announced_offline(redis: Redis) {
     let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
     let mut changes = presence.subscribe();
     wait_subscribed(&presence, &mut changes).await;
@@ -121,9 +218,7 @@ async fn sessions_of_a_dead_gateway_expire_and_the_user_is_announced_offline() {
     assert_eq!(statuses, vec![Status::Offline]);
 }
 
-#[tokio::test]
-async fn refreshed_sessions_do_not_expire() {
-    let redis = RedisServer::start();
+async fn refreshed_sessions_do_not_expire(redis: Redis) {
     let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
     let s = session("w", "dave", "s1");
     presence.session_up("g", &s).await.unwrap();
@@ -142,9 +237,7 @@ async fn refreshed_sessions_do_not_expire() {
     assert_eq!(statuses, vec![Status::Online]);
 }
 
-#[tokio::test]
-async fn directory_registers_cells_places_workspaces_and_announces_moves() {
-    let redis = RedisServer::start();
+async fn directory_registers_cells_places_workspaces_and_announces_moves(redis: Redis) {
     let directory = RedisDirectory::start(&redis.url()).unwrap();
     let mut changes = directory.subscribe();
     let c1 = CellId::new("c1").unwrap();
@@ -237,11 +330,17 @@ async fn directory_registers_cells_places_workspaces_and_announces_moves() {
     assert_eq!(record.cell, c1);
     let cells = directory.cells().await.unwrap();
     assert_eq!(cells.iter().map(|c| c.workspaces).sum::<u64>(), 1);
+    assert_eq!(cells.iter().find(|c| c.id == c1).unwrap().workspaces, 1);
+    assert_eq!(directory.workspaces().await.unwrap().len(), 1);
+
+    directory.delete_workspace(&ws).await.unwrap();
+    assert_eq!(directory.workspace(&ws).await.unwrap(), None);
+    let cells = directory.cells().await.unwrap();
+    assert_eq!(cells.iter().map(|c| c.workspaces).sum::<u64>(), 0);
+    assert!(directory.workspaces().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn engines_answer_unavailable_quickly_while_redis_is_down_and_recover() {
-    let mut redis = RedisServer::start();
+async fn engines_answer_unavailable_quickly_while_redis_is_down_and_recover(mut redis: Redis) {
     let directory = RedisDirectory::start(&redis.url()).unwrap();
     assert!(directory.cells().await.is_ok());
     redis.kill();
@@ -266,9 +365,7 @@ async fn engines_answer_unavailable_quickly_while_redis_is_down_and_recover() {
     );
 }
 
-#[tokio::test]
-async fn a_refresh_after_the_users_sessions_were_swept_announces_it_online_again() {
-    let redis = RedisServer::start();
+async fn a_refresh_after_the_users_sessions_were_swept_announces_it_online_again(redis: Redis) {
     let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
     let mut changes = presence.subscribe();
     wait_subscribed(&presence, &mut changes).await;
@@ -304,9 +401,7 @@ async fn a_refresh_after_the_users_sessions_were_swept_announces_it_online_again
     assert_eq!(next_change(&mut changes).await.status, Status::Offline);
 }
 
-#[tokio::test]
-async fn a_refresh_of_a_user_whose_sessions_all_expired_announces_it_online_again() {
-    let redis = RedisServer::start();
+async fn a_refresh_of_a_user_whose_sessions_all_expired_announces_it_online_again(redis: Redis) {
     let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(300)).unwrap();
     let mut changes = presence.subscribe();
     wait_subscribed(&presence, &mut changes).await;
@@ -332,9 +427,9 @@ async fn a_refresh_of_a_user_whose_sessions_all_expired_announces_it_online_agai
     );
 }
 
-#[tokio::test]
-async fn the_change_stream_reports_a_reset_when_it_reconnects_after_a_redis_restart() {
-    let mut redis = RedisServer::start();
+async fn the_change_stream_reports_a_reset_when_it_reconnects_after_a_redis_restart(
+    mut redis: Redis,
+) {
     let presence = RedisPresence::start(&redis.url()).unwrap();
     let mut resets = presence.resets();
     tokio::time::timeout(Duration::from_secs(10), resets.changed())
@@ -349,19 +444,15 @@ async fn the_change_stream_reports_a_reset_when_it_reconnects_after_a_redis_rest
     assert!(*resets.borrow() >= 2);
 }
 
-#[tokio::test]
-async fn a_dead_gateways_twenty_thousand_sessions_all_go_offline_within_60_s() {
-    const SESSIONS: usize = 20_000;
-    let redis = RedisServer::start();
-    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_secs(5)).unwrap();
-    // Count the offline announcements on a subscription of the test's own.
-    let client = redis::Client::open(redis.url()).unwrap();
+/// Counts the `offline` announcements on a subscription of the test's own, until `expected`.
+async fn count_offline(redis: &Redis, expected: usize) -> tokio::task::JoinHandle<usize> {
+    let client = redis::Client::open(redis.pubsub_url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe("confab:presence").await.unwrap();
-    let offline = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut messages = pubsub.on_message();
         let mut offline = 0;
-        while offline < SESSIONS {
+        while offline < expected {
             let Some(message) = messages.next().await else {
                 break;
             };
@@ -372,7 +463,28 @@ async fn a_dead_gateways_twenty_thousand_sessions_all_go_offline_within_60_s() {
             }
         }
         offline
-    });
+    })
+}
+
+/// Waits (bounded) until the presence index is empty: every workspace swept to the end.
+async fn wait_presence_index_empty(redis: &Redis) {
+    let mut conn = redis.conn();
+    for _ in 0..100 {
+        let due: u64 = redis::AsyncCommands::zcard(&mut conn, keys::PRESENCE_DUE)
+            .await
+            .unwrap();
+        if due == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the presence index still lists workspaces");
+}
+
+async fn a_dead_gateways_twenty_thousand_sessions_all_go_offline_within_60_s(redis: Redis) {
+    const SESSIONS: usize = 20_000;
+    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_secs(5)).unwrap();
+    let offline = count_offline(&redis, SESSIONS).await;
 
     let sessions: Vec<PresenceSession> = (0..SESSIONS)
         .map(|i| session("w", &format!("user{i}"), &format!("s{i}")))
@@ -394,16 +506,50 @@ async fn a_dead_gateways_twenty_thousand_sessions_all_go_offline_within_60_s() {
         "{SESSIONS} sessions offline {:.1} s after their last refresh (ttl 5 s)",
         started.elapsed().as_secs_f64()
     );
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let left: u64 = redis::AsyncCommands::zcard(&mut conn, "confab:presence:users")
-        .await
-        .unwrap();
+    let left: u64 = redis::AsyncCommands::zcard(
+        &mut redis.conn(),
+        keys::presence_users(&WorkspaceId::new("w").unwrap()),
+    )
+    .await
+    .unwrap();
     assert_eq!(left, 0);
+    wait_presence_index_empty(&redis).await;
 }
 
-#[tokio::test]
-async fn a_second_claim_of_a_cell_id_supersedes_the_first_process() {
-    let redis = RedisServer::start();
+/// Sessions of 300 workspaces (on every master of a cluster) in one refresh: all online, and
+/// once they expire the sweep announces each user offline exactly once.
+async fn sessions_across_many_workspaces_are_refreshed_and_swept_offline(redis: Redis) {
+    const WORKSPACES: usize = 300;
+    const USERS: usize = 5;
+    let presence = RedisPresence::start_with_ttl(&redis.url(), Duration::from_millis(500)).unwrap();
+    let offline = count_offline(&redis, WORKSPACES * USERS).await;
+    let sessions: Vec<PresenceSession> = (0..WORKSPACES)
+        .flat_map(|w| (0..USERS).map(move |u| session(&format!("ws{w}"), &format!("u{u}"), "s")))
+        .collect();
+    presence.refresh("g", &sessions).await.unwrap();
+    for w in [0, WORKSPACES / 2, WORKSPACES - 1] {
+        let users: Vec<UserId> = (0..USERS)
+            .map(|u| UserId::new(&format!("u{u}")).unwrap())
+            .collect();
+        let statuses = presence
+            .statuses(&WorkspaceId::new(&format!("ws{w}")).unwrap(), &users)
+            .await
+            .unwrap();
+        assert_eq!(statuses, vec![Status::Online; USERS]);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    presence.sweep().await.unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(30), offline)
+        .await
+        .expect("not every user was announced offline")
+        .unwrap();
+    assert_eq!(announced, WORKSPACES * USERS);
+    wait_presence_index_empty(&redis).await;
+    // Exactly once: a second sweep finds nobody.
+    assert_eq!(presence.sweep().await.unwrap(), 0);
+}
+
+async fn a_second_claim_of_a_cell_id_supersedes_the_first_process(redis: Redis) {
     let directory = RedisDirectory::start(&redis.url()).unwrap();
     let c1 = CellId::new("c1").unwrap();
     let registration = |url: &str| CellRegistration {
@@ -551,9 +697,7 @@ async fn move_records_switch_once_and_an_undo_is_final(directory: &dyn Directory
     assert_eq!(directory.workspaces().await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn redis_move_records_switch_once_and_an_undo_is_final() {
-    let redis = RedisServer::start();
+async fn redis_move_records_switch_once_and_an_undo_is_final(redis: Redis) {
     let directory = RedisDirectory::start(&redis.url()).unwrap();
     move_records_switch_once_and_an_undo_is_final(directory.as_ref()).await;
 }
@@ -562,4 +706,227 @@ async fn redis_move_records_switch_once_and_an_undo_is_final() {
 async fn memory_move_records_switch_once_and_an_undo_is_final() {
     let directory = confab_directory::MemoryDirectory::new();
     move_records_switch_once_and_an_undo_is_final(&directory).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A Redis Cluster losing a master
+
+/// Workspace ids `ws0`, `ws1`, … whose slot's master is `node` (`wanted`: or is not).
+fn workspace_on(cluster: &RedisCluster, node: usize, wanted: bool) -> WorkspaceId {
+    (0..1000)
+        .map(|i| WorkspaceId::new(&format!("ws{i}")).unwrap())
+        .find(|ws| (cluster.master_of(&keys::workspace(ws)) == node) == wanted)
+        .expect("a workspace id for that master")
+}
+
+/// Waits for `user`'s change to `status`, keeping every change read meanwhile in `seen`.
+async fn wait_change(
+    rx: &mut broadcast::Receiver<confab_directory::PresenceChange>,
+    seen: &mut Vec<confab_directory::PresenceChange>,
+    user: &str,
+    status: Status,
+) {
+    loop {
+        let change = next_change(rx).await;
+        let found = change.user.as_str() == user && change.status == status;
+        seen.push(change);
+        if found {
+            return;
+        }
+    }
+}
+
+async fn register(directory: &RedisDirectory, id: &CellId) -> u64 {
+    directory
+        .claim_cell(
+            CellRegistration {
+                id: id.clone(),
+                region: "r".into(),
+                url: format!("http://{id}"),
+            },
+            "test",
+            0,
+            confab_shared::now_ms(),
+        )
+        .await
+        .unwrap()
+        .epoch
+}
+
+/// Without replicas, a dead master costs only the keys of its slots: the workspace whose
+/// directory slot it held answers `unavailable` (quickly), the other workspace, the cell
+/// registry and presence go on, engines started during the outage run their scripts on the
+/// nodes left, and the workspace is back with its record once its master restarts.
+#[tokio::test]
+async fn a_dead_master_makes_only_the_workspaces_of_its_slots_unavailable() {
+    let mut cluster = RedisCluster::start(3);
+    let (cells_node, due_node) = (
+        cluster.master_of(keys::CELLS),
+        cluster.master_of(keys::PRESENCE_DUE),
+    );
+    let victim = (0..3)
+        .find(|n| *n != cells_node && *n != due_node)
+        .expect("a master holding neither the cell registry nor the presence index");
+    let lost = workspace_on(&cluster, victim, true);
+    let kept = workspace_on(&cluster, victim, false);
+    let url = cluster.url();
+    let directory = RedisDirectory::start(&url).unwrap();
+    let ttl = Duration::from_secs(2);
+    let presence = RedisPresence::start_with_ttl(&url, ttl).unwrap();
+    let mut changes = presence.subscribe();
+    wait_subscribed(&presence, &mut changes).await;
+    let c1 = CellId::new("c1").unwrap();
+    let epoch = register(&directory, &c1).await;
+    for ws in [&lost, &kept] {
+        directory
+            .create_workspace(WorkspaceRecord {
+                id: ws.clone(),
+                cell: c1.clone(),
+                region: "r".into(),
+                name: None,
+            })
+            .await
+            .unwrap();
+    }
+    let (lost_session, kept_session) = (
+        session(lost.as_str(), "ann", "s1"),
+        session(kept.as_str(), "bea", "s1"),
+    );
+    presence.session_up("g", &lost_session).await.unwrap();
+    presence.session_up("g", &kept_session).await.unwrap();
+    let expired_at = std::time::Instant::now() + ttl;
+    while changes.try_recv().is_ok() {}
+
+    cluster.kill_node(victim);
+    let started = std::time::Instant::now();
+    assert!(directory.workspace(&lost).await.is_err());
+    assert!(presence.session_up("g", &lost_session).await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "a request to the dead master hung"
+    );
+    // Listing every workspace needs every master.
+    assert!(directory.workspaces().await.is_err());
+
+    // Everything else goes on. The change stream may have been on the dead node: it resets
+    // and subscribes to another (changes published in between are lost, as on a restart of a
+    // single Redis; `resets` tells the gateways to read the statuses again).
+    wait_subscribed_in(&presence, &mut changes, kept.as_str()).await;
+    assert_eq!(
+        directory.workspace(&kept).await.unwrap().map(|w| w.cell),
+        Some(c1.clone())
+    );
+    let tenure = directory
+        .heartbeat_cell(&c1, epoch, CellLoad::default(), confab_shared::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(tenure, CellTenure::Held);
+    let c2 = CellId::new("c2").unwrap();
+    register(&directory, &c2).await;
+    directory.move_workspace(&kept, &c2, "r").await.unwrap();
+    let second = session(kept.as_str(), "cid", "s2");
+    presence.session_up("g", &second).await.unwrap();
+    let mut seen = Vec::new();
+    wait_change(&mut changes, &mut seen, "cid", Status::Online).await;
+    // Engines started during the outage run their scripts on the masters left (a script
+    // load on every node would fail).
+    let late_directory = RedisDirectory::start(&url).unwrap();
+    register(&late_directory, &CellId::new("c3").unwrap()).await;
+    let late_presence = RedisPresence::start(&url).unwrap();
+    late_presence
+        .session_up("g2", &session(kept.as_str(), "dot", "s3"))
+        .await
+        .unwrap();
+    late_presence
+        .session_down("g2", &session(kept.as_str(), "dot", "s3"))
+        .await
+        .unwrap();
+    // The kept workspace's sessions expire and are swept offline; the sweep says it could not
+    // sweep the lost workspace.
+    tokio::time::sleep_until((expired_at + Duration::from_millis(200)).into()).await;
+    assert!(presence.sweep().await.is_err());
+    wait_change(&mut changes, &mut seen, "bea", Status::Offline).await;
+    wait_change(&mut changes, &mut seen, "cid", Status::Offline).await;
+    assert!(
+        seen.iter().all(|c| c.workspace == kept),
+        "a change of the lost workspace: {seen:?}"
+    );
+
+    // The master comes back with its data: the lost workspace is served again, unchanged.
+    cluster.restart_node(victim);
+    let mut back = None;
+    for _ in 0..200 {
+        if let Ok(record) = directory.workspace(&lost).await {
+            back = record;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(back.map(|w| w.cell), Some(c1.clone()));
+    let cells = directory.cells().await.unwrap();
+    let count = |id: &CellId| {
+        cells
+            .iter()
+            .find(|c| &c.id == id)
+            .map_or(0, |c| c.workspaces)
+    };
+    assert_eq!((count(&c1), count(&c2)), (1, 1));
+}
+
+/// With a replica per master, a killed master's replica takes over: the workspace of its
+/// slots is served again with its record and its move record, and moves go on.
+#[tokio::test]
+async fn a_promoted_replica_serves_the_workspace_of_a_killed_master_with_its_records() {
+    use confab_directory::{MoveBegun, MovePhase, MoveRecord};
+    let mut cluster = RedisCluster::start_with_replicas(3, 1);
+    let ws = WorkspaceId::new("acme").unwrap();
+    let master = cluster.master_of(&keys::workspace(&ws));
+    let directory = RedisDirectory::start(&cluster.url()).unwrap();
+    let (c1, c2) = (CellId::new("c1").unwrap(), CellId::new("c2").unwrap());
+    directory
+        .create_workspace(WorkspaceRecord {
+            id: ws.clone(),
+            cell: c1.clone(),
+            region: "r".into(),
+            name: None,
+        })
+        .await
+        .unwrap();
+    let MoveBegun::Started(begun) = directory
+        .begin_move(MoveRecord {
+            workspace: ws.clone(),
+            from: c1.clone(),
+            to: c2.clone(),
+            to_region: "r".into(),
+            epoch: 0,
+            phase: MovePhase::Copying,
+            lease_until_ms: 1,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("the move starts")
+    };
+    cluster.wait_replicated(master);
+    cluster.kill_node(master);
+    cluster.wait_failover(&keys::workspace(&ws), master);
+    let mut record = None;
+    for _ in 0..300 {
+        if let Ok(found) = directory.workspace(&ws).await {
+            record = found;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(record.map(|w| w.cell), Some(c1));
+    assert!(directory
+        .update_move(&ws, begun.epoch, MovePhase::Frozen, 5)
+        .await
+        .unwrap());
+    assert!(directory.switch_move(&ws, begun.epoch).await.unwrap());
+    directory.end_move(&ws, begun.epoch).await.unwrap();
+    assert_eq!(
+        directory.workspace(&ws).await.unwrap().map(|w| w.cell),
+        Some(c2)
+    );
 }

@@ -50,17 +50,26 @@ impl RedisServer {
     /// Starts a server with extra arguments after the durable defaults, e.g.
     /// `&["--appendfsync", "everysec"]` or `&["--rename-command", "CONFIG", ""]`.
     pub fn start_with_args(args: &[&str]) -> RedisServer {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::start_fresh(|| args.clone())
+    }
+
+    /// Starts a server on a free port with a fresh data directory and the arguments `args`
+    /// gives for that attempt (a cluster node picks its bus port per attempt too).
+    fn start_fresh(args: impl Fn() -> Vec<String>) -> RedisServer {
         // A free port can be taken by another test between our probe and redis binding it;
         // then redis exits at once and we try another port.
         for _ in 0..10 {
             let port = free_port();
             let dir =
                 std::env::temp_dir().join(format!("confab-redis-{}-{port}", std::process::id()));
+            // Left over by an earlier server of this process on this port: not this one's data.
+            let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
             let mut server = RedisServer {
                 port,
                 dir,
-                args: args.iter().map(|a| a.to_string()).collect(),
+                args: args(),
                 netns: None,
                 child: None,
             };
@@ -211,55 +220,199 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of `masters` masters (no replicas) owned by a test: one
-/// `redis-server --cluster-enabled yes` per node on free ports, joined with
-/// `redis-cli --cluster create`. Each node is a [`RedisServer`], so a test can kill one.
+/// A Redis Cluster owned by a test: `masters` masters, each with `replicas` replicas, one
+/// `redis-server --cluster-enabled yes` per node on free loopback ports, joined with
+/// `redis-cli --cluster create --cluster-yes`. Each node is a [`RedisServer`], so a test can
+/// kill one ([`RedisCluster::kill_node`]) and start it again with its data and its cluster
+/// configuration (`nodes.conf`).
+///
+/// Nodes run with `cluster-require-full-coverage no`, as confab's operations guide asks: when
+/// a master dies with no replica to take over, only the keys of its slots are unreachable and
+/// the other masters keep serving theirs (with the default, every node refuses every
+/// command). `cluster-node-timeout` is 2 s, so a replica takes over within a few seconds.
 pub struct RedisCluster {
+    /// Every node, in the order they were given to `redis-cli --cluster create` (masters
+    /// first).
     pub nodes: Vec<RedisServer>,
+    masters: usize,
+}
+
+/// How long the node of a cluster may miss the others before it counts as failed.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
+
+/// A node of a cluster as `CLUSTER NODES` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    /// Flagged `fail` (or `fail?`) by the node that answered.
+    pub failed: bool,
+    /// The slot ranges it serves (masters only), inclusive.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisServer {
+    /// Starts a durable Redis Cluster node (not yet part of a cluster): a client port and a
+    /// cluster bus port, both free (`cluster-port`; the default, port + 10000, may be taken
+    /// or past 65535).
+    pub fn start_cluster_node() -> RedisServer {
+        Self::start_fresh(|| {
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                "--cluster-require-full-coverage",
+                "no",
+                "--cluster-port",
+                &free_port().to_string(),
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+    }
+
+    /// `redis-cli -p PORT ARGS…`, its standard output (bounded: 10 s).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("timeout")
+            .args(["10", "redis-cli", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// This node's view of the cluster (`CLUSTER NODES`), empty when it does not answer.
+    pub fn cluster_nodes(&self) -> Vec<ClusterNode> {
+        self.cli(&["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(parse_cluster_node)
+            .collect()
+    }
+
+    /// Whether this node answers and reports `cluster_state:ok` with every slot served.
+    pub fn cluster_ok(&self) -> bool {
+        let info = self.cli(&["CLUSTER", "INFO"]);
+        info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+    }
+}
+
+/// One line of `CLUSTER NODES`: `id ip:port@bus flags master ping pong epoch link slots…`.
+fn parse_cluster_node(line: &str) -> Option<ClusterNode> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (id, address, flags) = (fields.first()?, fields.get(1)?, fields.get(2)?);
+    let port = address
+        .split('@')
+        .next()?
+        .rsplit_once(':')?
+        .1
+        .parse()
+        .ok()?;
+    let flags: Vec<&str> = flags.split(',').collect();
+    let slots = fields
+        .iter()
+        .skip(8)
+        // Slots being migrated show as `[slot->-id]`; a test cluster never migrates.
+        .filter(|range| !range.starts_with('['))
+        .filter_map(|range| match range.split_once('-') {
+            Some((start, end)) => Some((start.parse().ok()?, end.parse().ok()?)),
+            None => range.parse().ok().map(|slot| (slot, slot)),
+        })
+        .collect();
+    Some(ClusterNode {
+        id: id.to_string(),
+        port,
+        master: flags.contains(&"master"),
+        failed: flags.contains(&"fail") || flags.contains(&"fail?"),
+        slots,
+    })
 }
 
 impl RedisCluster {
-    /// Starts the nodes, creates the cluster and waits until every node reports
-    /// `cluster_state:ok`.
+    /// Starts `masters` masters with no replicas.
     pub fn start(masters: usize) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| {
-                RedisServer::start_with_args(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
-            })
+        Self::start_with_replicas(masters, 0)
+    }
+
+    /// Starts `masters × (1 + replicas)` nodes, creates the cluster and waits until every
+    /// node reports `cluster_state:ok` and knows every master.
+    pub fn start_with_replicas(masters: usize, replicas: usize) -> RedisCluster {
+        assert!(
+            masters >= 3,
+            "redis-cli --cluster create needs at least 3 masters"
+        );
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
+            .map(|_| RedisServer::start_cluster_node())
             .collect();
         let addresses: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let status = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
+        let output = Command::new("timeout")
+            .args(["60", "redis-cli", "--cluster", "create"])
             .args(&addresses)
-            .arg("--cluster-replicas")
-            .arg("0")
-            .arg("--cluster-yes")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): apt-get install redis-tools"));
-        assert!(status.success(), "redis-cli --cluster create failed");
-        let cluster = RedisCluster { nodes };
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = RedisCluster { nodes, masters };
+        cluster.wait_settled();
+        cluster
+    }
+
+    /// Kills every node with SIGKILL: the whole cluster is down.
+    pub fn kill_all(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Starts every node again (after [`RedisCluster::kill_all`], or kills them first) and
+    /// waits until the cluster is whole again.
+    pub fn restart_all(&mut self) {
+        self.kill_all();
+        for node in &mut self.nodes {
+            node.spawn();
+        }
+        self.wait_settled();
+    }
+
+    /// Waits (bounded: 60 s) until every node serves every slot and sees every node, with as
+    /// many masters as the cluster was created with.
+    pub fn wait_settled(&self) {
+        let masters = self.masters;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !cluster.nodes.iter().all(|n| n.cluster_ok()) {
+        loop {
+            // A replica that has not joined yet could not take over.
+            let settled = self.nodes.iter().all(|node| {
+                let view = node.cluster_nodes();
+                node.cluster_ok()
+                    && view.len() == self.nodes.len()
+                    && view.iter().filter(|n| n.master).count() == masters
+            });
+            if settled {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
-                "the cluster never reached cluster_state:ok"
+                "the cluster never settled: {:#?}",
+                self.nodes
+                    .iter()
+                    .find(|n| n.ping())
+                    .map(|n| n.cluster_nodes())
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        cluster
     }
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,…`, every node as a seed.
@@ -272,54 +425,184 @@ impl RedisCluster {
         format!("redis+cluster://{}", seeds.join(","))
     }
 
-    /// The index of the node that serves `key`'s slot (`redis-cli CLUSTER KEYSLOT` and
-    /// `CLUSTER SLOTS` asked of a live node).
-    pub fn node_of(&self, key: &str) -> usize {
-        let live = self
-            .nodes
+    /// A node that answers, for questions about the cluster.
+    fn live_node(&self) -> &RedisServer {
+        self.nodes
             .iter()
             .find(|n| n.ping())
-            .unwrap_or_else(|| panic!("no live cluster node"));
-        let slot: u16 = live
-            .cli(&["CLUSTER", "KEYSLOT", key])
+            .unwrap_or_else(|| panic!("no live cluster node"))
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`, asked of a live node).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let answer = self.live_node().cli(&["CLUSTER", "KEYSLOT", key]);
+        answer
             .trim()
             .parse()
-            .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT: {e}"));
-        let shards = live.cli(&["CLUSTER", "SLOTS"]);
-        // Plain redis-cli output: per range, lines "start", "end", "ip", "port", "id", ...
-        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
-        for window in lines.windows(4) {
-            let (Ok(start), Ok(end), Ok(port)) = (
-                window[0].parse::<u16>(),
-                window[1].parse::<u16>(),
-                window[3].parse::<u16>(),
-            ) else {
-                continue;
-            };
-            if window[2] == "127.0.0.1" && (start..=end).contains(&slot) {
-                if let Some(i) = self.nodes.iter().position(|n| n.port == port) {
-                    return i;
-                }
+            .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT {key}: {answer:?}: {e}"))
+    }
+
+    /// The index in [`RedisCluster::nodes`] of the master that serves `key`'s slot, as a
+    /// live node sees it (after a failover: the promoted replica).
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot = self.slot_of(key);
+        let view = self.live_node().cluster_nodes();
+        let master = view
+            .iter()
+            .find(|n| n.master && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+            .unwrap_or_else(|| panic!("no master serves slot {slot} of {key:?}: {view:#?}"));
+        self.nodes
+            .iter()
+            .position(|n| n.port == master.port)
+            .unwrap_or_else(|| panic!("slot {slot} is served by a node not of this cluster"))
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill_node(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its port with its data and cluster configuration.
+    pub fn restart_node(&mut self, i: usize) {
+        self.nodes[i].restart();
+    }
+
+    /// Waits (bounded: 30 s) until every live node but `except`'s sees `key`'s slot served
+    /// by a master that is not failed and not node `except` (a replica took over).
+    pub fn wait_failover(&self, key: &str, except: usize) {
+        let slot = self.slot_of(key);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let moved = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, n)| *i != except && n.ping())
+                .all(|(_, n)| {
+                    n.cluster_nodes().iter().any(|m| {
+                        m.master
+                            && !m.failed
+                            && m.port != self.nodes[except].port
+                            && m.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+                    })
+                });
+            if moved {
+                return;
             }
+            assert!(
+                Instant::now() < deadline,
+                "no replica took over slot {slot} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("no node serves slot {slot} of {key:?}: {shards}");
+    }
+
+    /// Waits (bounded: 30 s) until every replica of master `i` has everything it wrote.
+    pub fn wait_replicated(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = self.nodes[i].cli(&["INFO", "replication"]);
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.trim().strip_prefix(name))
+                    .map(str::to_string)
+            };
+            let master_offset = field("master_repl_offset:");
+            let replicas: Vec<String> = info
+                .lines()
+                .filter(|l| l.starts_with("slave") && l.contains("offset="))
+                .filter_map(|l| {
+                    let offset = l.split("offset=").nth(1)?.split(',').next()?;
+                    Some(offset.trim().to_string())
+                })
+                .collect();
+            if !replicas.is_empty() && replicas.iter().all(|o| Some(o) == master_offset.as_ref()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas of node {i} never caught up: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis-cli -c ARGS…` against a live node (`-c` follows the cluster's redirections), its
+    /// standard output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        self.live_node().cli(&all)
     }
 }
 
-impl RedisServer {
-    /// `redis-cli -p PORT ARGS…`, its standard output.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
-        String::from_utf8_lossy(&output.stdout).into_owned()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_lines_parse_with_their_flags_and_slots() {
+        let line = "de67 127.0.0.1:17103@27103 master,fail - 1 2 3 disconnected 0-5460 7000";
+        assert_eq!(
+            parse_cluster_node(line),
+            Some(ClusterNode {
+                id: "de67".into(),
+                port: 17103,
+                master: true,
+                failed: true,
+                slots: vec![(0, 5460), (7000, 7000)],
+            })
+        );
+        let replica = "aa 127.0.0.1:1@2 myself,slave de67 0 0 3 connected";
+        let parsed = parse_cluster_node(replica).unwrap_or_else(|| panic!("a replica line"));
+        assert!(!parsed.master && parsed.slots.is_empty());
     }
 
-    /// Whether this cluster node answers `cluster_state:ok`.
-    pub fn cluster_ok(&self) -> bool {
-        self.ping() && self.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+    #[test]
+    fn a_cluster_of_three_masters_serves_every_slot_and_a_dead_master_costs_only_its_own() {
+        let mut cluster = RedisCluster::start(3);
+        assert!(cluster.url().starts_with("redis+cluster://127.0.0.1:"));
+        // Three keys on three different masters.
+        let mut keys: Vec<(String, usize)> = Vec::new();
+        for i in 0.. {
+            let key = format!("k{i}");
+            let node = cluster.master_of(&key);
+            if keys.iter().all(|(_, n)| *n != node) {
+                keys.push((key, node));
+            }
+            if keys.len() == 3 {
+                break;
+            }
+        }
+        for (key, _) in &keys {
+            assert_eq!(cluster.cli(&["SET", key, "v"]).trim(), "OK");
+        }
+        let (dead_key, dead) = keys[0].clone();
+        cluster.kill_node(dead);
+        for (key, _) in &keys[1..] {
+            assert_eq!(cluster.cli(&["GET", key]).trim(), "v", "{key} lost");
+        }
+        assert_ne!(cluster.cli(&["GET", &dead_key]).trim(), "v");
+        cluster.restart_node(dead);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster.cli(&["GET", &dead_key]).trim() != "v" {
+            assert!(
+                Instant::now() < deadline,
+                "{dead_key} not back after the restart"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn a_replica_takes_over_the_slots_of_a_killed_master() {
+        let mut cluster = RedisCluster::start_with_replicas(3, 1);
+        assert_eq!(cluster.cli(&["SET", "k", "v"]).trim(), "OK");
+        let master = cluster.master_of("k");
+        cluster.wait_replicated(master);
+        cluster.kill_node(master);
+        cluster.wait_failover("k", master);
+        assert_ne!(cluster.master_of("k"), master);
+        assert_eq!(cluster.cli(&["GET", "k"]).trim(), "v");
     }
 }

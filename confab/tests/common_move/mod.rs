@@ -228,6 +228,12 @@ pub fn store_holds(cell: &cluster::CellProc, workspace: &str) -> bool {
     !keys.is_empty() || member == "1"
 }
 
+/// The directory's key of the move record of `workspace`.
+pub fn move_key(workspace: &str) -> String {
+    let ws = confab_shared::WorkspaceId::new(workspace).expect("a workspace id");
+    confab_directory::redis_engine::keys::move_record(&ws)
+}
+
 /// Runs `redis-cli` against the directory's Redis.
 pub fn directory_cli(cluster: &cluster::Running, args: &[&str]) -> String {
     let output = std::process::Command::new("redis-cli")
