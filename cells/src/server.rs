@@ -59,6 +59,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("cell {cell} claimed by a newer process: {source}")]
     Claimed { cell: String, source: StoreError },
+    /// The store holds data this version cannot take over (see `RedisStore::claim`): retrying
+    /// would not help, an operator must act.
+    #[error("cell {cell} cannot claim its store: {source}")]
+    Unusable { cell: String, source: StoreError },
     #[error("cell {cell} (epoch {epoch}) fenced: {reason}")]
     Fenced {
         cell: String,
@@ -242,6 +246,12 @@ async fn claim_cell_id(
             // A process that claimed after this one holds the store already: it is the cell.
             Err(source @ StoreError::Fenced(_)) => {
                 return Err(ServerError::Claimed {
+                    cell: registration.id.to_string(),
+                    source,
+                })
+            }
+            Err(source @ StoreError::Corrupt(_)) => {
+                return Err(ServerError::Unusable {
                     cell: registration.id.to_string(),
                     source,
                 })

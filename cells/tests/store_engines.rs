@@ -1,8 +1,11 @@
 //! The `CellStore` conformance suite: the same checks run against `MemoryStore` (the reference
-//! semantics) and `RedisStore` (a fresh real `redis-server` per test), so the two engines can
-//! never drift apart unnoticed. Each check is an `async fn` over `&dyn CellStore`; the
-//! `conformance!` macro turns it into `memory::<check>` and `redis::<check>` tests. Checks that
-//! only make sense for Redis (restarts, outages) are at the end.
+//! semantics) and `RedisStore`, on a fresh real `redis-server` per test and on a fresh Redis
+//! Cluster of three masters per test, so the engines can never drift apart unnoticed. Each
+//! check is an `async fn` over `&dyn CellStore`; the `conformance!` macro turns it into
+//! `memory::<check>`, `redis::<check>` and `redis_cluster::<check>` tests. Checks that only
+//! make sense for Redis (fencing, moves, restarts) take a [`Backing`] and run as `redis::` and
+//! `redis_cluster::` tests; those of a single Redis only (the earlier key layout, outages) and
+//! of a cluster only (where keys live) are at the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,38 +14,101 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use confab_cells::store::{
-    ChannelMeta, ChannelSnapshot, CreateOutcome, MessageQuery, NewChannel, ReadMarker,
+    ChannelMeta, ChannelSnapshot, CreateOutcome, MessageQuery, MoveMark, NewChannel, ReadMarker,
 };
 use confab_cells::{CellStore, MemoryStore, RedisStore, StoreError};
+use confab_directory::{RedisConn, RedisTimeouts};
 use confab_shared::server::{ChannelKind, Event, MessageView};
 use confab_shared::{ChannelId, UserId, WorkspaceId};
-use confab_testkit::RedisServer;
+use confab_testkit::{RedisCluster, RedisServer};
 
-/// A store under test, with whatever must outlive it (the Redis process).
+/// A store under test, with whatever must outlive it (the Redis processes).
 struct Engine {
     store: Arc<dyn CellStore>,
-    _redis: Option<RedisServer>,
+    _backing: Option<Backing>,
 }
 
 fn memory_engine() -> Engine {
     Engine {
         store: Arc::new(MemoryStore::new()),
-        _redis: None,
+        _backing: None,
     }
 }
 
-fn redis_engine() -> Engine {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).unwrap();
+fn redis_engine(backing: Backing) -> Engine {
     Engine {
-        store: Arc::new(store),
-        _redis: Some(server),
+        store: Arc::new(backing.store()),
+        _backing: Some(backing),
     }
 }
 
-/// One test per engine for every check named: `memory::<check>` and `redis::<check>`.
+/// The Redis a store runs on: one server, or a cluster of three masters.
+enum Backing {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backing {
+    fn single() -> Backing {
+        Backing::Single(RedisServer::start())
+    }
+
+    fn cluster() -> Backing {
+        Backing::Cluster(RedisCluster::start(3))
+    }
+
+    /// Another Redis of the same kind (a second cell's store).
+    fn another(&self) -> Backing {
+        match self {
+            Backing::Single(_) => Backing::single(),
+            Backing::Cluster(_) => Backing::cluster(),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Backing::Single(server) => server.url(),
+            Backing::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// A store on this Redis, with its own connection (another cell process).
+    fn store(&self) -> RedisStore {
+        RedisStore::connect(&self.url()).unwrap()
+    }
+
+    /// A plain connection, for what a test reads or writes behind the store's back (routed
+    /// by key in a cluster).
+    fn raw(&self) -> RedisConn {
+        RedisConn::open(&self.url(), RedisTimeouts::default()).unwrap()
+    }
+
+    /// Kills every Redis process and starts it again on its port with its data.
+    fn restart(&mut self) {
+        match self {
+            Backing::Single(server) => server.restart(),
+            Backing::Cluster(cluster) => {
+                for node in &mut cluster.nodes {
+                    node.kill();
+                }
+                for node in &mut cluster.nodes {
+                    node.restart();
+                }
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !cluster.nodes.iter().all(|n| n.cluster_ok()) {
+                    assert!(Instant::now() < deadline, "the cluster did not come back");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+/// One test per engine for every check named: `memory::<check>`, `redis::<check>` and
+/// `redis_cluster::<check>`; then, for every Redis-only check (over a [`Backing`]),
+/// `redis::<check>` and `redis_cluster::<check>`.
 macro_rules! conformance {
-    ($($check:ident),+ $(,)?) => {
+    ([$($check:ident),+ $(,)?], [$($redis_check:ident),+ $(,)?] $(,)?) => {
         mod memory {
             $(
                 #[tokio::test]
@@ -56,8 +122,29 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $check() {
-                    let engine = super::redis_engine();
+                    let engine = super::redis_engine(super::Backing::single());
                     super::$check(&*engine.store).await;
+                }
+            )+
+            $(
+                #[tokio::test]
+                async fn $redis_check() {
+                    super::$redis_check(super::Backing::single()).await;
+                }
+            )+
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let engine = super::redis_engine(super::Backing::cluster());
+                    super::$check(&*engine.store).await;
+                }
+            )+
+            $(
+                #[tokio::test]
+                async fn $redis_check() {
+                    super::$redis_check(super::Backing::cluster()).await;
                 }
             )+
         }
@@ -65,39 +152,49 @@ macro_rules! conformance {
 }
 
 conformance!(
-    workspaces_are_created_once_and_counted,
-    create_channel_in_an_unknown_workspace_writes_nothing,
-    create_channel_refuses_a_taken_id_and_writes_nothing,
-    create_channel_refuses_only_a_name_taken_by_a_public_channel,
-    create_channel_refuses_a_channel_beyond_the_workspace_bound,
-    a_dm_pair_owns_one_channel,
-    workspace_ids_that_look_like_key_parts_do_not_collide,
-    load_channel_snapshot_follows_joins_and_leaves,
-    load_channel_of_an_unknown_channel_or_workspace_is_none,
-    channel_summaries_keep_the_given_order_and_skip_unknown_ids,
-    public_channels_are_ordered_by_id_without_private_or_dm_channels,
-    append_refuses_a_seq_that_is_not_the_next_one,
-    append_to_a_missing_channel_is_no_such_channel,
-    raise_last_seq_moves_last_seq_up_from_the_expected_value_only,
-    append_refuses_ephemeral_events_and_writes_nothing,
-    concurrent_appends_of_the_same_seq_let_exactly_one_win,
-    a_message_is_stored_as_sent_with_its_idempotency_key,
-    edit_replaces_the_text_and_marks_the_message_edited,
-    delete_clears_the_text_and_marks_the_message_deleted,
-    edit_or_delete_of_a_missing_message_is_logged_without_inventing_one,
-    join_and_leave_update_members_and_user_channels,
-    append_joins_writes_every_join_in_order,
-    append_joins_stops_before_a_user_with_no_room,
-    channel_counts_and_read_markers_in_follow_the_users_given,
-    trimming_keeps_the_newest_events_and_drops_idempotency_keys_but_not_messages,
-    trimming_keeps_a_client_msg_id_reused_by_a_newer_message,
-    a_retention_of_zero_keeps_the_newest_event,
-    events_after_pages_by_after_and_max,
-    find_client_msg_is_per_user_and_per_channel,
-    messages_page_by_after_before_and_limit_in_ascending_order,
-    messages_of_an_empty_range_or_unknown_channel_are_empty,
-    read_markers_never_move_back,
-    workspaces_never_see_each_others_data,
+    [
+        workspaces_are_created_once_and_counted,
+        create_channel_in_an_unknown_workspace_writes_nothing,
+        create_channel_refuses_a_taken_id_and_writes_nothing,
+        create_channel_refuses_only_a_name_taken_by_a_public_channel,
+        create_channel_refuses_a_channel_beyond_the_workspace_bound,
+        a_dm_pair_owns_one_channel,
+        workspace_ids_that_look_like_key_parts_do_not_collide,
+        load_channel_snapshot_follows_joins_and_leaves,
+        load_channel_of_an_unknown_channel_or_workspace_is_none,
+        channel_summaries_keep_the_given_order_and_skip_unknown_ids,
+        public_channels_are_ordered_by_id_without_private_or_dm_channels,
+        append_refuses_a_seq_that_is_not_the_next_one,
+        append_to_a_missing_channel_is_no_such_channel,
+        raise_last_seq_moves_last_seq_up_from_the_expected_value_only,
+        append_refuses_ephemeral_events_and_writes_nothing,
+        concurrent_appends_of_the_same_seq_let_exactly_one_win,
+        a_message_is_stored_as_sent_with_its_idempotency_key,
+        edit_replaces_the_text_and_marks_the_message_edited,
+        delete_clears_the_text_and_marks_the_message_deleted,
+        edit_or_delete_of_a_missing_message_is_logged_without_inventing_one,
+        join_and_leave_update_members_and_user_channels,
+        append_joins_writes_every_join_in_order,
+        append_joins_stops_before_a_user_with_no_room,
+        channel_counts_and_read_markers_in_follow_the_users_given,
+        trimming_keeps_the_newest_events_and_drops_idempotency_keys_but_not_messages,
+        trimming_keeps_a_client_msg_id_reused_by_a_newer_message,
+        a_retention_of_zero_keeps_the_newest_event,
+        events_after_pages_by_after_and_max,
+        find_client_msg_is_per_user_and_per_channel,
+        messages_page_by_after_before_and_limit_in_ascending_order,
+        messages_of_an_empty_range_or_unknown_channel_are_empty,
+        read_markers_never_move_back,
+        workspaces_never_see_each_others_data,
+    ],
+    [
+        redis_store_survives_a_restart_when_durable,
+        a_store_claimed_by_a_newer_epoch_refuses_every_write_of_the_older_one,
+        a_claim_rebuilds_the_served_index_from_the_workspaces_served,
+        redis_store_ignores_a_private_channels_name_claimed_by_an_earlier_version,
+        a_workspace_moves_to_another_store_with_the_writes_made_during_the_copy,
+        an_undone_import_leaves_nothing_and_the_source_serves_on,
+    ]
 );
 
 // ---- fixtures ----
@@ -1437,15 +1534,13 @@ async fn workspaces_never_see_each_others_data(store: &dyn CellStore) {
     assert_eq!(texts, ["in w"]);
 }
 
-// ---- Redis only: restarts and outages ----
+// ---- Redis only, on a single Redis and on a cluster: restarts, fencing, moves ----
 
 /// How long any store call may take while Redis is down before it must have failed.
 const FAIL_FAST: Duration = Duration::from_secs(8);
 
-#[tokio::test]
-async fn redis_store_survives_a_restart_when_durable() {
-    let mut server = RedisServer::start_durable();
-    let store = RedisStore::connect(&server.url()).unwrap();
+async fn redis_store_survives_a_restart_when_durable(mut backing: Backing) {
+    let store = backing.store();
     let s: &dyn CellStore = &store;
     with_channel(s).await;
     append(s, joined("c", 1, "alice")).await;
@@ -1470,8 +1565,7 @@ async fn redis_store_survives_a_restart_when_durable() {
         .unwrap();
     assert_eq!((before.first_seq, before.last_seq), (3, 6));
 
-    server.kill();
-    server.restart();
+    backing.restart();
 
     // The first call after the restart may still meet the dead connection; retry a little.
     let mut after = None;
@@ -1502,15 +1596,22 @@ async fn redis_store_survives_a_restart_when_durable() {
     assert_eq!(snapshot(s, "c").await.last_seq, 7);
 }
 
-#[tokio::test]
-async fn a_store_claimed_by_a_newer_epoch_refuses_every_write_of_the_older_one() {
-    let server = RedisServer::start();
-    let old = RedisStore::connect(&server.url()).unwrap();
-    let new = RedisStore::connect(&server.url()).unwrap();
+async fn a_store_claimed_by_a_newer_epoch_refuses_every_write_of_the_older_one(backing: Backing) {
+    let (old, new) = (backing.store(), backing.store());
     assert_eq!(old.fence_epoch().await, Ok(0));
     old.claim(3).await.unwrap();
     with_channel(&old).await;
     append(&old, joined("c", 1, "alice")).await;
+    // More workspaces (in a cluster, on every master): each has its own fence to raise.
+    let others: Vec<WorkspaceId> = (0..6).map(|i| ws(&format!("v{i}"))).collect();
+    for v in &others {
+        assert_eq!(old.create_workspace(v, None).await, Ok(true));
+        assert_eq!(
+            old.create_channel(v, &channel("c", "c", ChannelKind::Public))
+                .await,
+            Ok(CreateOutcome::Created)
+        );
+    }
     assert_eq!(old.fence_epoch().await, Ok(3));
     // A claim must be newer than the epoch holding the store.
     assert!(matches!(new.claim(3).await, Err(StoreError::Fenced(_))));
@@ -1531,9 +1632,18 @@ async fn a_store_claimed_by_a_newer_epoch_refuses_every_write_of_the_older_one()
             .map(|_| ()),
         old.advance_read_marker(&w, &alice, &c, 1).await.map(|_| ()),
         old.raise_last_seq(&w, &c, 1, 5).await,
+        old.begin_export(&w, 9).await,
+        old.begin_import(&ws("w3"), 9).await,
     ];
     for result in refused {
         assert!(matches!(result, Err(StoreError::Fenced(_))), "{result:?}");
+    }
+    for v in &others {
+        let result = old.append(v, &c, &joined("c", 1, "bob"), 10).await;
+        assert!(
+            matches!(result, Err(StoreError::Fenced(_))),
+            "{v}: {result:?}"
+        );
     }
     tokio::time::timeout(Duration::from_secs(5), fenced)
         .await
@@ -1541,8 +1651,231 @@ async fn a_store_claimed_by_a_newer_epoch_refuses_every_write_of_the_older_one()
     // Nothing of the refused writes landed; the newer process writes on.
     assert_eq!(snapshot(&new, "c").await.last_seq, 1);
     assert_eq!(new.workspace_exists(&ws("w2")).await, Ok(false));
+    assert_eq!(new.move_marks().await, Ok(vec![]));
     append(&new, msg(2)).await;
     assert_eq!(snapshot(&new, "c").await.last_seq, 2);
+    for v in &others {
+        let snap = new.load_channel(v, &c).await.unwrap().unwrap();
+        assert_eq!((snap.last_seq, snap.members.len()), (0, 0), "{v}");
+        new.append(v, &c, &joined("c", 1, "bob"), 10).await.unwrap();
+    }
+    assert_eq!(new.workspace_count().await, Ok(7));
+}
+
+/// The served index (what `workspace_count` and `workspace_ids` read) follows each
+/// workspace's own `served` field, which the write scripts go by: a claim rebuilds it, so an
+/// index left behind by a process that died between the two writes is right again.
+async fn a_claim_rebuilds_the_served_index_from_the_workspaces_served(backing: Backing) {
+    let store = backing.store();
+    store.claim(1).await.unwrap();
+    for id in ["a", "b", "c"] {
+        assert_eq!(store.create_workspace(&ws(id), None).await, Ok(true));
+    }
+    let mut raw = backing.raw();
+    let _: () = ::redis::cmd("SREM")
+        .arg("confab:cs:{.cell}:workspaces")
+        .arg("b")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("SADD")
+        .arg("confab:cs:{.cell}:workspaces")
+        .arg("ghost")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(store.workspace_count().await, Ok(3));
+    // The workspace's own record still says it is served.
+    assert_eq!(store.workspace_exists(&ws("b")).await, Ok(true));
+    assert_eq!(store.workspace_exists(&ws("ghost")).await, Ok(false));
+
+    let next = backing.store();
+    next.claim(2).await.unwrap();
+    assert_eq!(
+        next.workspace_ids().await,
+        Ok(vec![ws("a"), ws("b"), ws("c")])
+    );
+    assert_eq!(next.workspace_count().await, Ok(3));
+}
+
+/// Every page of an export, from the first.
+async fn export_all(store: &RedisStore, w: &WorkspaceId) -> Vec<confab_shared::moves::KeyDump> {
+    let mut keys = Vec::new();
+    let mut cursor = Some(0);
+    while let Some(start) = cursor {
+        let page = store.export_keys(w, start).await.unwrap();
+        keys.extend(page.keys);
+        cursor = page.next;
+    }
+    keys
+}
+
+/// A live move as a gateway drives it, between two stores of the same kind (two cells): the
+/// copy runs while the source serves, the writes made meanwhile travel in the final copy, and
+/// afterwards the target serves everything while the source refuses and forgets the workspace.
+async fn a_workspace_moves_to_another_store_with_the_writes_made_during_the_copy(backing: Backing) {
+    let target_backing = backing.another();
+    let (source, target) = (backing.store(), target_backing.store());
+    source.claim(5).await.unwrap();
+    target.claim(7).await.unwrap();
+    let (w, c, d) = (ws("w"), ch("c"), ch("d"));
+    with_channel(&source).await;
+    append(&source, joined("c", 1, "alice")).await;
+    append(&source, message("c", 2, "alice", "before", Some("k1"))).await;
+    source
+        .advance_read_marker(&w, &user("alice"), &c, 2)
+        .await
+        .unwrap();
+    // Another workspace stays where it is.
+    assert_eq!(source.create_workspace(&ws("stay"), None).await, Ok(true));
+
+    let epoch = 40;
+    source.begin_export(&w, epoch).await.unwrap();
+    assert_eq!(
+        source.move_marks().await,
+        Ok(vec![(w.clone(), MoveMark::Copying(epoch))])
+    );
+    target.begin_import(&w, epoch).await.unwrap();
+    assert_eq!(
+        target.move_marks().await,
+        Ok(vec![(w.clone(), MoveMark::Incoming(epoch))])
+    );
+    let first = export_all(&source, &w).await;
+    assert!(
+        first.iter().all(|k| k.key.starts_with("confab:cs:{w}:")),
+        "{first:?}"
+    );
+    // Still serving: these writes are recorded for the final copy.
+    append(&source, message("c", 3, "alice", "during", Some("k2"))).await;
+    append(&source, edited(4, 2, "before, edited")).await;
+    assert_eq!(
+        source
+            .create_channel(&w, &channel("d", "d", ChannelKind::Public))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+    target.import_keys(&w, epoch, &first).await.unwrap();
+    // Not served yet on the target, whatever keys it holds.
+    assert_eq!(target.workspace_exists(&w).await, Ok(false));
+    refused_as_moved(target.append(&w, &c, &msg(5), RETAIN_ALL).await);
+
+    source.freeze(&w, epoch).await.unwrap();
+    // Frozen: the source refuses every write of the workspace, durably; not of the others.
+    refused_as_moved(source.append(&w, &c, &msg(5), RETAIN_ALL).await);
+    assert_eq!(
+        source
+            .create_channel(&ws("stay"), &channel("c", "c", ChannelKind::Public))
+            .await,
+        Ok(CreateOutcome::Created)
+    );
+    let dirty = export_all(&source, &w).await;
+    assert!(!dirty.is_empty());
+    target.import_keys(&w, epoch, &dirty).await.unwrap();
+    target.commit_import(&w, epoch).await.unwrap();
+    source.release(&w, epoch).await.unwrap();
+    source.purge_workspace(&w).await.unwrap();
+
+    // The target serves the whole workspace and writes on.
+    assert_eq!(target.workspace_exists(&w).await, Ok(true));
+    assert_eq!(target.workspace_ids().await, Ok(vec![w.clone()]));
+    assert_eq!(target.move_marks().await, Ok(vec![]));
+    let snap = target.load_channel(&w, &c).await.unwrap().unwrap();
+    assert_eq!(
+        (snap.last_seq, snap.members.clone()),
+        (4, users(&["alice"]))
+    );
+    assert!(target.load_channel(&w, &d).await.unwrap().is_some());
+    let texts: Vec<String> = target
+        .messages(&w, &c, query(0, u64::MAX, 10, false))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["before, edited", "during"]);
+    assert_eq!(
+        target.find_client_msg(&w, &c, &user("alice"), "k2").await,
+        Ok(Some((3, TS + 3)))
+    );
+    assert_eq!(
+        target.read_markers(&w, &user("alice")).await,
+        Ok(HashMap::from([(c.clone(), 2)]))
+    );
+    target.append(&w, &c, &msg(5), RETAIN_ALL).await.unwrap();
+
+    // The source forgot it and refuses its writes; its other workspace serves on.
+    assert_eq!(source.workspace_exists(&w).await, Ok(false));
+    assert_eq!(source.workspace_ids().await, Ok(vec![ws("stay")]));
+    assert_eq!(
+        source.move_marks().await,
+        Ok(vec![(w.clone(), MoveMark::Gone(epoch))])
+    );
+    assert_eq!(source.load_channel(&w, &c).await, Ok(None));
+    refused_as_moved(source.append(&w, &c, &msg(5), RETAIN_ALL).await);
+    source
+        .append(&ws("stay"), &c, &joined("c", 1, "bob"), RETAIN_ALL)
+        .await
+        .unwrap();
+    // A restarted source (a newer epoch) still knows the workspace left.
+    let restarted = backing.store();
+    restarted.claim(6).await.unwrap();
+    assert_eq!(
+        restarted.move_marks().await,
+        Ok(vec![(w.clone(), MoveMark::Gone(epoch))])
+    );
+    refused_as_moved(restarted.create_workspace(&w, None).await);
+}
+
+/// A write refused by a workspace's move mark (`WSMOVED`).
+fn refused_as_moved<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+    assert!(
+        matches!(&result, Err(StoreError::Unavailable(e)) if e.contains("WSMOVED")),
+        "{result:?}"
+    );
+}
+
+/// A move undone before the switch: the target drops what it imported and the source, its
+/// mark cleared, serves and writes on.
+async fn an_undone_import_leaves_nothing_and_the_source_serves_on(backing: Backing) {
+    let target_backing = backing.another();
+    let (source, target) = (backing.store(), target_backing.store());
+    source.claim(1).await.unwrap();
+    target.claim(1).await.unwrap();
+    let (w, c) = (ws("w"), ch("c"));
+    with_channel(&source).await;
+    append(&source, joined("c", 1, "alice")).await;
+    source.begin_export(&w, 3).await.unwrap();
+    target.begin_import(&w, 3).await.unwrap();
+    target
+        .import_keys(&w, 3, &export_all(&source, &w).await)
+        .await
+        .unwrap();
+    source.freeze(&w, 3).await.unwrap();
+    target.abort_import(&w, 3).await.unwrap();
+    source.abort_export(&w, 3).await.unwrap();
+
+    assert_eq!(target.workspace_exists(&w).await, Ok(false));
+    assert_eq!(target.load_channel(&w, &c).await, Ok(None));
+    assert_eq!(target.move_marks().await, Ok(vec![]));
+    assert_eq!(target.workspace_count().await, Ok(0));
+    assert_eq!(source.move_marks().await, Ok(vec![]));
+    append(&source, msg(2)).await;
+    assert_eq!(snapshot(&source, "c").await.last_seq, 2);
+    // Another attempt of a newer epoch goes through.
+    source.begin_export(&w, 4).await.unwrap();
+    target.begin_import(&w, 4).await.unwrap();
+    target
+        .import_keys(&w, 4, &export_all(&source, &w).await)
+        .await
+        .unwrap();
+    source.freeze(&w, 4).await.unwrap();
+    target
+        .import_keys(&w, 4, &export_all(&source, &w).await)
+        .await
+        .unwrap();
+    target.commit_import(&w, 4).await.unwrap();
+    assert_eq!(snapshot(&target, "c").await.last_seq, 2);
+    assert_eq!(target.workspace_count().await, Ok(1));
 }
 
 /// Asserts that `call` fails with `Unavailable` well within [`FAIL_FAST`].
@@ -1562,10 +1895,10 @@ async fn fails_fast<T: std::fmt::Debug>(
     assert!(took < FAIL_FAST, "{what} took {took:?} to fail");
 }
 
-#[tokio::test]
-async fn redis_store_ignores_a_private_channels_name_claimed_by_an_earlier_version() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).unwrap();
+async fn redis_store_ignores_a_private_channels_name_claimed_by_an_earlier_version(
+    backing: Backing,
+) {
+    let store = backing.store();
     with_channel(&store).await;
     let w = ws("w");
     store
@@ -1573,13 +1906,9 @@ async fn redis_store_ignores_a_private_channels_name_claimed_by_an_earlier_versi
         .await
         .unwrap();
     // Earlier versions claimed private names too, in the same hash as public ones.
-    let mut conn = ::redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = backing.raw();
     let _: () = ::redis::cmd("HSET")
-        .arg("confab:cs:w:names")
+        .arg("confab:cs:{w}:names")
         .arg("secret")
         .arg("p")
         .query_async(&mut conn)
@@ -1703,4 +2032,213 @@ async fn redis_calls_fail_fast_against_a_server_that_never_answers() {
             fails_fast("workspace_count", store.workspace_count()),
         );
     }
+}
+
+// ---- a Redis Cluster only: where the keys live, what the masters say ----
+
+/// Every key of a workspace (its data, its `.ctl`) is on the master of its hash tag's slot,
+/// and different workspaces land on different masters: one workspace never spans shards.
+#[tokio::test]
+async fn redis_cluster_workspaces_spread_over_the_masters_and_each_keeps_its_keys_on_one() {
+    let cluster = RedisCluster::start(3);
+    let store = RedisStore::connect(&cluster.url()).unwrap();
+    assert!(store.is_cluster());
+    store.claim(1).await.unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("ws{i}")).collect();
+    for id in &ids {
+        let w = ws(id);
+        assert_eq!(store.create_workspace(&w, Some(id)).await, Ok(true));
+        assert_eq!(
+            store
+                .create_channel(&w, &channel("c", "c", ChannelKind::Public))
+                .await,
+            Ok(CreateOutcome::Created)
+        );
+        store
+            .append(&w, &ch("c"), &joined("c", 1, "alice"), RETAIN_ALL)
+            .await
+            .unwrap();
+        let sent = message("c", 2, "alice", "hi", Some("k"));
+        store.append(&w, &ch("c"), &sent, RETAIN_ALL).await.unwrap();
+    }
+    let mut homes = std::collections::BTreeSet::new();
+    for id in &ids {
+        let home = cluster.node_of(&format!("confab:cs:{{{id}}}.ctl"));
+        homes.insert(home);
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let pattern = format!("confab:cs:{{{id}}}*");
+            let listed = node.cli(&["--scan", "--pattern", &pattern]);
+            let keys: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
+            if i == home {
+                // meta, names, public, channel_count, the channel's hash, log, msgs, idem,
+                // idemseq, members, the user's channels, and the `.ctl`.
+                assert_eq!(keys.len(), 12, "workspace {id} on node {i}: {keys:?}");
+            } else {
+                assert!(
+                    keys.is_empty(),
+                    "workspace {id} has keys on node {i}: {keys:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(homes.len(), 3, "12 workspaces all landed on {homes:?}");
+    let all: Vec<WorkspaceId> = {
+        let mut all: Vec<WorkspaceId> = ids.iter().map(|id| ws(id)).collect();
+        all.sort();
+        all
+    };
+    assert_eq!(store.workspace_ids().await, Ok(all));
+}
+
+/// A cell checks its store's persistence before it serves: in a cluster every master must
+/// persist, so the weakest one is what the store reports.
+#[tokio::test]
+async fn redis_cluster_persistence_is_the_weakest_of_the_masters() {
+    use confab_cells::store::Persistence;
+    let cluster = RedisCluster::start(3);
+    let store = RedisStore::connect(&cluster.url()).unwrap();
+    let known = |appendonly: bool, appendfsync: &str| Persistence::Known {
+        appendonly,
+        appendfsync: appendfsync.to_string(),
+    };
+    assert_eq!(store.persistence().await, Ok(known(true, "always")));
+    cluster.nodes[1].cli(&["CONFIG", "SET", "appendfsync", "everysec"]);
+    assert_eq!(store.persistence().await, Ok(known(true, "everysec")));
+    cluster.nodes[2].cli(&["CONFIG", "SET", "appendonly", "no"]);
+    assert_eq!(store.persistence().await, Ok(known(false, "everysec")));
+}
+
+// ---- a single Redis only: the earlier key layout ----
+
+/// Every key of the store's Redis, sorted.
+async fn all_keys(conn: &mut RedisConn) -> Vec<String> {
+    let mut keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(conn)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+async fn raw_cmd(conn: &mut RedisConn, args: &[&str]) -> ::redis::Value {
+    let mut cmd = ::redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(conn).await.unwrap()
+}
+
+/// A store written before hash tags (`confab:cs:w:…`, `confab:cs:workspaces`,
+/// `confab:cs:moves`, `confab:cs:fence`) is not ignored: the first claim moves every
+/// workspace's keys to the new names, keeps a released workspace's mark, and retires the old
+/// fence so that a process of the earlier version can neither write nor claim again.
+#[tokio::test]
+async fn a_store_of_the_earlier_layout_is_migrated_by_the_first_claim() {
+    let server = RedisServer::start();
+    // Data as the earlier layout held it: written by this engine, then renamed back (the
+    // values' formats did not change).
+    let writer = RedisStore::connect(&server.url()).unwrap();
+    let s: &dyn CellStore = &writer;
+    with_channel(s).await;
+    append(s, joined("c", 1, "alice")).await;
+    append(s, message("c", 2, "alice", "kept", Some("k1"))).await;
+    writer
+        .advance_read_marker(&ws("w"), &user("alice"), &ch("c"), 2)
+        .await
+        .unwrap();
+    let before = snapshot(s, "c").await;
+    let events = writer
+        .events_after(&ws("w"), &ch("c"), 0, 10)
+        .await
+        .unwrap();
+    drop(writer);
+    let mut conn = RedisConn::open(&server.url(), RedisTimeouts::default()).unwrap();
+    for key in all_keys(&mut conn).await {
+        if let Some(rest) = key.strip_prefix("confab:cs:{w}:") {
+            raw_cmd(&mut conn, &["RENAME", &key, &format!("confab:cs:w:{rest}")]).await;
+        } else {
+            raw_cmd(&mut conn, &["DEL", &key]).await;
+        }
+    }
+    raw_cmd(&mut conn, &["SET", "confab:cs:fence", "5"]).await;
+    raw_cmd(&mut conn, &["SADD", "confab:cs:workspaces", "w"]).await;
+    raw_cmd(&mut conn, &["HSET", "confab:cs:moves", "left", "gone:3"]).await;
+    raw_cmd(&mut conn, &["HSET", "confab:cs:left:meta", "name", "Left"]).await;
+
+    let store = RedisStore::connect(&server.url()).unwrap();
+    assert_eq!(store.fence_epoch().await, Ok(5));
+    assert!(matches!(store.claim(5).await, Err(StoreError::Fenced(_))));
+    store.claim(6).await.unwrap();
+    let s: &dyn CellStore = &store;
+    assert_eq!(snapshot(s, "c").await, before);
+    assert_eq!(
+        store.events_after(&ws("w"), &ch("c"), 0, 10).await,
+        Ok(events)
+    );
+    assert_eq!(find(s, "c", "alice", "k1").await, Some((2, TS + 2)));
+    assert_eq!(
+        store.read_markers(&ws("w"), &user("alice")).await,
+        Ok(HashMap::from([(ch("c"), 2)]))
+    );
+    assert_eq!(store.workspace_ids().await, Ok(vec![ws("w")]));
+    assert_eq!(store.workspace_count().await, Ok(1));
+    assert_eq!(
+        store.move_marks().await,
+        Ok(vec![(ws("left"), MoveMark::Gone(3))])
+    );
+    // Nothing is left under the earlier names but the retired fence, which no epoch equals.
+    let earlier: Vec<String> = all_keys(&mut conn)
+        .await
+        .into_iter()
+        .filter(|k| !k.contains('{'))
+        .collect();
+    assert_eq!(earlier, ["confab:cs:fence"]);
+    let retired: String = ::redis::cmd("GET")
+        .arg("confab:cs:fence")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(retired.parse::<u64>().is_err(), "{retired}");
+    assert_eq!(store.fence_epoch().await, Ok(6));
+    append(s, msg(3)).await;
+
+    // A later claim finds nothing more to migrate and keeps everything.
+    let next = RedisStore::connect(&server.url()).unwrap();
+    next.claim(7).await.unwrap();
+    assert_eq!(snapshot(&next, "c").await.last_seq, 3);
+    assert_eq!(next.workspace_ids().await, Ok(vec![ws("w")]));
+}
+
+/// The earlier layout with a move under way (its dirty keys and export list name keys of that
+/// layout) is refused with a clear error, and left exactly as it was for the earlier version to
+/// finish or abort the move.
+#[tokio::test]
+async fn a_store_of_the_earlier_layout_with_a_move_in_progress_is_refused_unchanged() {
+    let server = RedisServer::start();
+    let mut conn = RedisConn::open(&server.url(), RedisTimeouts::default()).unwrap();
+    raw_cmd(&mut conn, &["SET", "confab:cs:fence", "5"]).await;
+    raw_cmd(&mut conn, &["SADD", "confab:cs:workspaces", "w"]).await;
+    raw_cmd(&mut conn, &["HSET", "confab:cs:w:meta", "name", "W"]).await;
+    raw_cmd(&mut conn, &["HSET", "confab:cs:moves", "w", "frozen:9"]).await;
+    raw_cmd(
+        &mut conn,
+        &["SADD", "confab:cs:dirty.w", "confab:cs:w:meta"],
+    )
+    .await;
+    let before = all_keys(&mut conn).await;
+
+    let store = RedisStore::connect(&server.url()).unwrap();
+    let refused = store.claim(6).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Corrupt(e)) if e.contains("workspace w") && e.contains("frozen:9")),
+        "{refused:?}"
+    );
+    let fence: String = ::redis::cmd("GET")
+        .arg("confab:cs:fence")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fence, "5");
+    assert_eq!(all_keys(&mut conn).await, before);
 }

@@ -346,7 +346,7 @@ async fn a_move_whose_gateway_is_killed_half_way_is_undone_by_another_gateway_an
         "c2 kept a copy of an undone move"
     );
     assert_eq!(
-        cluster.cells[0].store_cli(&["HGET", "confab:cs:moves", "acme"]),
+        cluster.cells[0].store_cli(&["HGET", "confab:cs:{acme}.ctl", "mark"]),
         ""
     );
     let undone = r#"confab_workspace_moves_total{outcome="undone"}"#;
@@ -407,7 +407,7 @@ async fn a_move_whose_source_cell_is_killed_half_way_is_undone_once_the_cell_is_
     wait_move_record_gone(&cluster, "acme").await;
     assert_eq!(cell_of(&cluster, "acme").await["cell"], "c1");
     assert_eq!(
-        cluster.cells[0].store_cli(&["HGET", "confab:cs:moves", "acme"]),
+        cluster.cells[0].store_cli(&["HGET", "confab:cs:{acme}.ctl", "mark"]),
         ""
     );
     // Served by c1 alone, with everything it acked, and its seqs continue.

@@ -161,7 +161,7 @@ async fn seqs_are_not_reused_after_the_store_lost_writes_and_sessions_resync() {
 
     // The store loses the last three messages, as a promoted replica that lagged would.
     let cell = &cluster.cells[0];
-    let key = format!("confab:cs:acme:ch:{room}");
+    let key = format!("confab:cs:{{acme}}:ch:{room}");
     cell.store_cli(&["HSET", &key, "last_seq", &kept.to_string()]);
     let above = format!("({kept}");
     cell.store_cli(&["ZREMRANGEBYSCORE", &format!("{key}:log"), &above, "+inf"]);
@@ -250,7 +250,7 @@ async fn a_store_back_from_an_outage_with_lost_writes_is_caught_on_reload() {
     assert_eq!(reply["code"], "unavailable", "{reply}");
     // It comes back without its last writes (an older copy, a lagging replica).
     cluster.cells[0].store.restart();
-    let key = format!("confab:cs:acme:ch:{room}");
+    let key = format!("confab:cs:{{acme}}:ch:{room}");
     cluster.cells[0].store_cli(&["HSET", &key, "last_seq", "1"]);
     cluster.cells[0].store_cli(&["ZREMRANGEBYSCORE", &format!("{key}:log"), "(1", "+inf"]);
 

@@ -108,10 +108,11 @@ impl MoveOp {
     }
 }
 
-/// The prefix every key of `workspace` starts with in a cell store (ids never hold `:`, so
-/// no workspace's prefix is another's).
+/// The prefix every key of `workspace` starts with in a cell store: `confab:cs:{W}:`, the
+/// braces a Redis Cluster hash tag, so that all of them are in one slot (ids never hold `:`,
+/// `{` or `}`, so no workspace's prefix is another's).
 pub fn key_prefix(workspace: &WorkspaceId) -> String {
-    format!("confab:cs:{workspace}:")
+    format!("confab:cs:{{{workspace}}}:")
 }
 
 #[cfg(test)]
@@ -130,12 +131,12 @@ mod tests {
             epoch: 7,
             keys: vec![
                 KeyDump {
-                    key: "confab:cs:acme:meta".into(),
+                    key: "confab:cs:{acme}:meta".into(),
                     dump: Some(vec![0, 1, 2, 255]),
                     ttl_ms: 0,
                 },
                 KeyDump {
-                    key: "confab:cs:acme:ch:x".into(),
+                    key: "confab:cs:{acme}:ch:x".into(),
                     dump: None,
                     ttl_ms: 5,
                 },
@@ -154,6 +155,6 @@ mod tests {
     #[test]
     fn no_workspace_prefix_is_the_prefix_of_another() {
         assert!(!key_prefix(&ws("ab-c")).starts_with(&key_prefix(&ws("ab"))));
-        assert_eq!(key_prefix(&ws("ab")), "confab:cs:ab:");
+        assert_eq!(key_prefix(&ws("ab")), "confab:cs:{ab}:");
     }
 }

@@ -1,55 +1,78 @@
-//! The Redis engine of [`CellStore`]: a cell's durable state in its own Redis.
+//! The Redis engine of [`CellStore`]: a cell's durable state in its own Redis, a single server
+//! or a Redis Cluster (`redis+cluster://h:p,h:p`, see [`RedisConn`]).
 //!
-//! Keys (prefix `confab:cs:`): `workspaces` (set of ids), then per workspace `{ws}`, every key
-//! under `{ws}:` so that no workspace id can name another workspace's key (ids never hold `:`):
-//! - `{ws}:meta` (hash: name);
-//! - `{ws}:ch:{ch}` (hash: name, kind, last_seq, first_seq) — channel metadata and seq window;
-//! - `{ws}:names` (hash public channel name → id), `{ws}:dms` (hash "a/b" → id), `{ws}:public`
-//!   (set of ids), `{ws}:channel_count` (public and private channels created);
-//! - `{ws}:ch:{ch}:log` (sorted set, score = seq, member = the event's JSON) — the channel log,
+//! Keys (prefix `confab:cs:`). Every key of a workspace `W` carries the hash tag `{W}`, so
+//! that all of them live in one slot (one shard of a cluster) and every script touches one
+//! slot; ids never hold `:`, `{`, `}` or `.`, so no workspace id can name another's key:
+//! - `{W}:meta` (hash: name);
+//! - `{W}:ch:{ch}` (hash: name, kind, last_seq, first_seq) — channel metadata and seq window;
+//! - `{W}:names` (hash public channel name → id), `{W}:dms` (hash "a/b" → id), `{W}:public`
+//!   (set of ids), `{W}:channel_count` (public and private channels created);
+//! - `{W}:ch:{ch}:log` (sorted set, score = seq, member = the event's JSON) — the channel log,
 //!   trimmed to the retention window;
-//! - `{ws}:ch:{ch}:msgs` (sorted set, score = seq, member = the message as it stands now) —
+//! - `{W}:ch:{ch}:msgs` (sorted set, score = seq, member = the message as it stands now) —
 //!   history, kept beyond retention;
-//! - `{ws}:ch:{ch}:idem` (hash "user/client_msg_id" → "seq:ts") and `{ws}:ch:{ch}:idemseq`
+//! - `{W}:ch:{ch}:idem` (hash "user/client_msg_id" → "seq:ts") and `{W}:ch:{ch}:idemseq`
 //!   (sorted set of those keys by seq, to drop them when their message leaves retention);
-//! - `{ws}:ch:{ch}:members` (set), `{ws}:u:{user}:channels` (set), `{ws}:u:{user}:read` (hash).
-//!
-//! - `{ws}:wh:ids` (set of webhook ids), `{ws}:wh:{id}` (hash: user, url, secret, events,
-//!   channels, disabled, last_error, failing_since), `{ws}:wh:{id}:cursors` (hash channel →
-//!   the seq up to which the webhook's deliveries are done), `{ws}:wh:count` (hash user →
+//! - `{W}:ch:{ch}:members` (set), `{W}:u:{user}:channels` (set), `{W}:u:{user}:read` (hash).
+//! - `{W}:wh:ids` (set of webhook ids), `{W}:wh:{id}` (hash: user, url, secret, events,
+//!   channels, disabled, last_error, failing_since), `{W}:wh:{id}:cursors` (hash channel →
+//!   the seq up to which the webhook's deliveries are done), `{W}:wh:count` (hash user →
 //!   webhooks it has) — webhooks and their pending deliveries (the log events after each
 //!   cursor), all under the workspace's prefix so that a move copies them with the rest.
 //!
-//! - `fence` (string): the epoch of the cell process that claimed the store last.
-//! - `moves` (hash ws → `copying:E`, `frozen:E`, `gone:E` or `incoming:E`): the workspaces in or
-//!   after a move of epoch `E`; `dirty.{ws}` (set) the keys written while one is `copying`, and
-//!   `export.{ws}` (list) the keys an export pages over (see `moving`). None of them is under a
-//!   workspace prefix, so a move never copies them.
+//! Those are the keys under the prefix `confab:cs:{W}:` (`confab_shared::moves::key_prefix`),
+//! which a move copies. Beside them, in the same slot but never copied:
+//! - `{W}.ctl` (hash): `fence`, this store's fence as the workspace's writes see it (below);
+//!   `served` (`1` while the store serves the workspace); `mark`, the workspace's move mark
+//!   (`copying:E`, `frozen:E`, `gone:E` or `incoming:E`, for a move of epoch `E`);
+//! - `{W}.dirty` (set) the keys written while the workspace is `copying`, and `{W}.export`
+//!   (list) the keys an export pages over (see `moving`).
 //!
-//! Every write is one Lua script, so it is atomic. [`CellStore::append`] checks the seq, writes
-//! the event, applies its side effect and trims, in one script; with `appendonly yes` and
-//! `appendfsync always` the write is on disk before the script returns, so before the cell
-//! acks. Multi-key reads that must agree with each other (a channel's seq window and its
+//! Cell-wide keys share the tag `{.cell}` (no workspace id holds a `.`):
+//! - `{.cell}:fence` (string): the epoch of the cell process that claimed the store last;
+//! - `{.cell}:known` (set): every workspace that has a `.ctl` hash here, served or not;
+//! - `{.cell}:workspaces` (set): the workspaces served, for counting and listing them. It
+//!   follows the `served` fields (updated right after them, and rebuilt from them by every
+//!   claim); `served` is what the write scripts go by.
+//!
+//! Every write is one Lua script on one slot, so it is atomic. [`CellStore::append`] checks the
+//! seq, writes the event, applies its side effect and trims, in one script; with `appendonly
+//! yes` and `appendfsync always` the write is on disk before the script returns, so before the
+//! cell acks. Multi-key reads that must agree with each other (a channel's seq window and its
 //! members) run in one `MULTI`. Every command times out quickly (`unavailable`) and the
-//! connection manager reconnects by itself.
+//! connection reconnects by itself (in a cluster, it also follows failovers and slot moves).
 //!
-//! Fencing: a cell process [claims](RedisStore::claim) the store with its epoch when it starts,
-//! and every write script first checks that `fence` still holds that epoch. A newer process
-//! with the same cell id claims a higher one, so an older process still running (split brain)
-//! has its next write refused (`FENCED`, [`StoreError::Fenced`]) instead of forking the log;
-//! [`RedisStore::fenced`] then tells it to stop.
+//! Fencing: a cell process [claims](RedisStore::claim) the store with its epoch when it starts:
+//! it raises `{.cell}:fence`, then the `fence` of every known workspace, and serves only once
+//! all of them hold its epoch. Every workspace write script first checks the workspace's
+//! `fence` against the writer's epoch, and every cell-wide write (adding a workspace to
+//! `known` or `workspaces`) checks `{.cell}:fence`; a workspace is added to `known` (a fenced
+//! write) before its `.ctl` is first written. So a newer process with the same cell id, once
+//! its claim returned, has every write of an older process still running (split brain)
+//! refused (`FENCED`, [`StoreError::Fenced`]) instead of forking the log; a write of the older
+//! one that landed before the claim reached its workspace is ordered before anything the newer
+//! one reads there. [`RedisStore::fenced`] then tells the older one to stop.
+//!
+//! The layout before hash tags (`confab:cs:W:…`, `confab:cs:fence`, `confab:cs:workspaces`,
+//! `confab:cs:moves`, on a single Redis only: its scripts span slots) is migrated by the first
+//! claim (see `layout`), which also leaves a value in `confab:cs:fence` that no epoch equals, so
+//! a process of an earlier version has its writes refused and can never claim the store again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
+use confab_directory::redis_conn::{RedisConn, Timeouts};
+use confab_shared::moves::key_prefix;
 use confab_shared::server::{ChannelKind, Event, MessageView};
 use confab_shared::{ChannelId, UserId, WorkspaceId};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::{StreamExt, TryStreamExt};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{AsyncCommands, Script};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+mod layout;
 mod moving;
 
 use super::{
@@ -58,46 +81,53 @@ use super::{
     WebhookRecord, WebhookState,
 };
 
-const WORKSPACES: &str = "confab:cs:workspaces";
-const FENCE: &str = "confab:cs:fence";
+/// The store's fence: the epoch of the process that claimed it last.
+const CELL_FENCE: &str = "confab:cs:{.cell}:fence";
+/// Every workspace with a `.ctl` hash in this store.
+const KNOWN: &str = "confab:cs:{.cell}:known";
+/// The workspaces this store serves.
+const WORKSPACES: &str = "confab:cs:{.cell}:workspaces";
+/// Workspaces whose `.ctl` is read or raised at once, by a claim or a listing.
+const CTL_CONCURRENCY: usize = 64;
+/// Ids added to or removed from a cell-wide set per script.
+const INDEX_BATCH: usize = 500;
 
-/// The first lines of every write script: the last key is `fence` and the last argument the
-/// writer's epoch; a store claimed by another epoch refuses the write. An unclaimed store
-/// holds epoch 0, the epoch of a store that was never claimed (tests, tools).
+/// The first lines of every workspace write script. The last two keys are the workspace's
+/// `.dirty` and `.ctl`, the last argument the writer's epoch.
 ///
-/// Then the workspace's own fence, for moves: the workspace is the one the first key under a
-/// workspace prefix names, and its mark in `moves` decides. While it is `copying` the keys the
-/// script names are recorded in its dirty set (the final copy takes them); `frozen`, `gone` and
-/// `incoming` refuse the write (`WSMOVED`), durably, whatever the cell process believes.
+/// The workspace's fence refuses the write of any other epoch. A workspace without a fence has
+/// no `.ctl` at all: nothing of it is stored here (every script then finds nothing to change,
+/// but `CREATE_WORKSPACE`, which a fenced `ENROLL` precedes). An unclaimed store holds epoch 0,
+/// the epoch of a store that was never claimed (tests, tools).
+///
+/// Then the workspace's own fence, for moves: its `mark` decides. While it is `copying` the
+/// workspace keys the script names are recorded in `.dirty` (the final copy takes them);
+/// `frozen`, `gone` and `incoming` refuse the write (`WSMOVED`), durably, whatever the cell
+/// process believes. `served` tells the script whether the store serves the workspace.
 const FENCE_GUARD: &str = r"
-local fence = redis.call('GET', KEYS[#KEYS]) or '0'
-if fence ~= ARGV[#ARGV] then
-  return redis.error_reply('FENCED the store is claimed by epoch ' .. fence .. ', not ' .. ARGV[#ARGV])
+local ctl = KEYS[#KEYS]
+local guard = redis.call('HMGET', ctl, 'fence', 'mark', 'served')
+if guard[1] and guard[1] ~= ARGV[#ARGV] then
+  return redis.error_reply('FENCED the store is claimed by epoch ' .. guard[1] .. ', not ' .. ARGV[#ARGV])
 end
-local guarded_ws = nil
-for i = 1, #KEYS - 1 do
-  guarded_ws = string.match(KEYS[i], '^confab:cs:([%w_%-]+):')
-  if guarded_ws then break end
-end
-if guarded_ws then
-  local mark = redis.call('HGET', 'confab:cs:moves', guarded_ws)
-  if mark then
-    local state = string.match(mark, '^(%a+)')
-    if state ~= 'copying' then
-      return redis.error_reply('WSMOVED workspace ' .. guarded_ws .. ' is ' .. mark)
-    end
-    local prefix = 'confab:cs:' .. guarded_ws .. ':'
-    for i = 1, #KEYS - 1 do
-      if string.sub(KEYS[i], 1, #prefix) == prefix then
-        redis.call('SADD', 'confab:cs:dirty.' .. guarded_ws, KEYS[i])
-      end
+local served = guard[3] == '1'
+local base = string.sub(ctl, 1, #ctl - 4)
+if guard[2] then
+  local state = string.match(guard[2], '^(%a+)')
+  if state ~= 'copying' then
+    return redis.error_reply('WSMOVED workspace ' .. base .. ' is ' .. guard[2])
+  end
+  local prefix = base .. ':'
+  for i = 1, #KEYS - 2 do
+    if string.sub(KEYS[i], 1, #prefix) == prefix then
+      redis.call('SADD', KEYS[#KEYS - 1], KEYS[i])
     end
   end
 end
 ";
 
-/// The cell fence alone, for the scripts of moves, which act on a workspace's marks and keys
-/// whatever its own fence says.
+/// The first lines of every cell-wide write script: the last key is `{.cell}:fence` and the
+/// last argument the writer's epoch.
 const CELL_FENCE_GUARD: &str = r"
 local fence = redis.call('GET', KEYS[#KEYS]) or '0'
 if fence ~= ARGV[#ARGV] then
@@ -105,8 +135,9 @@ if fence ~= ARGV[#ARGV] then
 end
 ";
 
-/// Claims the store for an epoch: KEYS = fence; ARGV = epoch. Returns -1 when claimed, else
-/// the epoch already holding it (equal or newer: this process is late and must not serve).
+/// Claims the store for an epoch: KEYS = `{.cell}:fence`; ARGV = epoch. Returns -1 when
+/// claimed, else the epoch already holding it (equal or newer: this process is late and must
+/// not serve).
 const CLAIM: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current >= tonumber(ARGV[1]) then return current end
@@ -114,9 +145,35 @@ redis.call('SET', KEYS[1], ARGV[1])
 return -1
 ";
 
+/// Raises a workspace's fence to a claiming epoch: KEYS = `.ctl`; ARGV = epoch. Returns
+/// `{'newer', fence}` when a newer epoch holds it already, else `{'ok', served, mark}`.
+const RAISE_FENCE: &str = r"
+local state = redis.call('HMGET', KEYS[1], 'fence', 'served', 'mark')
+if state[1] and tonumber(state[1]) > tonumber(ARGV[1]) then return {'newer', state[1]} end
+redis.call('HSET', KEYS[1], 'fence', ARGV[1])
+return {'ok', state[2] or '', state[3] or ''}
+";
+
+/// Adds a workspace to `known`, before anything of it is written: KEYS = known, fence;
+/// ARGV = workspace, epoch.
+const ENROLL: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+";
+
+/// Adds workspaces to or removes them from the served index: KEYS = workspaces, fence;
+/// ARGV = `add` or `rem`, the workspaces, epoch.
+const INDEX: &str = r"
+local op = ARGV[1] == 'add' and 'SADD' or 'SREM'
+for i = 2, #ARGV - 1, 1000 do
+  redis.call(op, KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV - 1)))
+end
+return 1
+";
+
 /// Moves a channel's `last_seq` from an expected value up to a higher one, after the store lost
-/// writes: KEYS = meta, fence; ARGV = expected, new, epoch. Returns -2 when moved, -1 for no
-/// such channel, else the `last_seq` found.
+/// writes: KEYS = meta, dirty, ctl; ARGV = expected, new, epoch. Returns -2 when moved, -1 for
+/// no such channel, else the `last_seq` found.
 const RAISE_LAST_SEQ: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
@@ -125,16 +182,18 @@ redis.call('HSET', KEYS[1], 'last_seq', ARGV[2])
 return -2
 ";
 
-/// Creates a workspace once: KEYS = workspaces, workspace meta, fence; ARGV = workspace, name,
-/// epoch.
+/// Serves a workspace from now on, once: KEYS = workspace meta, dirty, ctl; ARGV = name,
+/// epoch. A workspace seen for the first time takes the writer's epoch as its fence: `ENROLL`,
+/// which checks the store's fence, ran first. Returns 1 when the workspace is new.
 const CREATE_WORKSPACE: &str = r"
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], 'name', ARGV[2])
+if served then return 0 end
+redis.call('HSET', ctl, 'fence', ARGV[#ARGV], 'served', '1')
+redis.call('HSET', KEYS[1], 'name', ARGV[1])
 return 1
 ";
 
-/// Appends one event: KEYS = meta, log, msgs, idem, idemseq, members, user channels, fence;
-/// ARGV = seq, event JSON, retention, effect, then the effect's arguments, then the epoch.
+/// Appends one event: KEYS = meta, log, msgs, idem, idemseq, members, user channels, dirty,
+/// ctl; ARGV = seq, event JSON, retention, effect, then the effect's arguments, then the epoch.
 /// Effects: `msg` (message JSON, idem key or "", idem value), `edit`/`del` (target, new message
 /// JSON), `join` (user, channel id, optionally the most channels the user may be in: a join has
 /// eight arguments with it, seven without), `leave`
@@ -190,38 +249,38 @@ return -2
 ";
 
 /// Creates a channel, claiming its id and its public name or DM pair: KEYS = meta, names, dms,
-/// public, workspaces, channel count, fence; ARGV = workspace, id, name, kind, dm pair or "",
-/// most public and private channels of the workspace or "", epoch.
+/// public, channel count, dirty, ctl; ARGV = id, name, kind, dm pair or "", most public and
+/// private channels of the workspace or "", epoch.
 const CREATE_CHANNEL: &str = r"
-if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then return {'unknown_workspace'} end
+if not served then return {'unknown_workspace'} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'id_taken'} end
-if ARGV[5] ~= '' then
-  local existing = redis.call('HGET', KEYS[3], ARGV[5])
+if ARGV[4] ~= '' then
+  local existing = redis.call('HGET', KEYS[3], ARGV[4])
   if existing then return {'dm_exists', existing} end
-  redis.call('HSET', KEYS[3], ARGV[5], ARGV[2])
-elseif ARGV[4] ~= 'dm' then
-  local public = ARGV[4] == 'public'
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[1])
+elseif ARGV[3] ~= 'dm' then
+  local public = ARGV[3] == 'public'
   -- A name held by a channel that is not public is a private channel's claim from before
   -- private names stopped claiming anything: it takes nothing.
-  local holder = public and redis.call('HGET', KEYS[2], ARGV[3])
+  local holder = public and redis.call('HGET', KEYS[2], ARGV[2])
   if holder and redis.call('SISMEMBER', KEYS[4], holder) == 1 then return {'name_taken'} end
-  if ARGV[6] ~= '' and tonumber(redis.call('GET', KEYS[6]) or '0') >= tonumber(ARGV[6]) then
+  if ARGV[5] ~= '' and tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[5]) then
     return {'too_many_channels'}
   end
-  if public then redis.call('HSET', KEYS[2], ARGV[3], ARGV[2]) end
-  redis.call('INCR', KEYS[6])
+  if public then redis.call('HSET', KEYS[2], ARGV[2], ARGV[1]) end
+  redis.call('INCR', KEYS[5])
 end
-redis.call('HSET', KEYS[1], 'name', ARGV[3], 'kind', ARGV[4], 'last_seq', 0, 'first_seq', 1)
-if ARGV[4] == 'public' then redis.call('SADD', KEYS[4], ARGV[2]) end
+redis.call('HSET', KEYS[1], 'name', ARGV[2], 'kind', ARGV[3], 'last_seq', 0, 'first_seq', 1)
+if ARGV[3] == 'public' then redis.call('SADD', KEYS[4], ARGV[1]) end
 return {'created'}
 ";
 
-/// Moves a read marker forward only: KEYS = read hash, workspaces, fence; ARGV = channel, seq,
-/// workspace, epoch. Returns `{previous, current}` as strings, or `{}` for an unknown workspace.
+/// Moves a read marker forward only: KEYS = read hash, dirty, ctl; ARGV = channel, seq, epoch.
+/// Returns `{previous, current}` as strings, or `{}` for an unknown workspace.
 /// Seqs are compared as decimal strings (length first), not as Lua numbers: those are doubles,
 /// which would round a marker above 2^53 and then store it in exponent form.
 const ADVANCE_READ: &str = r"
-if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then return {} end
+if not served then return {} end
 local previous = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
 local seq = ARGV[2]
 if #seq > #previous or (#seq == #previous and seq > previous) then
@@ -231,22 +290,21 @@ end
 return {previous, previous}
 ";
 
-/// Stores a webhook within its user's bound: KEYS = ids, hook, per-user counts, workspaces,
-/// fence; ARGV = workspace, id, user, most webhooks per user, then field/value pairs, then the
-/// epoch.
+/// Stores a webhook within its user's bound: KEYS = ids, hook, per-user counts, dirty, ctl;
+/// ARGV = id, user, most webhooks per user, then field/value pairs, then the epoch.
 const CREATE_WEBHOOK: &str = r"
-if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 0 then return 'unknown_workspace' end
+if not served then return 'unknown_workspace' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'id_taken' end
-if tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0') >= tonumber(ARGV[4]) then
+if tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0') >= tonumber(ARGV[3]) then
   return 'too_many'
 end
-redis.call('SADD', KEYS[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
-for i = 5, #ARGV - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+for i = 4, #ARGV - 1, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 'created'
 ";
 
-/// Deletes a webhook and its cursors: KEYS = ids, hook, cursors, per-user counts, fence;
+/// Deletes a webhook and its cursors: KEYS = ids, hook, cursors, per-user counts, dirty, ctl;
 /// ARGV = id, epoch. Returns 1 when it existed.
 const DELETE_WEBHOOK: &str = r"
 local user = redis.call('HGET', KEYS[2], 'user')
@@ -257,7 +315,7 @@ if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then redis.call('HDEL', KEYS[4]
 return 1
 ";
 
-/// Replaces a webhook's delivery state: KEYS = hook, fence; ARGV = disabled, last_error,
+/// Replaces a webhook's delivery state: KEYS = hook, dirty, ctl; ARGV = disabled, last_error,
 /// failing_since, epoch. Returns 0 for a webhook that does not exist (never recreates it).
 const SET_WEBHOOK_STATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -265,8 +323,8 @@ redis.call('HSET', KEYS[1], 'disabled', ARGV[1], 'last_error', ARGV[2], 'failing
 return 1
 ";
 
-/// Moves a webhook's cursor forward only: KEYS = hook, cursors, fence; ARGV = channel, seq,
-/// epoch. Seqs compare as decimal strings, as in `ADVANCE_READ`.
+/// Moves a webhook's cursor forward only: KEYS = hook, cursors, dirty, ctl; ARGV = channel,
+/// seq, epoch. Seqs compare as decimal strings, as in `ADVANCE_READ`.
 const ADVANCE_WEBHOOK_CURSOR: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local previous = redis.call('HGET', KEYS[2], ARGV[1])
@@ -297,7 +355,7 @@ impl WebhookScripts {
 }
 
 fn webhook_key(ws: &WorkspaceId, id: &str) -> String {
-    format!("confab:cs:{ws}:wh:{id}")
+    ws_key(ws, &format!("wh:{id}"))
 }
 
 fn join_ids<T: AsRef<str>>(ids: &[T]) -> String {
@@ -361,13 +419,16 @@ pub enum Persistence {
 
 /// The Redis cell store.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     create_workspace: Script,
     append: Script,
     create_channel: Script,
     advance_read: Script,
     raise_last_seq: Script,
     claim: Script,
+    raise_fence: Script,
+    enroll: Script,
+    index: Script,
     webhook_scripts: WebhookScripts,
     /// The epoch this process claimed the store with (0 until it claims).
     epoch: AtomicU64,
@@ -390,9 +451,14 @@ fn seq_step_outcome(outcome: i64, channel: &ChannelId, got: u64) -> StoreResult<
     }
 }
 
-/// A write script: the fence guard, then the script's own lines.
+/// A workspace write script: the fence guard, then the script's own lines.
 fn fenced_script(body: &str) -> Script {
     Script::new(&format!("{FENCE_GUARD}{body}"))
+}
+
+/// A cell-wide write script: the store's fence guard, then the script's own lines.
+fn cell_script(body: &str) -> Script {
+    Script::new(&format!("{CELL_FENCE_GUARD}{body}"))
 }
 
 /// A failed command: Redis unreachable, timed out or refusing (`unavailable`), or a reply of
@@ -409,16 +475,37 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
+/// A key of the workspace, under its prefix (`confab:cs:{W}:what`): moves copy it.
+fn ws_key(ws: &WorkspaceId, what: &str) -> String {
+    format!("{}{what}", key_prefix(ws))
+}
+
 fn channel_key(ws: &WorkspaceId, ch: &ChannelId) -> String {
-    format!("confab:cs:{ws}:ch:{ch}")
+    ws_key(ws, &format!("ch:{ch}"))
 }
 
 fn user_key(ws: &WorkspaceId, user: &UserId, what: &str) -> String {
-    format!("confab:cs:{ws}:u:{user}:{what}")
+    ws_key(ws, &format!("u:{user}:{what}"))
 }
 
-fn ws_key(ws: &WorkspaceId, what: &str) -> String {
-    format!("confab:cs:{ws}:{what}")
+/// The workspace's key beside its prefix (`confab:cs:{W}.what`), in its slot; never moved.
+fn ws_side_key(ws: &WorkspaceId, what: &str) -> String {
+    format!("confab:cs:{{{ws}}}.{what}")
+}
+
+/// The workspace's control hash: fence, served, mark.
+fn ctl_key(ws: &WorkspaceId) -> String {
+    ws_side_key(ws, "ctl")
+}
+
+/// The keys written while the workspace is `copying`.
+fn dirty_key(ws: &WorkspaceId) -> String {
+    ws_side_key(ws, "dirty")
+}
+
+/// Ends a workspace write script's keys: the workspace's `.dirty` and `.ctl`.
+fn guard_keys(invocation: &mut redis::ScriptInvocation<'_>, ws: &WorkspaceId) {
+    invocation.key(dirty_key(ws)).key(ctl_key(ws));
 }
 
 fn pair_field(pair: (&UserId, &UserId)) -> String {
@@ -440,17 +527,12 @@ fn parse_kind(s: &str) -> StoreResult<ChannelKind> {
 
 impl RedisStore {
     /// Connects lazily: the cell starts even while Redis is down and serves `unavailable`
-    /// until it is back.
+    /// until it is back. `redis+cluster://h:p,h:p` names a Redis Cluster by its seed nodes;
+    /// any other URL a single Redis.
     pub fn connect(url: &str) -> StoreResult<RedisStore> {
         // The error series exists from the start, so dashboards show 0 rather than nothing.
         metrics::counter!("confab_redis_errors_total", "engine" => "cell_store").increment(0);
-        let client = redis::Client::open(url).map_err(redis_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_error)?;
+        let conn = RedisConn::open(url, Timeouts::default()).map_err(redis_error)?;
         Ok(RedisStore {
             conn,
             create_workspace: fenced_script(CREATE_WORKSPACE),
@@ -459,25 +541,43 @@ impl RedisStore {
             advance_read: fenced_script(ADVANCE_READ),
             raise_last_seq: fenced_script(RAISE_LAST_SEQ),
             claim: Script::new(CLAIM),
+            raise_fence: Script::new(RAISE_FENCE),
+            enroll: cell_script(ENROLL),
+            index: cell_script(INDEX),
             webhook_scripts: WebhookScripts::new(),
             epoch: AtomicU64::new(0),
             fenced: CancellationToken::new(),
         })
     }
 
-    /// The epoch holding the store now (0 when it was never claimed).
+    /// Whether the store is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    /// The epoch holding the store now (0 when it was never claimed); a store of the earlier
+    /// layout counts with the epoch that claimed it, so that the next claim is above it.
     pub async fn fence_epoch(&self) -> StoreResult<u64> {
-        let epoch: Option<u64> = self.conn().get(FENCE).await.map_err(redis_error)?;
-        Ok(epoch.unwrap_or(0))
+        let epoch: Option<u64> = self.conn().get(CELL_FENCE).await.map_err(redis_error)?;
+        let old = self.old_fence_epoch().await?;
+        Ok(epoch.unwrap_or(0).max(old))
     }
 
     /// Claims the store for `epoch`: from now on every write of this store carries it, and a
     /// process that claimed the store with an older epoch has its writes refused. Fails with
-    /// [`StoreError::Fenced`] when the store is already held by `epoch` or a newer one.
+    /// [`StoreError::Fenced`] when the store is already held by `epoch` or a newer one, and
+    /// with [`StoreError::Corrupt`] when it holds data of the earlier layout that cannot be
+    /// migrated (a move in progress).
+    ///
+    /// Retires the earlier layout, raises the store's fence, migrates the earlier layout's data
+    /// if there is any (the first claim), then raises the fence of every known workspace and rebuilds the served index
+    /// from their `served` fields. A claim that fails half-way leaves the store refusing the
+    /// older process wherever it got to; the next claim (with a newer epoch) goes all the way.
     pub async fn claim(&self, epoch: u64) -> StoreResult<()> {
+        self.retire_old_layout(epoch).await?;
         let held: i64 = self
             .claim
-            .key(FENCE)
+            .key(CELL_FENCE)
             .arg(epoch)
             .invoke_async(&mut self.conn())
             .await
@@ -487,7 +587,85 @@ impl RedisStore {
                 "the store is held by epoch {held}, not older than {epoch}"
             )));
         }
+        if !self.conn.is_cluster() {
+            self.migrate_old_layout(epoch).await?;
+        }
+        let known: Vec<String> = self.conn().smembers(KNOWN).await.map_err(redis_error)?;
+        let known: Vec<WorkspaceId> = parse_ids(known);
+        let states: Vec<(WorkspaceId, bool)> = futures_util::stream::iter(known)
+            .map(|ws| async move {
+                let state: Vec<String> = self
+                    .raise_fence
+                    .key(ctl_key(&ws))
+                    .arg(epoch)
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(redis_error)?;
+                match state.first().map(String::as_str) {
+                    Some("ok") => Ok((ws, state.get(1).is_some_and(|s| s == "1"))),
+                    Some("newer") => Err(StoreError::Fenced(format!(
+                        "workspace {ws} is held by epoch {}, not older than {epoch}",
+                        state.get(1).map(String::as_str).unwrap_or("?")
+                    ))),
+                    _ => Err(corrupt("raise_fence reply", format!("{state:?}"))),
+                }
+            })
+            .buffer_unordered(CTL_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let served: BTreeSet<String> = states
+            .into_iter()
+            .filter(|(_, served)| *served)
+            .map(|(ws, _)| ws.to_string())
+            .collect();
+        let indexed: BTreeSet<String> = self
+            .conn()
+            .smembers::<_, Vec<String>>(WORKSPACES)
+            .await
+            .map_err(redis_error)?
+            .into_iter()
+            .collect();
+        let missing: Vec<&String> = served.difference(&indexed).collect();
+        let extra: Vec<&String> = indexed.difference(&served).collect();
+        self.update_index("add", &missing, epoch).await?;
+        self.update_index("rem", &extra, epoch).await?;
         self.epoch.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
+    /// Adds workspaces to `known` (`{.cell}`'s fence checked) before anything of them is
+    /// written, so that every later claim raises their fence.
+    async fn enroll(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
+        self.enroll
+            .key(KNOWN)
+            .key(CELL_FENCE)
+            .arg(ws.as_str())
+            .arg(epoch)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    /// Adds (`add`) workspaces to the served index or removes (`rem`) them from it.
+    async fn update_index<T: AsRef<str>>(
+        &self,
+        op: &str,
+        ids: &[T],
+        epoch: u64,
+    ) -> StoreResult<()> {
+        for batch in ids.chunks(INDEX_BATCH) {
+            let mut invocation = self.index.prepare_invoke();
+            invocation.key(WORKSPACES).key(CELL_FENCE).arg(op);
+            for id in batch {
+                invocation.arg(id.as_ref());
+            }
+            invocation
+                .arg(epoch)
+                .invoke_async::<i64>(&mut self.conn())
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
         Ok(())
     }
 
@@ -524,43 +702,75 @@ impl RedisStore {
     }
 
     /// The store's persistence settings, read with `CONFIG GET` (a cell checks them before it
-    /// serves: see `confab cell --store-fsync`). `Unavailable` when Redis cannot be reached;
-    /// [`Persistence::Unknown`] when it answers but refuses to say (a managed Redis that
-    /// renames or forbids `CONFIG`).
+    /// serves: see `confab cell --store-fsync`); in a cluster, the weakest of its masters'.
+    /// `Unavailable` when Redis cannot be reached; [`Persistence::Unknown`] when it answers but
+    /// refuses to say (a managed Redis that renames or forbids `CONFIG`).
     pub async fn persistence(&self) -> StoreResult<Persistence> {
-        let mut conn = self.conn();
-        let mut settings = HashMap::new();
-        for name in ["appendonly", "appendfsync"] {
-            let reply: Result<HashMap<String, String>, _> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(name)
-                .query_async(&mut conn)
-                .await;
-            match reply {
-                Ok(mut pairs) => match pairs.remove(name) {
-                    Some(value) => settings.insert(name, value.to_ascii_lowercase()),
-                    None => {
-                        return Ok(Persistence::Unknown(format!("CONFIG GET {name}: no value")))
-                    }
-                },
-                Err(e)
-                    if e.is_io_error()
-                        || e.is_timeout()
-                        || e.is_connection_dropped()
-                        || e.is_connection_refusal() =>
-                {
-                    return Err(redis_error(e))
-                }
-                Err(e) => return Ok(Persistence::Unknown(format!("CONFIG GET {name}: {e}"))),
-            };
-        }
+        let appendonly = match self.config_values("appendonly").await? {
+            Ok(values) => values.iter().all(|v| v == "yes"),
+            Err(why) => return Ok(Persistence::Unknown(why)),
+        };
+        let appendfsync = match self.config_values("appendfsync").await? {
+            Ok(values) => values
+                .into_iter()
+                .min_by_key(|v| match v.as_str() {
+                    "always" => 2,
+                    "everysec" => 1,
+                    _ => 0,
+                })
+                .unwrap_or_default(),
+            Err(why) => return Ok(Persistence::Unknown(why)),
+        };
         Ok(Persistence::Known {
-            appendonly: settings.get("appendonly").is_some_and(|v| v == "yes"),
-            appendfsync: settings.remove("appendfsync").unwrap_or_default(),
+            appendonly,
+            appendfsync,
         })
     }
 
-    fn conn(&self) -> ConnectionManager {
+    /// A `CONFIG GET` parameter's value on the server, or on every master of a cluster
+    /// (lowercase); `Ok(Err(why))` when one answers but does not say.
+    async fn config_values(&self, name: &str) -> StoreResult<Result<Vec<String>, String>> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        let reply = match self.conn() {
+            RedisConn::Single(mut conn) => cmd.query_async::<redis::Value>(&mut conn).await,
+            RedisConn::Cluster(mut conn) => {
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                conn.route_command(cmd, routing).await
+            }
+        };
+        let replies = match reply {
+            // A cluster's answer: one reply per master, by address.
+            Ok(redis::Value::Map(pairs)) if self.conn.is_cluster() => {
+                pairs.into_iter().map(|(_, reply)| reply).collect()
+            }
+            Ok(reply) => vec![reply],
+            Err(e)
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal() =>
+            {
+                return Err(redis_error(e))
+            }
+            Err(e) => return Ok(Err(format!("CONFIG GET {name}: {e}"))),
+        };
+        let mut values = Vec::with_capacity(replies.len());
+        for reply in replies {
+            if let redis::Value::ServerError(e) = &reply {
+                return Ok(Err(format!("CONFIG GET {name}: {e:?}")));
+            }
+            let pairs: Result<HashMap<String, String>, _> = redis::from_redis_value(reply);
+            match pairs.map(|mut pairs| pairs.remove(name)) {
+                Ok(Some(value)) => values.push(value.to_ascii_lowercase()),
+                Ok(None) => return Ok(Err(format!("CONFIG GET {name}: no value"))),
+                Err(e) => return Ok(Err(format!("CONFIG GET {name}: {e}"))),
+            }
+        }
+        Ok(Ok(values))
+    }
+
+    fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -630,25 +840,32 @@ impl CellStore for RedisStore {
         workspace: &WorkspaceId,
         name: Option<&str>,
     ) -> StoreResult<bool> {
+        // Known first (the store's fence checked), then served (the workspace's), then
+        // indexed; a retry after a failure half-way does the rest.
+        let epoch = self.epoch();
+        self.enroll(workspace, epoch).await?;
         let added: u64 = self
             .create_workspace
-            .key(WORKSPACES)
             .key(ws_key(workspace, "meta"))
-            .key(FENCE)
-            .arg(workspace.as_str())
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(name.unwrap_or(""))
-            .arg(self.epoch())
+            .arg(epoch)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
+        self.update_index("add", &[workspace.as_str()], epoch)
+            .await?;
         Ok(added == 1)
     }
 
     async fn workspace_exists(&self, workspace: &WorkspaceId) -> StoreResult<bool> {
-        self.conn()
-            .sismember(WORKSPACES, workspace.as_str())
+        let served: Option<String> = self
+            .conn()
+            .hget(ctl_key(workspace), "served")
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        Ok(served.as_deref() == Some("1"))
     }
 
     async fn workspace_count(&self) -> StoreResult<u64> {
@@ -672,10 +889,9 @@ impl CellStore for RedisStore {
             .key(ws_key(workspace, "names"))
             .key(ws_key(workspace, "dms"))
             .key(ws_key(workspace, "public"))
-            .key(WORKSPACES)
             .key(ws_key(workspace, "channel_count"))
-            .key(FENCE)
-            .arg(workspace.as_str())
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(meta.id.as_str())
             .arg(&meta.name)
             .arg(kind_name(meta.kind))
@@ -813,12 +1029,9 @@ impl CellStore for RedisStore {
             }
             _ => format!("{key}:unused"),
         };
-        invocation
-            .key(user_channels)
-            .key(FENCE)
-            .arg(seq)
-            .arg(event_json)
-            .arg(retention.max(1));
+        invocation.key(user_channels);
+        guard_keys(&mut invocation, workspace);
+        invocation.arg(seq).arg(event_json).arg(retention.max(1));
         match &effect {
             SideEffect::NewMessage(view) => {
                 let json = serde_json::to_string(view).map_err(|e| corrupt("message", e))?;
@@ -899,7 +1112,8 @@ impl CellStore for RedisStore {
                 .key(format!("{key}:idemseq"))
                 .key(format!("{key}:members"))
                 .key(user_key(workspace, user, "channels"))
-                .key(FENCE)
+                .key(dirty_key(workspace))
+                .key(ctl_key(workspace))
                 .arg(*seq)
                 .arg(event_json)
                 .arg(retention.max(1))
@@ -945,7 +1159,8 @@ impl CellStore for RedisStore {
         let outcome: i64 = self
             .raise_last_seq
             .key(channel_key(workspace, channel))
-            .key(FENCE)
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(expected)
             .arg(to)
             .arg(self.epoch())
@@ -1136,11 +1351,10 @@ impl CellStore for RedisStore {
         let marker: Vec<u64> = self
             .advance_read
             .key(user_key(workspace, user, "read"))
-            .key(WORKSPACES)
-            .key(FENCE)
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(channel.as_str())
             .arg(seq)
-            .arg(workspace.as_str())
             .arg(self.epoch())
             .invoke_async(&mut self.conn())
             .await
@@ -1197,9 +1411,8 @@ impl CellStore for RedisStore {
             .key(ws_key(workspace, "wh:ids"))
             .key(webhook_key(workspace, &hook.id))
             .key(ws_key(workspace, "wh:count"))
-            .key(WORKSPACES)
-            .key(FENCE)
-            .arg(workspace.as_str())
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(&hook.id)
             .arg(hook.user.as_str())
             .arg(max_per_user);
@@ -1254,7 +1467,8 @@ impl CellStore for RedisStore {
             .key(&key)
             .key(format!("{key}:cursors"))
             .key(ws_key(workspace, "wh:count"))
-            .key(FENCE)
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(id)
             .arg(self.epoch())
             .invoke_async(&mut self.conn())
@@ -1273,7 +1487,8 @@ impl CellStore for RedisStore {
             .webhook_scripts
             .set_state
             .key(webhook_key(workspace, id))
-            .key(FENCE)
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(if state.disabled { "1" } else { "0" })
             .arg(state.last_error.as_deref().unwrap_or(""))
             .arg(
@@ -1323,7 +1538,8 @@ impl CellStore for RedisStore {
             .advance_cursor
             .key(&key)
             .key(format!("{key}:cursors"))
-            .key(FENCE)
+            .key(dirty_key(workspace))
+            .key(ctl_key(workspace))
             .arg(channel.as_str())
             .arg(seq)
             .arg(self.epoch())

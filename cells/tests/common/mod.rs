@@ -1,6 +1,7 @@
 //! Test harness: a real `Cell` with a `MemoryStore`, driven through `connect()` like a gateway.
 //! Tests that should hold on every store engine take an [`Engine`] and are instantiated for
-//! each by [`on_every_engine!`] (the Redis one runs a fresh real `redis-server`).
+//! each by [`on_every_engine!`] (the Redis one runs a fresh real `redis-server`, the Redis
+//! Cluster one a fresh cluster of three masters).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -14,7 +15,7 @@ use confab_shared::link::{
 };
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::{CellId, ChannelId, SessionId, UserId, WorkspaceId};
-use confab_testkit::RedisServer;
+use confab_testkit::{RedisCluster, RedisServer};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -70,6 +71,7 @@ pub async fn start() -> (Cell, Gw) {
 pub enum Engine {
     Memory,
     Redis,
+    RedisCluster,
 }
 
 /// A fresh store and, for Redis, the server behind it: keep it alive for the whole test (the
@@ -77,6 +79,7 @@ pub enum Engine {
 pub struct TestStore {
     pub store: Arc<dyn CellStore>,
     pub redis: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
 }
 
 impl Engine {
@@ -85,6 +88,7 @@ impl Engine {
             Engine::Memory => TestStore {
                 store: Arc::new(MemoryStore::new()),
                 redis: None,
+                cluster: None,
             },
             Engine::Redis => {
                 let server = RedisServer::start();
@@ -92,6 +96,16 @@ impl Engine {
                 TestStore {
                     store: Arc::new(store),
                     redis: Some(server),
+                    cluster: None,
+                }
+            }
+            Engine::RedisCluster => {
+                let cluster = RedisCluster::start(3);
+                let store = RedisStore::connect(&cluster.url()).unwrap();
+                TestStore {
+                    store: Arc::new(store),
+                    redis: None,
+                    cluster: Some(cluster),
                 }
             }
         }
@@ -105,8 +119,8 @@ pub async fn start_on(engine: Engine, retention: u64) -> (Cell, Gw, TestStore) {
     (cell, gw, store)
 }
 
-/// Turns each `async fn name(engine: Engine)` named into the tests `name::memory` and
-/// `name::redis`, so one body checks the cell on both store engines.
+/// Turns each `async fn name(engine: Engine)` named into the tests `name::memory`,
+/// `name::redis` and `name::redis_cluster`, so one body checks the cell on every store engine.
 #[allow(unused_macros)] // not every test file runs tests on both engines
 macro_rules! on_every_engine {
     ($($name:ident),+ $(,)?) => {
@@ -120,6 +134,11 @@ macro_rules! on_every_engine {
                 #[actix_rt::test]
                 async fn redis() {
                     super::$name(crate::common::Engine::Redis).await;
+                }
+
+                #[actix_rt::test]
+                async fn redis_cluster() {
+                    super::$name(crate::common::Engine::RedisCluster).await;
                 }
             }
         )+

@@ -223,9 +223,13 @@ pub async fn metric(gateway_url: &str, series: &str) -> f64 {
 
 /// Whether a cell's store still holds anything of `workspace`.
 pub fn store_holds(cell: &cluster::CellProc, workspace: &str) -> bool {
-    let keys = cell.store_cli(&["--scan", "--pattern", &format!("confab:cs:{workspace}:*")]);
-    let member = cell.store_cli(&["SISMEMBER", "confab:cs:workspaces", workspace]);
-    !keys.is_empty() || member == "1"
+    let keys = cell.store_cli(&[
+        "--scan",
+        "--pattern",
+        &format!("confab:cs:{{{workspace}}}:*"),
+    ]);
+    let served = cell.store_cli(&["HGET", &format!("confab:cs:{{{workspace}}}.ctl"), "served"]);
+    !keys.is_empty() || served == "1"
 }
 
 /// The directory's key of the move record of `workspace`.

@@ -2,121 +2,130 @@
 //! `DUMP` on the source and `RESTORE` on the target.
 //!
 //! The copy is by key, not by record type: every key under the workspace's prefix
-//! (`confab:cs:{ws}:`) travels as Redis serialized it, so keys that other features add under
+//! (`confab:cs:{W}:`, all in the slot of the hash tag `{W}`) travels as Redis serialized it, so keys that other features add under
 //! that prefix (webhooks and their deliveries) move too without this module knowing them.
 //! Every write of a workspace key goes through a fenced script, whose guard records the key in
 //! the workspace's dirty set while the workspace is `copying`; the final copy, frozen, takes
-//! exactly those keys.
+//! exactly those keys. The workspace's mark is in its `.ctl` hash, its dirty set and export
+//! list beside it, all in the same slot; in a cluster, the key list is a `SCAN` of the master
+//! that holds that slot.
 
 use std::sync::LazyLock;
 
 use confab_shared::moves::{key_prefix, KeyDump, KeyPage, MAX_PAGE_BYTES, MAX_PAGE_KEYS};
 use confab_shared::WorkspaceId;
-use redis::aio::ConnectionManager;
+use futures_util::{StreamExt, TryStreamExt};
 use redis::{AsyncCommands, Script};
 
-use super::{redis_error, RedisStore, CELL_FENCE_GUARD, FENCE, WORKSPACES};
+use super::{
+    ctl_key, dirty_key, parse_ids, redis_error, ws_side_key, RedisConn, RedisStore,
+    CTL_CONCURRENCY, KNOWN,
+};
 use crate::store::{MoveMark, StoreError, StoreResult};
 
-const MOVES: &str = "confab:cs:moves";
 /// Keys dumped per round trip while a page fills.
 const DUMP_BATCH: usize = 32;
 /// Keys listed or deleted per `SCAN` step.
 const SCAN_COUNT: usize = 500;
 
-fn dirty_key(ws: &WorkspaceId) -> String {
-    format!("confab:cs:dirty.{ws}")
+fn export_key(ws: &WorkspaceId) -> String {
+    ws_side_key(ws, "export")
 }
 
-fn export_key(ws: &WorkspaceId) -> String {
-    format!("confab:cs:export.{ws}")
-}
+/// The first lines of every move script: the last key is the workspace's `.ctl`, the last
+/// argument the cell process's epoch, which the workspace's fence must hold (a workspace
+/// without a `.ctl` has none yet); `mark` and `served` are read for the script.
+const MOVE_GUARD: &str = r"
+local ctl = KEYS[#KEYS]
+local guard = redis.call('HMGET', ctl, 'fence', 'mark', 'served')
+if guard[1] and guard[1] ~= ARGV[#ARGV] then
+  return redis.error_reply('FENCED the store is claimed by epoch ' .. guard[1] .. ', not ' .. ARGV[#ARGV])
+end
+local mark = guard[2]
+local served = guard[3] == '1'
+";
 
 fn script(body: &str) -> Script {
-    Script::new(&format!("{CELL_FENCE_GUARD}{body}"))
+    Script::new(&format!("{MOVE_GUARD}{body}"))
 }
 
-/// KEYS = workspaces, moves, dirty, export, fence; ARGV = ws, epoch, cell epoch. A `copying`
-/// mark of another epoch (an abandoned attempt) is taken over; any other mark refuses.
+/// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch. A `copying` mark of another epoch (an
+/// abandoned attempt) is taken over; any other mark refuses.
 static BEGIN_EXPORT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 'unknown' end
-local mark = redis.call('HGET', KEYS[2], ARGV[1])
+if not served then return 'unknown' end
 if mark and string.match(mark, '^(%a+)') ~= 'copying' then return mark end
-redis.call('DEL', KEYS[3], KEYS[4])
-redis.call('HSET', KEYS[2], ARGV[1], 'copying:' .. ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', ctl, 'mark', 'copying:' .. ARGV[1])
 return 'ok'
 ",
     )
 });
 
-/// KEYS = moves, dirty, export, fence; ARGV = ws, epoch, cell epoch. Lists the dirty keys.
+/// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch. Lists the dirty keys.
 static FREEZE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-local mark = redis.call('HGET', KEYS[1], ARGV[1])
-if mark ~= 'copying:' .. ARGV[2] and mark ~= 'frozen:' .. ARGV[2] then return mark or 'none' end
-redis.call('HSET', KEYS[1], ARGV[1], 'frozen:' .. ARGV[2])
-redis.call('DEL', KEYS[3])
-local dirty = redis.call('SMEMBERS', KEYS[2])
+if mark ~= 'copying:' .. ARGV[1] and mark ~= 'frozen:' .. ARGV[1] then return mark or 'none' end
+redis.call('HSET', ctl, 'mark', 'frozen:' .. ARGV[1])
+redis.call('DEL', KEYS[2])
+local dirty = redis.call('SMEMBERS', KEYS[1])
 for i = 1, #dirty, 1000 do
-  redis.call('RPUSH', KEYS[3], unpack(dirty, i, math.min(i + 999, #dirty)))
+  redis.call('RPUSH', KEYS[2], unpack(dirty, i, math.min(i + 999, #dirty)))
 end
 return 'ok'
 ",
     )
 });
 
-/// KEYS = moves, workspaces, dirty, export, fence; ARGV = ws, epoch, cell epoch.
+/// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-local mark = redis.call('HGET', KEYS[1], ARGV[1])
-if mark ~= 'frozen:' .. ARGV[2] and mark ~= 'gone:' .. ARGV[2] then return mark or 'none' end
-redis.call('HSET', KEYS[1], ARGV[1], 'gone:' .. ARGV[2])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3], KEYS[4])
+if mark ~= 'frozen:' .. ARGV[1] and mark ~= 'gone:' .. ARGV[1] then return mark or 'none' end
+redis.call('HSET', ctl, 'mark', 'gone:' .. ARGV[1])
+redis.call('HDEL', ctl, 'served')
+redis.call('DEL', KEYS[1], KEYS[2])
 return 'ok'
 ",
     )
 });
 
-/// KEYS = moves, dirty, export, fence; ARGV = ws, epoch, cell epoch.
+/// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch.
 static ABORT_EXPORT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-local mark = redis.call('HGET', KEYS[1], ARGV[1])
 if not mark then return 'ok' end
-if mark ~= 'copying:' .. ARGV[2] and mark ~= 'frozen:' .. ARGV[2] then return mark end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3])
+if mark ~= 'copying:' .. ARGV[1] and mark ~= 'frozen:' .. ARGV[1] then return mark end
+redis.call('HDEL', ctl, 'mark')
+redis.call('DEL', KEYS[1], KEYS[2])
 return 'ok'
 ",
     )
 });
 
-/// KEYS = workspaces, moves, fence; ARGV = ws, epoch, cell epoch.
+/// KEYS = ctl; ARGV = epoch, cell epoch. A workspace seen for the first time takes the cell
+/// epoch as its fence: the caller enrolled it first.
 static BEGIN_IMPORT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 'serving' end
-redis.call('HSET', KEYS[2], ARGV[1], 'incoming:' .. ARGV[2])
+if served then return 'serving' end
+redis.call('HSET', ctl, 'fence', ARGV[#ARGV], 'mark', 'incoming:' .. ARGV[1])
 return 'ok'
 ",
     )
 });
 
-/// KEYS = moves, then the page's keys, then fence; ARGV = ws, epoch, then a value (empty: no
-/// key) and a ttl per key, then the cell epoch.
+/// KEYS = the page's keys, then ctl; ARGV = epoch, then a value (empty: no key) and a ttl per
+/// key, then the cell epoch.
 static RESTORE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-local mark = redis.call('HGET', KEYS[1], ARGV[1])
-if mark ~= 'incoming:' .. ARGV[2] then return mark or 'none' end
-for i = 2, #KEYS - 1 do
-  local value = ARGV[3 + (i - 2) * 2]
-  local ttl = ARGV[4 + (i - 2) * 2]
+if mark ~= 'incoming:' .. ARGV[1] then return mark or 'none' end
+for i = 1, #KEYS - 1 do
+  local value = ARGV[2 + (i - 1) * 2]
+  local ttl = ARGV[3 + (i - 1) * 2]
   if value == '' then
     redis.call('DEL', KEYS[i])
   else
@@ -128,29 +137,26 @@ return 'ok'
     )
 });
 
-/// KEYS = workspaces, moves, fence; ARGV = ws, epoch, cell epoch.
+/// KEYS = ctl; ARGV = epoch, cell epoch.
 static FINISH_IMPORT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-local mark = redis.call('HGET', KEYS[2], ARGV[1])
-if not mark and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 'ok' end
-if mark ~= 'incoming:' .. ARGV[2] then return mark or 'none' end
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+if not mark and served then return 'ok' end
+if mark ~= 'incoming:' .. ARGV[1] then return mark or 'none' end
+redis.call('HSET', ctl, 'served', '1')
+redis.call('HDEL', ctl, 'mark')
 return 'ok'
 ",
     )
 });
 
-/// KEYS = workspaces, moves, fence; ARGV = ws, epoch, cell epoch. Also undoes a commit: the
-/// gateway asks only when the directory did not switch to this cell.
+/// KEYS = ctl; ARGV = epoch, cell epoch. Also undoes a commit: the gateway asks only when the
+/// directory did not switch to this cell.
 static UNDO_IMPORT: LazyLock<Script> = LazyLock::new(|| {
     script(
         r"
-local mark = redis.call('HGET', KEYS[2], ARGV[1])
-if mark and mark ~= 'incoming:' .. ARGV[2] then return mark end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[1], ARGV[1])
+if mark and mark ~= 'incoming:' .. ARGV[1] then return mark end
+redis.call('HDEL', ctl, 'mark', 'served')
 return 'ok'
 ",
     )
@@ -179,12 +185,30 @@ fn step_outcome(ws: &WorkspaceId, step: &str, outcome: String) -> StoreResult<()
 }
 
 impl RedisStore {
+    /// Every workspace's move mark: the `mark` of each known workspace's `.ctl`.
     pub(super) async fn load_move_marks(&self) -> StoreResult<Vec<(WorkspaceId, MoveMark)>> {
-        let raw: Vec<(String, String)> = self.conn().hgetall(MOVES).await.map_err(redis_error)?;
-        Ok(raw
-            .into_iter()
-            .filter_map(|(ws, mark)| Some((WorkspaceId::new(&ws).ok()?, parse_mark(&mark)?)))
-            .collect())
+        let known: Vec<String> = self.conn().smembers(KNOWN).await.map_err(redis_error)?;
+        let known: Vec<WorkspaceId> = parse_ids(known);
+        let marks: Vec<Option<(WorkspaceId, MoveMark)>> = futures_util::stream::iter(known)
+            .map(|ws| async move {
+                let mark = self.mark(&ws).await?;
+                Ok::<_, StoreError>(mark.map(|mark| (ws, mark)))
+            })
+            .buffer_unordered(CTL_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut marks: Vec<(WorkspaceId, MoveMark)> = marks.into_iter().flatten().collect();
+        marks.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(marks)
+    }
+
+    async fn mark(&self, ws: &WorkspaceId) -> StoreResult<Option<MoveMark>> {
+        let mark: Option<String> = self
+            .conn()
+            .hget(ctl_key(ws), "mark")
+            .await
+            .map_err(redis_error)?;
+        Ok(mark.as_deref().and_then(parse_mark))
     }
 
     async fn run_step(
@@ -200,8 +224,7 @@ impl RedisStore {
             invocation.key(*key);
         }
         let outcome: String = invocation
-            .key(FENCE)
-            .arg(ws.as_str())
+            .key(ctl_key(ws))
             .arg(epoch)
             .arg(self.epoch())
             .invoke_async(&mut self.conn())
@@ -212,7 +235,7 @@ impl RedisStore {
 
     pub(super) async fn start_export(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
         let (dirty, export) = (dirty_key(ws), export_key(ws));
-        let keys = [WORKSPACES, MOVES, dirty.as_str(), export.as_str()];
+        let keys = [dirty.as_str(), export.as_str()];
         self.run_step(ws, "export", &BEGIN_EXPORT, &keys, epoch)
             .await?;
         // Listed after the mark: a key created meanwhile is in the dirty set as well, which
@@ -221,7 +244,7 @@ impl RedisStore {
         let pattern = format!("{}*", key_prefix(ws));
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys) = scan_step(&mut conn, &pattern, cursor).await?;
+            let (next, keys) = scan_step(&mut conn, ws, &pattern, cursor).await?;
             if !keys.is_empty() {
                 conn.rpush::<_, _, ()>(&export, keys)
                     .await
@@ -247,6 +270,15 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
+        // Only keys under the workspace's prefix are dumped: anything else in the list (which
+        // only a foreign writer could put there) would name another slot, or another
+        // workspace.
+        let prefix = key_prefix(ws);
+        if let Some(foreign) = listed.iter().find(|k| !k.starts_with(&prefix)) {
+            return Err(StoreError::Corrupt(format!(
+                "export list of workspace {ws} names key {foreign:?}"
+            )));
+        }
         let mut keys = Vec::with_capacity(listed.len());
         let mut bytes = 0usize;
         for batch in listed.chunks(DUMP_BATCH) {
@@ -289,24 +321,22 @@ impl RedisStore {
 
     pub(super) async fn freeze_workspace(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
         let (dirty, export) = (dirty_key(ws), export_key(ws));
-        let keys = [MOVES, dirty.as_str(), export.as_str()];
+        let keys = [dirty.as_str(), export.as_str()];
         self.run_step(ws, "freeze", &FREEZE, &keys, epoch).await
     }
 
     pub(super) async fn release_workspace(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
         let (dirty, export) = (dirty_key(ws), export_key(ws));
-        let keys = [MOVES, WORKSPACES, dirty.as_str(), export.as_str()];
-        self.run_step(ws, "release", &RELEASE, &keys, epoch).await
+        let keys = [dirty.as_str(), export.as_str()];
+        self.run_step(ws, "release", &RELEASE, &keys, epoch).await?;
+        // A failure here fails the step; the gateway's retry finds the workspace `gone` of
+        // this epoch and tries again.
+        self.update_index("rem", &[ws.as_str()], self.epoch()).await
     }
 
     /// Deletes a released workspace's keys, if it is still `gone` (it may have come back).
     pub(super) async fn purge_released(&self, ws: &WorkspaceId) -> StoreResult<()> {
-        let mark: Option<String> = self
-            .conn()
-            .hget(MOVES, ws.as_str())
-            .await
-            .map_err(redis_error)?;
-        match mark.as_deref().and_then(parse_mark) {
+        match self.mark(ws).await? {
             Some(MoveMark::Gone(_)) => self.purge(ws).await,
             _ => Ok(()),
         }
@@ -314,13 +344,14 @@ impl RedisStore {
 
     pub(super) async fn undo_export(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
         let (dirty, export) = (dirty_key(ws), export_key(ws));
-        let keys = [MOVES, dirty.as_str(), export.as_str()];
+        let keys = [dirty.as_str(), export.as_str()];
         self.run_step(ws, "abort", &ABORT_EXPORT, &keys, epoch)
             .await
     }
 
     pub(super) async fn start_import(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
-        self.run_step(ws, "import", &BEGIN_IMPORT, &[WORKSPACES, MOVES], epoch)
+        self.enroll(ws, self.epoch()).await?;
+        self.run_step(ws, "import", &BEGIN_IMPORT, &[], epoch)
             .await?;
         self.purge(ws).await
     }
@@ -342,11 +373,10 @@ impl RedisStore {
             return Ok(());
         }
         let mut invocation = RESTORE.prepare_invoke();
-        invocation.key(MOVES);
         for key in keys {
             invocation.key(&key.key);
         }
-        invocation.key(FENCE).arg(ws.as_str()).arg(epoch);
+        invocation.key(ctl_key(ws)).arg(epoch);
         for key in keys {
             match &key.dump {
                 Some(dump) => invocation.arg(dump.as_slice()),
@@ -363,19 +393,17 @@ impl RedisStore {
     }
 
     pub(super) async fn finish_import(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
-        self.run_step(ws, "commit", &FINISH_IMPORT, &[WORKSPACES, MOVES], epoch)
-            .await
+        self.run_step(ws, "commit", &FINISH_IMPORT, &[], epoch)
+            .await?;
+        // As for a release: a retry of the step finds it committed and indexes it again.
+        self.update_index("add", &[ws.as_str()], self.epoch()).await
     }
 
     pub(super) async fn undo_import(&self, ws: &WorkspaceId, epoch: u64) -> StoreResult<()> {
-        self.run_step(
-            ws,
-            "import abort",
-            &UNDO_IMPORT,
-            &[WORKSPACES, MOVES],
-            epoch,
-        )
-        .await?;
+        self.run_step(ws, "import abort", &UNDO_IMPORT, &[], epoch)
+            .await?;
+        self.update_index("rem", &[ws.as_str()], self.epoch())
+            .await?;
         self.purge(ws).await
     }
 
@@ -386,7 +414,7 @@ impl RedisStore {
         let pattern = format!("{}*", key_prefix(ws));
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys) = scan_step(&mut conn, &pattern, cursor).await?;
+            let (next, keys) = scan_step(&mut conn, ws, &pattern, cursor).await?;
             if !keys.is_empty() {
                 redis::cmd("UNLINK")
                     .arg(keys)
@@ -402,20 +430,16 @@ impl RedisStore {
     }
 }
 
-/// One step of a `SCAN` over the keys matching `pattern`: the next cursor (0 once the scan is
-/// through) and the keys of this step (possibly none).
+/// One step of a `SCAN` over the keys of `ws` matching `pattern`, on the node that holds the
+/// workspace's slot: the next cursor (0 once the scan is through) and the keys of this step
+/// (possibly none).
 async fn scan_step(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
+    ws: &WorkspaceId,
     pattern: &str,
     cursor: u64,
 ) -> StoreResult<(u64, Vec<String>)> {
-    redis::cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(pattern)
-        .arg("COUNT")
-        .arg(SCAN_COUNT)
-        .query_async(conn)
+    conn.scan_slot(&ctl_key(ws), pattern, cursor, SCAN_COUNT)
         .await
         .map_err(redis_error)
 }
