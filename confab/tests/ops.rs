@@ -123,6 +123,73 @@ async fn seqs_are_consecutive_and_each_session_sees_them_in_order() {
     );
 }
 
+/// Pipelines `count` sends on `client` and reads until every one is acked, checking that each
+/// ack arrives after the `message` event with its seq on the same connection. Returns the
+/// acked seqs.
+async fn send_checking_each_ack_follows_its_echo(
+    client: &mut common::Client,
+    tag: &str,
+    count: usize,
+) -> Vec<u64> {
+    for i in 0..count {
+        client
+            .send_json(&json!({"op": "send", "id": format!("{tag}-{i}"), "channel": GENERAL, "text": format!("{tag} {i}")}))
+            .await;
+    }
+    let mut echoed = std::collections::HashSet::new();
+    let mut acked = Vec::new();
+    while acked.len() < count {
+        let frame = client.next_frame().await;
+        match frame["op"].as_str() {
+            Some("event") if frame["type"] == "message" => {
+                echoed.insert(seq(&frame));
+            }
+            Some("event") => {}
+            Some("ack") => {
+                let acked_seq = seq(&frame);
+                assert!(
+                    frame["id"].as_str().is_some_and(|id| id.starts_with(tag)),
+                    "{tag}: an ack of another connection's request: {frame}"
+                );
+                assert!(
+                    echoed.contains(&acked_seq),
+                    "{tag}: the ack {frame} arrived before the echo of its message \
+                     ({} acks and {} echoes before it)",
+                    acked.len(),
+                    echoed.len()
+                );
+                acked.push(acked_seq);
+            }
+            _ => panic!("{tag}: unexpected frame {frame}"),
+        }
+    }
+    acked
+}
+
+#[tokio::test]
+async fn every_ack_of_a_send_arrives_after_the_echo_of_its_message() {
+    let server = DevServer::builder()
+        .arg("--client-rate", "1000")
+        .start()
+        .await;
+    // Three connections of two users, all members of the channel, pipelining their sends at
+    // once: each hears the others' messages as well as its own echoes.
+    let mut alice = server.client("alice").await;
+    let mut alice_phone = server.client("alice").await;
+    let mut bob = server.client("bob").await;
+    const SENDS: usize = 300;
+    let (a, p, b) = tokio::join!(
+        send_checking_each_ack_follows_its_echo(&mut alice, "alice", SENDS),
+        send_checking_each_ack_follows_its_echo(&mut alice_phone, "phone", SENDS),
+        send_checking_each_ack_follows_its_echo(&mut bob, "bob", SENDS),
+    );
+    let mut all: Vec<u64> = a.into_iter().chain(p).chain(b).collect();
+    all.sort_unstable();
+    // The seeded log holds seqs 1 and 2.
+    let expected: Vec<u64> = (3..3 + 3 * SENDS as u64).collect();
+    assert_eq!(all, expected, "every send acked once, with no gap");
+}
+
 #[tokio::test]
 async fn repeating_a_client_msg_id_returns_the_first_ack_and_stores_nothing() {
     let server = DevServer::start().await;

@@ -9,13 +9,22 @@
 //! Opening a link may hang (a cell behind a host that drops packets), so it never holds a
 //! caller: one background attempt per cell opens it, every caller that needs the link meanwhile
 //! shares that attempt's outcome, and each caller waits at most [`LINK_OPEN_WAIT`] for it.
+//!
+//! A WebSocket session's request waits for nothing ([`Links::submit`]): it is sent from the
+//! session's reader, and the link reader queues its answer on the session's delivery shard like
+//! an event, in the link's order — after the events the request caused, which the cell sends
+//! first. The session's reader answers `unavailable` for requests the cell leaves unanswered
+//! past the request timeout ([`RequestTimeouts`]). HTTP API and operator requests, which have a
+//! task of their own anyway, wait for their answer on a oneshot.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use confab_directory::{CellRecord, Directory, DirectoryChange, EngineError};
+use confab_shared::client::RequestId;
 use confab_shared::link::{
     AdminOp, Attach, Caller, CellError, CellOp, CellReply, RequestKey, ToCell, ToGateway,
 };
@@ -26,7 +35,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::sessions::SessionRegistry;
+use crate::sessions::{AnswerDue, SessionHandle, SessionRegistry};
 
 /// `delay` plus up to half of it again, so that gateways do not retry in lockstep.
 fn jitter(delay: Duration) -> Duration {
@@ -96,7 +105,96 @@ enum Answer {
     Moved,
 }
 
-type Waiter = oneshot::Sender<Answer>;
+/// Who waits for the answer to a request.
+enum Waiter {
+    /// A caller awaiting it in a task of its own: the HTTP API, operator requests, and a
+    /// session's request that had to wait for a route or a link.
+    Task(oneshot::Sender<Answer>),
+    /// A session's request, answered through the session's delivery shard.
+    Session(SessionRequest),
+}
+
+/// A WebSocket session's request to its workspace's cell, from its frame to its answer.
+struct SessionRequest {
+    /// Counts the request as unanswered until its answer is queued (see
+    /// [`SessionHandle::close_once_answered`]).
+    due: AnswerDue,
+    id: Option<RequestId>,
+    /// Kept to send the request again should the workspace have moved.
+    op: CellOp,
+}
+
+impl SessionRequest {
+    fn caller(&self) -> Caller {
+        let session = self.due.session();
+        Caller {
+            workspace: session.workspace.clone(),
+            user: session.user.clone(),
+            session: Some(session.id.clone()),
+        }
+    }
+
+    /// Queues the answer directly. Only for the session's own reader, and only for answers no
+    /// delivery of the cell can be ahead of (the request was not sent, or timed out).
+    fn answer_here(self, result: Result<CellReply, CellError>) {
+        self.due.session().push_answer(self.id, result);
+    }
+}
+
+/// The requests one session sent on links and whose answers are not in yet, oldest first, so
+/// that its reader answers `unavailable` to those a cell leaves unanswered past the request
+/// timeout ([`Links::expire`], on the reader's heartbeat tick): a deadline queue per session
+/// instead of a timer (and a task) per request. Every request of a connection gets the same
+/// timeout, so the oldest is always the first due. Entries of answered requests are dropped
+/// as they reach the front; the queue holds at most what the client sent within one request
+/// timeout, which its frame rate bounds. Dropping it (the session ended) forgets its requests
+/// on their links.
+#[derive(Default)]
+pub struct RequestTimeouts {
+    queue: VecDeque<InFlight>,
+}
+
+struct InFlight {
+    deadline: Instant,
+    link: Weak<CellLink>,
+    req: RequestKey,
+}
+
+impl InFlight {
+    /// Whether the request still waits for its answer (`None` when it does not: answered,
+    /// timed out, or its link is gone).
+    fn waiting(&self) -> Option<Arc<CellLink>> {
+        self.link
+            .upgrade()
+            .filter(|link| link.pending.contains_key(&self.req))
+    }
+}
+
+impl RequestTimeouts {
+    fn push(&mut self, deadline: Instant, link: &Arc<CellLink>, req: RequestKey) {
+        // The oldest requests were most likely answered meanwhile: dropping them here keeps
+        // the queue near the number in flight.
+        while self.queue.front().is_some_and(|f| f.waiting().is_none()) {
+            self.queue.pop_front();
+        }
+        self.queue.push_back(InFlight {
+            deadline,
+            link: Arc::downgrade(link),
+            req,
+        });
+    }
+}
+
+impl Drop for RequestTimeouts {
+    fn drop(&mut self) {
+        for entry in self.queue.drain(..) {
+            if let Some(link) = entry.link.upgrade() {
+                link.pending.remove(&entry.req);
+            }
+        }
+    }
+}
+
 type AttachWaiter = oneshot::Sender<Result<Vec<ChannelInfo>, CellError>>;
 
 /// Longest a request keeps following a workspace that moved before it is `unavailable`.
@@ -144,7 +242,7 @@ impl CellLink {
 
     async fn call(&self, req: RequestKey, message: ToCell, timeout: Duration) -> Answer {
         let (tx, rx) = oneshot::channel();
-        self.pending.insert(req, tx);
+        self.pending.insert(req, Waiter::Task(tx));
         if let Err(e) = self.sink.send(message) {
             self.pending.remove(&req);
             return Answer::Done(Err(CellError::unavailable(e.to_string())));
@@ -160,10 +258,28 @@ impl CellLink {
         }
     }
 
-    fn fail_pending(&self) {
-        // Dropping the waiters wakes each caller with "link lost".
-        self.pending.clear();
-        self.attaching.clear();
+    /// Sends a session's request; its answer comes through the link reader.
+    fn send_session_request(
+        self: &Arc<Self>,
+        request: SessionRequest,
+        deadline: Instant,
+        timeouts: &mut RequestTimeouts,
+    ) {
+        let req = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let message = ToCell::Request {
+            req,
+            caller: request.caller(),
+            // The request keeps the op in case the workspace moved.
+            op: request.op.clone(),
+        };
+        self.pending.insert(req, Waiter::Session(request));
+        if let Err(e) = self.sink.send(message) {
+            if let Some((_, Waiter::Session(request))) = self.pending.remove(&req) {
+                request.answer_here(Err(CellError::unavailable(e.to_string())));
+            }
+            return;
+        }
+        timeouts.push(deadline, self, req);
     }
 }
 
@@ -401,8 +517,17 @@ impl Links {
         caller: Caller,
         op: CellOp,
     ) -> Result<CellReply, CellError> {
+        self.request_from(caller, op, None).await
+    }
+
+    /// [`Links::request`], for a request that `refused_by` already answered "moved".
+    async fn request_from(
+        self: &Arc<Self>,
+        caller: Caller,
+        op: CellOp,
+        mut refused_by: Option<CellId>,
+    ) -> Result<CellReply, CellError> {
         let deadline = tokio::time::Instant::now() + MOVED_RETRY_LIMIT;
-        let mut refused_by: Option<CellId> = None;
         loop {
             let link = self.link_for(&caller.workspace).await?;
             if refused_by.as_ref() == Some(&link.cell) {
@@ -425,6 +550,76 @@ impl Links {
                     tracing::debug!(workspace = %caller.workspace, cell = %link.cell, "workspace moved; following it");
                     refused_by = Some(link.cell.clone());
                 }
+            }
+        }
+    }
+
+    /// Sends request `id` of `session` to its workspace's cell, without waiting: the link
+    /// reader queues the answer on the session's delivery shard, in the link's order (so a
+    /// `send`'s ack follows the echo of its message). Call it from the session's reader, which
+    /// owns `timeouts` and calls [`Links::expire`] on it.
+    pub fn submit(
+        self: &Arc<Self>,
+        session: &Arc<SessionHandle>,
+        id: Option<RequestId>,
+        op: CellOp,
+        timeouts: &mut RequestTimeouts,
+    ) {
+        let request = SessionRequest {
+            due: session.expect_answer(),
+            id,
+            op,
+        };
+        match self.open_link_for(&session.workspace) {
+            Some(link) => {
+                let deadline = Instant::now() + self.request_timeout;
+                link.send_session_request(request, deadline, timeouts);
+            }
+            None => {
+                // A hand-off that stays: the route is not cached or the link is not open (the
+                // first request after a move, or while a cell is down), and finding them asks
+                // the directory and opens a link, which can take up to LINK_OPEN_WAIT. The
+                // session's reader must not wait that long, so this request waits in a task of
+                // its own, and its answer still goes through the session's shard.
+                tokio::spawn(Arc::clone(self).request_in_task(request, None));
+            }
+        }
+    }
+
+    /// The open link of `workspace`'s cell when both its route and the link are at hand.
+    fn open_link_for(&self, workspace: &WorkspaceId) -> Option<Arc<CellLink>> {
+        let cell = self.routes.get(workspace)?.clone();
+        let link = self.links.get(&cell)?;
+        (!link.is_lost()).then(|| Arc::clone(&link))
+    }
+
+    /// Performs a session's request in a task of its own (see [`Links::submit`]) and queues
+    /// the answer on the session's shard.
+    async fn request_in_task(self: Arc<Self>, request: SessionRequest, refused_by: Option<CellId>) {
+        let caller = request.caller();
+        let SessionRequest { due, id, op } = request;
+        let result = self.request_from(caller, op, refused_by).await;
+        self.sessions.answer(due, id, result).await;
+    }
+
+    /// Answers `unavailable` to the requests in `timeouts` that are past their deadline;
+    /// called by the session's reader, on the session's thread.
+    pub fn expire(&self, timeouts: &mut RequestTimeouts) {
+        let now = Instant::now();
+        while let Some(front) = timeouts.queue.front() {
+            let Some(link) = front.waiting() else {
+                timeouts.queue.pop_front();
+                continue;
+            };
+            if front.deadline > now {
+                break;
+            }
+            let req = front.req;
+            timeouts.queue.pop_front();
+            if let Some((_, Waiter::Session(request))) = link.pending.remove(&req) {
+                request.answer_here(Err(CellError::unavailable(
+                    "the cell did not answer in time",
+                )));
             }
         }
     }
@@ -495,7 +690,7 @@ impl Links {
         link.lost.cancel();
         self.links
             .remove_if(&link.cell, |_, l| Arc::ptr_eq(l, &link));
-        link.fail_pending();
+        self.fail_pending(&link).await;
         tracing::warn!(cell = %link.cell, "link to cell lost");
         self.reattach_when_back(link.cell.clone()).await;
     }
@@ -521,14 +716,33 @@ impl Links {
             .close_where(CloseCode::ReconnectNow, |s| s.cell == cell);
     }
 
-    async fn dispatch(&self, link: &CellLink, message: ToGateway) {
+    /// Answers every request still waiting on a lost link with `unavailable`, and every
+    /// attach.
+    async fn fail_pending(&self, link: &CellLink) {
+        // Dropping the attach waiters wakes each with "link lost".
+        link.attaching.clear();
+        let requests: Vec<RequestKey> = link.pending.iter().map(|entry| *entry.key()).collect();
+        for req in requests {
+            // A task's waiter is dropped here, which wakes it with "link lost".
+            if let Some((_, Waiter::Session(request))) = link.pending.remove(&req) {
+                let lost = Err(CellError::unavailable("the cell link was lost"));
+                self.sessions.answer(request.due, request.id, lost).await;
+            }
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, link: &CellLink, message: ToGateway) {
         match message {
             ToGateway::Deliver { sessions, frame } => self.sessions.deliver(sessions, frame).await,
-            ToGateway::Reply { req, result } => {
-                if let Some((_, waiter)) = link.pending.remove(&req) {
+            ToGateway::Reply { req, result } => match link.pending.remove(&req) {
+                Some((_, Waiter::Task(waiter))) => {
                     let _ = waiter.send(Answer::Done(result));
                 }
-            }
+                Some((_, Waiter::Session(request))) => {
+                    self.sessions.answer(request.due, request.id, result).await;
+                }
+                None => {}
+            },
             ToGateway::Ready { session, channels } => {
                 if let Some((_, (_, waiter))) = link.attaching.remove(&session) {
                     let _ = waiter.send(Ok(channels));
@@ -539,11 +753,20 @@ impl Links {
                     let _ = waiter.send(Err(error));
                 }
             }
-            ToGateway::Moved { req } => {
-                if let Some((_, waiter)) = link.pending.remove(&req) {
+            ToGateway::Moved { req } => match link.pending.remove(&req) {
+                Some((_, Waiter::Task(waiter))) => {
                     let _ = waiter.send(Answer::Moved);
                 }
-            }
+                Some((_, Waiter::Session(request))) => {
+                    // A hand-off that stays, and only while a workspace moves: following it
+                    // asks the directory (and may open a link), which this reader must not
+                    // wait for, so the request goes on in a task of its own.
+                    self.forget_route(&request.due.session().workspace, &link.cell);
+                    let refused_by = Some(link.cell.clone());
+                    tokio::spawn(Arc::clone(self).request_in_task(request, refused_by));
+                }
+                None => {}
+            },
             ToGateway::AttachMoved { session } => {
                 // The session reconnects (`4010`), and its next hello asks the directory.
                 if let Some((_, (workspace, waiter))) = link.attaching.remove(&session) {

@@ -1,6 +1,6 @@
 //! Presence subscriptions of this gateway's sessions (`presence_sub`), fed by the presence
-//! engine's change stream: each change is encoded once and queued to every local session that
-//! subscribed to that user.
+//! engine's change stream: each change is encoded once and handed, like a cell's event, to the
+//! delivery shards of the local sessions that subscribed to that user (see [`crate::shards`]).
 //!
 //! Presence lives in the directory Redis. While that Redis does not answer, the hub degrades
 //! instead of failing (static stability): `presence_sub` and `GET /v1/presence` answer from
@@ -87,7 +87,7 @@ impl PresenceHub {
         loop {
             tokio::select! {
                 change = changes.recv() => match change {
-                    Ok(change) => self.announce(&change),
+                    Ok(change) => self.announce(&change).await,
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "presence changes lagged; re-reading statuses");
                         self.resync().await;
@@ -102,7 +102,7 @@ impl PresenceHub {
                     // What arrived before the reset is older than what the re-read returns.
                     loop {
                         match changes.try_recv() {
-                            Ok(change) => self.announce(&change),
+                            Ok(change) => self.announce(&change).await,
                             Err(TryRecvError::Lagged(_)) => {}
                             Err(_) => break,
                         }
@@ -140,17 +140,21 @@ impl PresenceHub {
                         workspace: workspace.clone(),
                         user: user.clone(),
                         status,
-                    });
+                    })
+                    .await;
                 }
             }
         }
     }
 
-    fn announce(&self, change: &PresenceChange) {
+    async fn announce(&self, change: &PresenceChange) {
         let key = (change.workspace.clone(), change.user.clone());
         self.remember(&key, change.status);
-        let Some(watchers) = self.watchers.get(&key) else {
-            return;
+        // Copied out (reference counts): the map's lock is not held while the shards' queues
+        // may make this wait.
+        let watchers: Arc<[SessionId]> = match self.watchers.get(&key) {
+            Some(watchers) => watchers.iter().cloned().collect(),
+            None => return,
         };
         let frame = Frame {
             text: encode_event(&Event::Presence {
@@ -159,11 +163,7 @@ impl PresenceHub {
             }),
             created_us: confab_shared::now_us(),
         };
-        for session in watchers.iter() {
-            if let Some(handle) = self.sessions.get(session) {
-                handle.push(frame.clone());
-            }
-        }
+        self.sessions.deliver(watchers, frame).await;
     }
 
     /// Whether presence answers come from the last-known statuses (the engine failed).
@@ -206,7 +206,8 @@ impl PresenceHub {
                 workspace: key.0,
                 user: key.1,
                 status: Status::Online,
-            });
+            })
+            .await;
         }
     }
 

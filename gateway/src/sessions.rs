@@ -1,16 +1,22 @@
 //! Local client sessions: a registry by session id, and each session's bounded outbound queue.
 //!
 //! Hot path: a cell's `Deliver` names the sessions of this gateway that must receive one
-//! encoded frame; [`SessionRegistry::deliver`] hands it to the worker threads' delivery shards
-//! (see [`crate::shards`]), which queue a clone of the same `ByteString` (a reference-count
-//! increment, no copy, no encoding) into each listed session's [`Outbox`]. An outbox that is
-//! full, in events or bytes, closes its session with `4008` instead of growing.
+//! encoded frame; [`SessionRegistry::deliver`] hands each worker thread's delivery shard the
+//! ones it serves (see [`crate::shards`]; a session's id names its shard), and the shard
+//! queues a clone of the same `ByteString` (a reference-count increment, no copy, no encoding)
+//! into each of its sessions' [`Outbox`]. The answers to a session's requests take the same
+//! path ([`SessionRegistry::answer`]), so they stay behind the events sent before them. An
+//! outbox that is full, in events or bytes, closes its session with `4008` instead of growing.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_shared::link::Frame;
+use bytestring::ByteString;
+use confab_shared::client::RequestId;
+use confab_shared::link::{CellError, CellReply, Frame};
+use confab_shared::server::{encode, ServerFrame};
+use confab_shared::wire::WireError;
 use confab_shared::{CellId, CloseCode, SessionId, UserId, WorkspaceId};
 use dashmap::DashMap;
 use tokio::sync::Notify;
@@ -39,9 +45,16 @@ pub struct SessionHandle {
 /// outbox (see [`SessionHandle::close_once_answered`]).
 const ANSWERS_BEFORE_CLOSE: Duration = Duration::from_secs(5);
 
-/// Counts one request of a session as unanswered until it is dropped, which the request's
-/// task does once the answer (or error) is queued.
+/// Counts one request of a session as unanswered until it is dropped, which happens once its
+/// answer (or error) is queued, or the session is gone.
 pub struct AnswerDue(Arc<SessionHandle>);
+
+impl AnswerDue {
+    /// The session the answer is due to.
+    pub fn session(&self) -> &Arc<SessionHandle> {
+        &self.0
+    }
+}
 
 impl Drop for AnswerDue {
     fn drop(&mut self) {
@@ -77,8 +90,10 @@ impl SessionHandle {
 
     /// Closes with `code` once the answers of requests already sent on are queued (at most
     /// [`ANSWERS_BEFORE_CLOSE`] later). A cell that shuts down answers every request it took
-    /// before it asks for the close, but each answer still travels through its request's own
-    /// task to the outbox: closing at once could drop an ack the cell sent first.
+    /// before it asks for the close, and those answers reach the session's shard ahead of the
+    /// close; but a request can still be on its way to the cell (in the link, waiting for a
+    /// link to open, or following a workspace that moved), and closing at once would drop its
+    /// answer — an ack of a write the cell did perform.
     pub fn close_once_answered(self: &Arc<Self>, code: CloseCode) {
         if self.answers_due.load(Ordering::Acquire) == 0 {
             self.close(code);
@@ -107,8 +122,16 @@ impl SessionHandle {
         }
     }
 
+    /// Queues the frame that answers request `id` with `result`, if it has one (`typing`
+    /// is answered only when it fails).
+    pub fn push_answer(&self, id: Option<RequestId>, result: Result<CellReply, CellError>) {
+        if let Some(text) = answer_frame(id, result) {
+            self.push_reply(text);
+        }
+    }
+
     /// Queues a reply or error frame. On overflow the session is closed with `4008`.
-    pub fn push_reply(&self, text: bytestring::ByteString) {
+    pub fn push_reply(&self, text: ByteString) {
         if self.outbox.push_reply(text) == Err(Refused::Overflow) {
             self.overflow();
         }
@@ -148,6 +171,56 @@ impl SessionHandle {
     }
 }
 
+/// The frame that answers request `id` of a session with the cell's `result`; `None` for a
+/// success that is not answered (`typing`).
+pub fn answer_frame(
+    id: Option<RequestId>,
+    result: Result<CellReply, CellError>,
+) -> Option<ByteString> {
+    match result {
+        Ok(CellReply::Ack { channel, seq, ts }) => Some(encode(&ServerFrame::Ack {
+            id,
+            channel,
+            seq,
+            ts,
+        })),
+        Ok(CellReply::History {
+            channel,
+            messages,
+            has_more,
+        }) => Some(encode(&ServerFrame::History {
+            id,
+            channel,
+            messages,
+            has_more,
+        })),
+        Ok(CellReply::Done) => None,
+        Ok(other) => {
+            tracing::error!(reply = ?other, "cell sent a reply of the wrong kind");
+            let e = CellError::unavailable("unexpected reply from the cell");
+            Some(counted_error_frame(id, &e))
+        }
+        Err(e) => Some(counted_error_frame(id, &e)),
+    }
+}
+
+/// An error frame for request `id`, counted in the errors metric.
+pub fn counted_error_frame(id: Option<RequestId>, e: &CellError) -> ByteString {
+    metrics::counter!(m::ERRORS, "code" => e.code.as_str()).increment(1);
+    error_frame(id, e, None)
+}
+
+/// An error frame for request `id`.
+pub fn error_frame(
+    id: Option<RequestId>,
+    e: &CellError,
+    retry_after_ms: Option<u64>,
+) -> ByteString {
+    let mut error = WireError::from(e.clone());
+    error.retry_after_ms = retry_after_ms;
+    encode(&error.to_frame(id))
+}
+
 /// Every session of this gateway, by id.
 ///
 /// Hashed with aHash rather than SipHash: every delivered frame costs one lookup here, and
@@ -159,8 +232,14 @@ pub struct SessionRegistry {
 }
 
 impl SessionRegistry {
+    /// A new session id, naming the delivery shard of the calling thread; call it from the
+    /// task that will serve the session's socket (and register it).
+    pub fn new_id(&self) -> SessionId {
+        self.shards.new_id()
+    }
+
     /// Registers a session; call it from the task serving the session's socket, whose thread's
-    /// delivery shard then delivers to it.
+    /// delivery shard then delivers to it (the one its id names).
     pub fn insert(&self, handle: Arc<SessionHandle>) {
         self.shards.register(&handle);
         self.sessions.insert(handle.id.clone(), handle);
@@ -192,6 +271,22 @@ impl SessionRegistry {
         self.shards.deliver(ids, frame).await;
     }
 
+    /// Queues the cell's answer to a session's request, in order with every earlier delivery;
+    /// the request counts as answered once the answer is queued.
+    pub async fn answer(
+        &self,
+        due: AnswerDue,
+        id: Option<RequestId>,
+        result: Result<CellReply, CellError>,
+    ) {
+        self.shards.answer(due, id, result).await;
+    }
+
+    /// Queues an encoded reply for `session`, in order with every earlier delivery.
+    pub async fn reply(&self, session: Arc<SessionHandle>, text: ByteString) {
+        self.shards.reply(session, text).await;
+    }
+
     /// Closes a session with `code` once every delivery queued before has reached it.
     pub async fn close_after_deliveries(&self, id: SessionId, code: CloseCode) {
         self.shards.close(id, code).await;
@@ -220,7 +315,6 @@ impl SessionRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytestring::ByteString;
 
     fn handle(events: usize, bytes: usize) -> Arc<SessionHandle> {
         let outbox = Outbox::new(events, bytes);

@@ -22,20 +22,20 @@ use bytestring::ByteString;
 use confab_directory::PresenceSession;
 use confab_shared::client::{parse_frame, ClientRequest, FrameError, RequestId};
 use confab_shared::limits::{ABUSE_BAD_REQUESTS, ABUSE_WINDOW_MS};
-use confab_shared::link::{Attach, Caller, CellError, CellOp, CellReply};
+use confab_shared::link::{Attach, CellError};
 use confab_shared::server::{encode, ServerFrame};
-use confab_shared::wire::{request_op, WireError};
-use confab_shared::{CloseCode, ErrorCode, SessionId};
+use confab_shared::wire::request_op;
+use confab_shared::{CloseCode, ErrorCode};
 use futures_util::SinkExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 use crate::api_error::ApiError;
-use crate::links::RouteError;
+use crate::links::{RequestTimeouts, RouteError};
 use crate::metrics as m;
 use crate::rate::TokenBucket;
 use crate::server::{Gateway, PendingHello, SocketGuard};
-use crate::sessions::SessionHandle;
+use crate::sessions::{counted_error_frame, error_frame, SessionHandle};
 use crate::socket::{write_outbox, FrameReader, Incoming, Outbox};
 
 /// The path of the client WebSocket.
@@ -209,6 +209,8 @@ struct Connection {
     bad_requests: VecDeque<Instant>,
     last_frame: Instant,
     session: Option<Arc<SessionHandle>>,
+    /// The session's requests waiting for the cell, to answer those it leaves unanswered.
+    requests: RequestTimeouts,
 }
 
 /// What the reader decided about one incoming frame.
@@ -227,6 +229,7 @@ impl Connection {
             bad_requests: VecDeque::new(),
             last_frame: Instant::now(),
             session: None,
+            requests: RequestTimeouts::default(),
         }
     }
 
@@ -377,7 +380,7 @@ impl Connection {
             }
         };
         let limits = &gateway.config.limits;
-        let id = new_session_id();
+        let id = gateway.sessions.new_id();
         let handle = SessionHandle::new(
             id.clone(),
             claims.wsp.clone(),
@@ -436,7 +439,10 @@ impl Connection {
             let step = tokio::select! {
                 biased;
                 () = closing.cancelled() => break,
-                _ = tick.tick() => self.check_heartbeat(heartbeat),
+                _ = tick.tick() => {
+                    self.gateway.links.expire(&mut self.requests);
+                    self.check_heartbeat(heartbeat)
+                }
                 text = self.next_text(reader) => match text {
                     Ok(Some(text)) => self.handle_text(&handle, &text),
                     Ok(None) => Step::Continue,
@@ -503,7 +509,8 @@ impl Connection {
             }
             ClientRequest::PresenceSub { users } => {
                 // The watch is made here, in the session's own task, before this task can run
-                // the session's cleanup; only the status read waits, in a task of its own.
+                // the session's cleanup; only the status read waits, in a task of its own (a
+                // round trip to the presence engine, which this reader must not wait for).
                 let users = self
                     .gateway
                     .presence
@@ -528,12 +535,9 @@ impl Connection {
             }
         };
         if let Some(op) = op {
-            actix_rt::spawn(forward(
-                Arc::clone(&self.gateway),
-                Arc::clone(handle),
-                id,
-                op,
-            ));
+            // No task per request: the answer comes through the session's delivery shard.
+            let links = &self.gateway.links;
+            links.submit(handle, id, op, &mut self.requests);
         }
         Step::Continue
     }
@@ -553,53 +557,6 @@ fn request_id_of(text: &str) -> Option<RequestId> {
         .filter(|id| !matches!(id, RequestId::Str(s) if s.chars().count() > 64))
 }
 
-/// Performs `op` in the cell and queues its reply.
-async fn forward(
-    gateway: Arc<Gateway>,
-    handle: Arc<SessionHandle>,
-    id: Option<RequestId>,
-    op: CellOp,
-) {
-    // Held until the answer is queued, so that a close the cell asks for after answering
-    // does not overtake it.
-    let _due = handle.expect_answer();
-    let caller = Caller {
-        workspace: handle.workspace.clone(),
-        user: handle.user.clone(),
-        session: Some(handle.id.clone()),
-    };
-    match gateway.links.request(caller, op).await {
-        Ok(CellReply::Ack { channel, seq, ts }) => {
-            handle.push_reply(encode(&ServerFrame::Ack {
-                id,
-                channel,
-                seq,
-                ts,
-            }));
-        }
-        Ok(CellReply::History {
-            channel,
-            messages,
-            has_more,
-        }) => handle.push_reply(encode(&ServerFrame::History {
-            id,
-            channel,
-            messages,
-            has_more,
-        })),
-        Ok(CellReply::Done) => {}
-        Ok(other) => {
-            tracing::error!(reply = ?other, "cell sent a reply of the wrong kind");
-            push_error(
-                &handle,
-                id,
-                &CellError::unavailable("unexpected reply from the cell"),
-            );
-        }
-        Err(e) => push_error(&handle, id, &e),
-    }
-}
-
 /// Answers a `presence_sub` whose watch is already made: the current statuses of `users`.
 async fn presence_sub(
     gateway: Arc<Gateway>,
@@ -608,18 +565,13 @@ async fn presence_sub(
     users: Vec<confab_shared::UserId>,
 ) {
     let users = gateway.presence.statuses(&handle.workspace, users).await;
-    handle.push_reply(encode(&ServerFrame::Presence { id, users }));
+    let reply = encode(&ServerFrame::Presence { id, users });
+    // Through the session's shard: behind the presence events queued before it.
+    gateway.sessions.reply(handle, reply).await;
 }
 
 fn push_error(handle: &SessionHandle, id: Option<RequestId>, e: &CellError) {
-    metrics::counter!(m::ERRORS, "code" => e.code.as_str()).increment(1);
-    handle.push_reply(error_frame(id, e, None));
-}
-
-fn error_frame(id: Option<RequestId>, e: &CellError, retry_after_ms: Option<u64>) -> ByteString {
-    let mut error = WireError::from(e.clone());
-    error.retry_after_ms = retry_after_ms;
-    encode(&error.to_frame(id))
+    handle.push_reply(counted_error_frame(id, e));
 }
 
 fn presence_of(handle: &SessionHandle) -> PresenceSession {
@@ -628,11 +580,4 @@ fn presence_of(handle: &SessionHandle) -> PresenceSession {
         user: handle.user.clone(),
         session: handle.id.clone(),
     }
-}
-
-/// A new session id: 32 hex characters, unique across the deployment.
-fn new_session_id() -> SessionId {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    // A UUID's simple form is 32 hex characters, always a valid id.
-    SessionId::new(&id).unwrap_or_else(|_| unreachable!("uuid is a valid id"))
 }
