@@ -2063,7 +2063,7 @@ async fn redis_cluster_workspaces_spread_over_the_masters_and_each_keeps_its_key
     }
     let mut homes = std::collections::BTreeSet::new();
     for id in &ids {
-        let home = cluster.node_of(&format!("confab:cs:{{{id}}}.ctl"));
+        let home = cluster.master_of(&format!("confab:cs:{{{id}}}.ctl"));
         homes.insert(home);
         for (i, node) in cluster.nodes.iter().enumerate() {
             let pattern = format!("confab:cs:{{{id}}}*");
