@@ -190,7 +190,8 @@ pub struct DevArgs {
 pub struct GatewayArgs {
     #[arg(long, env = "CONFAB_LISTEN")]
     pub listen: SocketAddr,
-    /// The presence + directory Redis.
+    /// The presence + directory Redis: `redis://HOST:PORT`, or a Redis Cluster by its seed
+    /// nodes, `redis+cluster://HOST:PORT,HOST:PORT,…`.
     #[arg(long, env = "CONFAB_REDIS")]
     pub redis: String,
     #[arg(long, env = "CONFAB_JWT_SECRET")]
@@ -251,7 +252,8 @@ pub struct CellArgs {
     /// The cell's own store.
     #[arg(long, env = "CONFAB_REDIS")]
     pub redis: String,
-    /// The shared presence + directory Redis.
+    /// The shared presence + directory Redis: `redis://HOST:PORT`, or a Redis Cluster by its
+    /// seed nodes, `redis+cluster://HOST:PORT,HOST:PORT,…`.
     #[arg(long, env = "CONFAB_DIRECTORY")]
     pub directory: String,
     /// Authenticates gateways' links in both directions when set; without it the cell

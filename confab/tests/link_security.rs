@@ -176,8 +176,8 @@ async fn token(gateway: &str, workspace: &str, user: &str) -> String {
 }
 
 /// Puts a cell that is not a confab cell in the directory, at `url`, with one workspace.
-async fn register_foreign_cell(directory: &RedisServer, cell: &str, url: &str, workspace: &str) {
-    let engine = RedisDirectory::start(&directory.url()).unwrap();
+async fn register_foreign_cell(directory_url: &str, cell: &str, url: &str, workspace: &str) {
+    let engine = RedisDirectory::start(directory_url).unwrap();
     let id = CellId::new(cell).unwrap();
     engine
         .claim_cell(
@@ -410,7 +410,7 @@ async fn a_gateway_refuses_a_cell_that_cannot_prove_the_cluster_secret() {
     let gateway = cluster.gateway(0).url();
     for (cell, workspace, proof) in [("c8", "lured", Some([9u8; 32])), ("c9", "baited", None)] {
         let (url, fooled) = impostor_cell(cell, proof).await;
-        register_foreign_cell(&cluster.directory, cell, &url, workspace).await;
+        register_foreign_cell(&cluster.directory.url(), cell, &url, workspace).await;
         let user = token(&gateway, workspace, "alice").await;
         for _ in 0..3 {
             let (status, body) = call(&gateway, &user, Method::GET, "/v1/channels", None).await;
@@ -650,7 +650,7 @@ async fn requests_to_a_cell_behind_a_black_hole_answer_unavailable_within_a_boun
             held.push(stream);
         }
     });
-    register_foreign_cell(&cluster.directory, "void", &url, "dark").await;
+    register_foreign_cell(&cluster.directory.url(), "void", &url, "dark").await;
     let user = token(&gateway, "dark", "alice").await;
 
     let started = Instant::now();

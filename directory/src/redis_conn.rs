@@ -16,9 +16,10 @@
 //! a cluster, which fails while any one node is down, so that a process started during an
 //! outage of one master could run no script anywhere. [`Lua`] sends the script's text (`EVAL`)
 //! to the one node that asked. Pub/sub is not a connection of this type: a `PUBLISH` in a
-//! Redis Cluster reaches the subscribers of every node, so a subscriber listens on one node at
-//! a time ([`pubsub_urls`]) and [`RedisConn::publish_via`] publishes on the node of a given
-//! key's slot (the one a caller already depends on).
+//! Redis Cluster reaches the subscribers of every node (its own at once, the others' over the
+//! cluster bus, milliseconds later), so a subscriber listens on every seed ([`pubsub_urls`])
+//! and keeps the first copy of each message; [`RedisConn::publish_via`] publishes on the node
+//! of a given key's slot (the one a caller already depends on).
 //!
 //! See docs/operations.md, "Running on a Redis Cluster".
 
@@ -76,10 +77,9 @@ pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {
     )
 }
 
-/// The URLs to subscribe to, one at a time, for the pub/sub channels of `url`: the URL itself
-/// for a single Redis; each seed of a `redis+cluster://` URL (a message published on any node
-/// of a cluster reaches the subscribers of every node, so one node is enough; the next is
-/// tried when it fails).
+/// The URLs to subscribe on for the pub/sub channels of `url`: the URL itself for a single
+/// Redis; every seed of a `redis+cluster://` URL (a message published on any node reaches the
+/// subscribers of every node, first those of the node that published it).
 pub fn pubsub_urls(url: &str) -> Vec<String> {
     match cluster_seeds(url) {
         Some(seeds) if !seeds.is_empty() => seeds,

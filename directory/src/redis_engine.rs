@@ -52,7 +52,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_shared::server::Status;
 use confab_shared::{CellId, UserId, WorkspaceId};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -144,10 +144,75 @@ pub fn connect(url: &str) -> Result<RedisConn, EngineError> {
     RedisConn::open(url, Timeouts::default()).map_err(engine_error)
 }
 
-/// Forwards the messages of a pub/sub channel into `sink`, reconnecting forever (to the next
-/// of `urls` each time: the seeds of a cluster); `connected`, if given, counts the
-/// subscriptions made (messages published in between were never received: on a cluster, when
-/// the node subscribed to fails, the stream resets like on a single Redis that restarts).
+/// A pub/sub message: its body, and an id unique to this publish, so that a subscriber that
+/// listens on several nodes of a cluster (every copy of a message arrives once per node) keeps
+/// the first copy only.
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    #[serde(flatten)]
+    body: T,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+}
+
+/// An id no other publish of any process uses: a random number drawn once per process, and
+/// a counter.
+pub(crate) fn message_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    });
+    format!("{seed:016x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `body` as a message with a fresh id.
+fn envelope<T: Serialize>(body: T) -> String {
+    serde_json::to_string(&Envelope {
+        body,
+        id: Some(message_id()),
+    })
+    .unwrap_or_default()
+}
+
+/// The ids of the messages received last, to drop the copies of a message that arrive
+/// through the other nodes of a cluster (bounded: the oldest go first).
+struct Recent {
+    seen: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// Message ids remembered; copies of one message arrive within milliseconds of each other.
+const RECENT_IDS: usize = 65_536;
+
+impl Recent {
+    /// Whether `id` is new (then it is remembered).
+    fn first(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() >= RECENT_IDS {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
+}
+
+/// Forwards the messages of a pub/sub channel into `sink`, each once, from one subscription
+/// per URL of `urls` (every seed of a cluster: a message reaches the subscribers of the node
+/// that published it at once, the other nodes' a few milliseconds later over the cluster bus,
+/// so listening on every node keeps a change ahead of the reply to the write that made it, as
+/// on a single Redis). Each subscription reconnects forever; `connected`, if given, counts the
+/// subscriptions made (messages published while none was connected were never received).
 fn spawn_subscriber<T, F>(
     urls: Vec<String>,
     channel: &'static str,
@@ -156,26 +221,39 @@ fn spawn_subscriber<T, F>(
     parse: F,
 ) where
     T: Clone + Send + 'static,
-    F: Fn(&[u8]) -> Option<T> + Send + Sync + 'static,
+    F: Fn(&[u8]) -> Option<(Option<String>, T)> + Send + Sync + 'static,
 {
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
-        // Processes start at different seeds, so that not every subscriber of a deployment
-        // is on one node (and reset when it fails).
-        let first = std::process::id() as usize;
-        for attempt in first.. {
-            let Some(url) = urls.get(attempt % urls.len().max(1)) else {
-                tracing::error!(channel, "no URL to subscribe to");
-                return;
-            };
-            match subscribe_once(url, channel, &sink, connected.as_ref(), &parse).await {
-                Ok(()) => delay = Duration::from_millis(100),
-                Err(e) => tracing::warn!(channel, error = %e, "redis subscription lost"),
+    let recent = Arc::new(parking_lot::Mutex::new(Recent {
+        seen: std::collections::HashSet::new(),
+        order: std::collections::VecDeque::new(),
+    }));
+    let parse = Arc::new(parse);
+    for url in urls {
+        let (sink, connected, parse, recent) = (
+            sink.clone(),
+            connected.clone(),
+            Arc::clone(&parse),
+            Arc::clone(&recent),
+        );
+        let once = move |bytes: &[u8]| {
+            let (id, change) = parse(bytes)?;
+            match id {
+                Some(id) if !recent.lock().first(&id) => None,
+                _ => Some(change),
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        }
-    });
+        };
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match subscribe_once(&url, channel, &sink, connected.as_ref(), &once).await {
+                    Ok(()) => delay = Duration::from_millis(100),
+                    Err(e) => tracing::warn!(channel, error = %e, "redis subscription lost"),
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        });
+    }
 }
 
 async fn subscribe_once<T, F>(
@@ -348,12 +426,15 @@ impl RedisPresence {
             changes,
             connected,
             |bytes| {
-                let wire: PresenceWire = serde_json::from_slice(bytes).ok()?;
-                Some(PresenceChange {
-                    workspace: wire.workspace,
-                    user: wire.user,
-                    status: wire.status,
-                })
+                let wire: Envelope<PresenceWire> = serde_json::from_slice(bytes).ok()?;
+                Some((
+                    wire.id,
+                    PresenceChange {
+                        workspace: wire.body.workspace,
+                        user: wire.body.user,
+                        status: wire.body.status,
+                    },
+                ))
             },
         );
         let sweeper = Arc::clone(&presence);
@@ -373,12 +454,11 @@ impl RedisPresence {
     }
 
     fn payload(workspace: &WorkspaceId, user: &UserId, status: Status) -> String {
-        serde_json::to_string(&PresenceWire {
+        envelope(PresenceWire {
             workspace: workspace.clone(),
             user: user.clone(),
             status,
         })
-        .unwrap_or_default()
     }
 
     /// Puts workspaces in the presence index due no later than `at` (Unix ms): `ZADD LT`
@@ -588,18 +668,26 @@ impl PresenceStore for RedisPresence {
             let mut conn = self.conn.clone();
             calls.push(async move { call.invoke::<usize>(&mut conn).await });
         }
-        futures_util::stream::iter(calls)
+        // Every batch runs even when one fails: on a cluster a master that is down must not
+        // keep the sessions of the other masters' workspaces from being refreshed (they would
+        // expire and be announced offline). The refresh fails after, with the first error.
+        let results: Vec<Result<usize, redis::RedisError>> = futures_util::stream::iter(calls)
             .buffer_unordered(REFRESH_CONCURRENCY)
-            .try_collect::<Vec<usize>>()
-            .await
-            .map_err(engine_error)?;
+            .collect()
+            .await;
         let mut workspaces: Vec<&WorkspaceId> = sessions.iter().map(|s| &s.workspace).collect();
         workspaces.sort();
         workspaces.dedup();
+        let mut indexed = Ok(());
         for chunk in workspaces.chunks(REFRESH_BATCH) {
-            self.due_by(chunk, expiry).await?;
+            if let Err(e) = self.due_by(chunk, expiry).await {
+                indexed = Err(e);
+            }
         }
-        Ok(())
+        for result in results {
+            result.map_err(engine_error)?;
+        }
+        indexed
     }
 
     async fn statuses(
@@ -801,12 +889,16 @@ impl RedisDirectory {
             changes,
             None,
             |bytes| {
-                Some(match serde_json::from_slice(bytes).ok()? {
-                    DirectoryWire::Moved { workspace, cell } => {
-                        DirectoryChange::WorkspaceMoved { workspace, cell }
-                    }
-                    DirectoryWire::Cell { cell } => DirectoryChange::CellChanged { cell },
-                })
+                let wire: Envelope<DirectoryWire> = serde_json::from_slice(bytes).ok()?;
+                Some((
+                    wire.id,
+                    match wire.body {
+                        DirectoryWire::Moved { workspace, cell } => {
+                            DirectoryChange::WorkspaceMoved { workspace, cell }
+                        }
+                        DirectoryWire::Cell { cell } => DirectoryChange::CellChanged { cell },
+                    },
+                ))
             },
         );
         Ok(directory)
@@ -865,7 +957,7 @@ impl RedisDirectory {
     }
 
     async fn publish(&self, wire: &DirectoryWire) -> Result<(), EngineError> {
-        let payload = serde_json::to_string(wire).unwrap_or_default();
+        let payload = envelope(wire);
         // Only cell changes are published from here: through the cell registry's master.
         self.conn()
             .publish_via(keys::CELLS, DIRECTORY_CHANNEL, &payload)
@@ -1063,11 +1155,10 @@ impl Directory for RedisDirectory {
         cell: &CellId,
         region: &str,
     ) -> Result<(), EngineError> {
-        let payload = serde_json::to_string(&DirectoryWire::Moved {
+        let payload = envelope(DirectoryWire::Moved {
             workspace: id.clone(),
             cell: cell.clone(),
-        })
-        .unwrap_or_default();
+        });
         let mut call = self.move_script.key(keys::workspace(id));
         self.with_placement(&mut call);
         let moved: i64 = call

@@ -15,7 +15,9 @@ use redis::AsyncCommands;
 use crate::directory::WorkspaceRecord;
 use crate::moves::{MoveBegun, MovePhase, MoveRecord};
 use crate::redis_conn::Lua;
-use crate::redis_engine::{engine_error, keys, place_fn, RedisDirectory, DIRECTORY_CHANNEL};
+use crate::redis_engine::{
+    engine_error, keys, message_id, place_fn, RedisDirectory, DIRECTORY_CHANNEL,
+};
 use crate::EngineError;
 
 /// Keys read per `SCAN` step when listing.
@@ -61,7 +63,7 @@ return 1
 });
 
 /// KEYS = move, workspace, then (on a single Redis) placement and counts; ARGV = epoch,
-/// directory channel. Returns 1 when switched; only a `frozen` move switches.
+/// directory channel, message id. Returns 1 when switched; only a `frozen` move switches.
 static SWITCH_MOVE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(concat!(
         place_fn!(),
@@ -79,7 +81,7 @@ redis.call('SET', KEYS[2], cjson.encode(ws))
 if KEYS[3] then place(KEYS[3], KEYS[4], record['workspace'], record['to']) end
 record['phase'] = 'switched'
 redis.call('SET', KEYS[1], cjson.encode(record))
-redis.call('PUBLISH', ARGV[2], cjson.encode({kind = 'moved', workspace = record['workspace'], cell = record['to']}))
+redis.call('PUBLISH', ARGV[2], cjson.encode({kind = 'moved', workspace = record['workspace'], cell = record['to'], id = ARGV[3]}))
 return 1
 "
     ))
@@ -239,6 +241,7 @@ impl RedisDirectory {
         let switched: i64 = call
             .arg(epoch)
             .arg(DIRECTORY_CHANNEL)
+            .arg(message_id())
             .invoke(&mut self.conn())
             .await
             .map_err(engine_error)?;

@@ -536,6 +536,110 @@ impl RedisCluster {
     }
 }
 
+/// The environment variable that chooses the Redis the end-to-end harnesses give confab as
+/// its directory: unset, empty or `single`, one `redis-server`; `cluster`, a 3-master Redis
+/// Cluster ([`TestRedis::from_env`]).
+pub const REDIS_ENV: &str = "CONFAB_TEST_REDIS";
+
+/// A single Redis or a Redis Cluster, owned by a test.
+pub enum TestRedis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl TestRedis {
+    /// One durable `redis-server`.
+    pub fn single() -> TestRedis {
+        TestRedis::Single(RedisServer::start())
+    }
+
+    /// A Redis Cluster of 3 masters without replicas.
+    pub fn cluster() -> TestRedis {
+        TestRedis::Cluster(RedisCluster::start(3))
+    }
+
+    /// Whether [`REDIS_ENV`] asks for a Redis Cluster. Any value but `single`, `cluster` or
+    /// nothing fails the test, so that a typo does not silently test a single Redis instead.
+    pub fn cluster_from_env() -> bool {
+        match std::env::var(REDIS_ENV) {
+            Err(std::env::VarError::NotPresent) => false,
+            Ok(value) if value.is_empty() || value == "single" => false,
+            Ok(value) if value == "cluster" => true,
+            other => panic!("{REDIS_ENV} must be `single` or `cluster`, not {other:?}"),
+        }
+    }
+
+    /// What [`REDIS_ENV`] asks for.
+    pub fn from_env() -> TestRedis {
+        if Self::cluster_from_env() {
+            Self::cluster()
+        } else {
+            Self::single()
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, TestRedis::Cluster(_))
+    }
+
+    /// The URL confab is given: `redis://…`, or `redis+cluster://…` with every node as a seed.
+    pub fn url(&self) -> String {
+        match self {
+            TestRedis::Single(server) => server.url(),
+            TestRedis::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// A plain `redis://` URL to subscribe on: a publish on any node of a cluster reaches the
+    /// subscribers of every node, so the first node's.
+    pub fn pubsub_url(&self) -> String {
+        match self {
+            TestRedis::Single(server) => server.url(),
+            TestRedis::Cluster(cluster) => cluster.nodes[0].url(),
+        }
+    }
+
+    /// `redis-cli ARGS…` (on a cluster `-c`, following redirections), its standard output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        match self {
+            TestRedis::Single(server) => server.cli(args),
+            TestRedis::Cluster(cluster) => cluster.cli(args),
+        }
+    }
+
+    /// Kills every server with SIGKILL: the whole Redis is down.
+    pub fn kill(&mut self) {
+        match self {
+            TestRedis::Single(server) => server.kill(),
+            TestRedis::Cluster(cluster) => cluster.kill_all(),
+        }
+    }
+
+    /// Starts every server again with its data (a cluster: until it is whole again).
+    pub fn restart(&mut self) {
+        match self {
+            TestRedis::Single(server) => server.restart(),
+            TestRedis::Cluster(cluster) => cluster.restart_all(),
+        }
+    }
+
+    /// The cluster, when this is one.
+    pub fn as_cluster(&self) -> Option<&RedisCluster> {
+        match self {
+            TestRedis::Single(_) => None,
+            TestRedis::Cluster(cluster) => Some(cluster),
+        }
+    }
+
+    /// The cluster, when this is one.
+    pub fn as_cluster_mut(&mut self) -> Option<&mut RedisCluster> {
+        match self {
+            TestRedis::Single(_) => None,
+            TestRedis::Cluster(cluster) => Some(cluster),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,9 @@
 //!
 //! `Cluster::new().cell("c1", "us-east").gateways(2).start().await` — every process can be
 //! killed with SIGKILL and restarted on the same port with the same data.
+//!
+//! The presence + directory Redis is a 3-master Redis Cluster instead with
+//! `CONFAB_TEST_REDIS=cluster` or [`Cluster::redis_cluster`] ([`confab_testkit::TestRedis`]).
 
 #![allow(dead_code)]
 
@@ -16,7 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use confab_testkit::{free_port, RedisServer};
+use confab_testkit::{free_port, RedisServer, TestRedis};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -378,12 +381,13 @@ pub struct Cluster {
     presence_ttl_ms: u64,
     retention: u64,
     durable_directory: bool,
+    redis_cluster: bool,
     move_page_delay_ms: u64,
 }
 
 /// A running cluster.
 pub struct Running {
-    pub directory: RedisServer,
+    pub directory: TestRedis,
     pub cells: Vec<CellProc>,
     pub gateways: Vec<GatewayProc>,
     http: reqwest::Client,
@@ -398,6 +402,7 @@ impl Cluster {
             presence_ttl_ms: 30_000,
             retention: 10_000,
             durable_directory: false,
+            redis_cluster: TestRedis::cluster_from_env(),
             move_page_delay_ms: 0,
         }
     }
@@ -435,6 +440,13 @@ impl Cluster {
         self
     }
 
+    /// The presence + directory Redis is a 3-master Redis Cluster, whatever
+    /// `CONFAB_TEST_REDIS` says.
+    pub fn redis_cluster(mut self) -> Cluster {
+        self.redis_cluster = true;
+        self
+    }
+
     /// Gateways pause this long between the pages of a move's bulk copy.
     pub fn move_page_delay_ms(mut self, ms: u64) -> Cluster {
         self.move_page_delay_ms = ms;
@@ -442,10 +454,13 @@ impl Cluster {
     }
 
     pub async fn start(self) -> Running {
-        let directory = if self.durable_directory {
-            RedisServer::start_durable()
+        // Every test Redis is durable (`RedisServer::start_durable` is `start`); the flag
+        // says that the test relies on it.
+        let _ = self.durable_directory;
+        let directory = if self.redis_cluster {
+            TestRedis::cluster()
         } else {
-            RedisServer::start()
+            TestRedis::single()
         };
         let mut cells = Vec::new();
         for (id, region, extra) in self.cells {

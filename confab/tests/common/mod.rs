@@ -9,6 +9,10 @@
 //! both modes, so the same tests run against both; the few that check something only
 //! `confab dev` has check the cluster's equivalent instead (they ask [`target`]).
 //!
+//! With `CONFAB_TEST_REDIS=cluster` as well, the directory is a 3-master Redis Cluster
+//! (`redis+cluster://` URL, [`confab_testkit::TestRedis`]); the cell's store is chosen by
+//! [`store_redis`].
+//!
 //! Every wait is bounded ([`WAIT`]) so that a broken server fails a test instead of hanging it,
 //! and no test passes or fails on how fast the server is: to check that something does *not*
 //! happen, a test watches for a short bounded time ([`QUIET`]) and asserts nothing came.
@@ -23,7 +27,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use confab_testkit::{free_port, RedisServer};
+use confab_testkit::{free_port, RedisServer, TestRedis};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::{TcpSocket, TcpStream};
@@ -206,8 +210,8 @@ impl DevServerBuilder {
     /// Starts a directory Redis, a durable store Redis, `confab cell` and `confab gateway`,
     /// waits until both are ready and seeds what `confab dev` seeds.
     async fn start_cluster(self) -> DevServer {
-        let directory = RedisServer::start();
-        let store = RedisServer::start_durable();
+        let directory = TestRedis::from_env();
+        let store = store_redis(&directory);
         let (cell_args, gateway_args): (Vec<_>, Vec<_>) =
             self.args.iter().partition(|(flag, _)| is_cell_flag(flag));
         let (cell_envs, gateway_envs): (Vec<_>, Vec<_>) =
@@ -254,11 +258,31 @@ impl DevServerBuilder {
     }
 }
 
+/// The Redis of the test cluster's cell store, with the URL the cell is given.
+struct StoreRedis {
+    /// The store's own server (none when it shares the directory's Redis).
+    _server: Option<RedisServer>,
+    url: String,
+}
+
+/// Chooses the cell store's Redis, the one place the harness does. For now it is the store's
+/// own durable `redis-server` whatever the directory is. Once the cell store runs on a Redis
+/// Cluster, return the directory's cluster here when it is one
+/// (`StoreRedis { _server: None, url: directory.url() }`), so that `CONFAB_TEST_REDIS=cluster`
+/// runs the store on it too.
+fn store_redis(_directory: &TestRedis) -> StoreRedis {
+    let server = RedisServer::start_durable();
+    StoreRedis {
+        url: server.url(),
+        _server: Some(server),
+    }
+}
+
 /// Starts `confab cell` on a free port; another process can take a probed port before the
 /// cell binds it, and the cell then exits at once, so it is tried again on another port.
 async fn start_cell(
-    directory: &RedisServer,
-    store: &RedisServer,
+    directory: &TestRedis,
+    store: &StoreRedis,
     args: &[&(String, String)],
     envs: &[&(String, String)],
 ) -> (Proc, SocketAddr) {
@@ -269,7 +293,7 @@ async fn start_cell(
         cmd.args(["--id", CLUSTER_CELL_ID, "--region", CLUSTER_REGION])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--advertise", &format!("http://127.0.0.1:{port}")])
-            .args(["--redis", &store.url(), "--directory", &directory.url()])
+            .args(["--redis", &store.url, "--directory", &directory.url()])
             .args(["--cluster-secret", CLUSTER_SECRET]);
         for (flag, value) in args {
             cmd.arg(flag).arg(value);
@@ -457,8 +481,8 @@ struct ClusterParts {
     cell: Proc,
     /// `http://127.0.0.1:PORT` of the cell (its `/readyz`, `/metrics`).
     cell_base: String,
-    store: RedisServer,
-    directory: RedisServer,
+    store: StoreRedis,
+    directory: TestRedis,
 }
 
 /// A running deployment, killed when dropped: one `confab dev` process, or a cluster whose

@@ -240,10 +240,5 @@ pub fn move_key(workspace: &str) -> String {
 
 /// Runs `redis-cli` against the directory's Redis.
 pub fn directory_cli(cluster: &cluster::Running, args: &[&str]) -> String {
-    let output = std::process::Command::new("redis-cli")
-        .args(["-p", &cluster.directory.port.to_string()])
-        .args(args)
-        .output()
-        .expect("run redis-cli");
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
+    cluster.directory.cli(args).trim().to_string()
 }
