@@ -208,6 +208,10 @@ pub struct GatewayArgs {
     /// A session whose gateway stopped refreshing it counts as gone after this long.
     #[arg(long, env = "CONFAB_PRESENCE_TTL_MS", default_value_t = 30_000)]
     pub presence_ttl_ms: u64,
+    /// A request a cell has not answered after this long is answered `unavailable` (at least
+    /// 100).
+    #[arg(long, env = "CONFAB_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Pause between the pages of a workspace move's bulk copy, to spare a busy source

@@ -33,6 +33,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         config.presence_refresh = ttl / 3;
         args.shutdown.apply(&mut config);
         config.move_page_delay = Duration::from_millis(args.move_page_delay_ms);
+        config.request_timeout = Duration::from_millis(args.request_timeout_ms.max(100));
         let secret = args.cluster_secret.filter(|s| !s.is_empty());
         if secret.is_none() {
             tracing::warn!(

@@ -306,6 +306,90 @@ async fn requests_answer_unavailable_while_the_cell_store_is_down_and_recover_af
     );
 }
 
+/// Stops (`SIGSTOP`) a process until dropped, then lets it go on (`SIGCONT`), also when the
+/// test fails meanwhile.
+struct Stopped(u32);
+
+impl Stopped {
+    fn signal(pid: u32, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    fn new(pid: u32) -> Stopped {
+        Stopped::signal(pid, "-STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        Stopped::signal(self.0, "-CONT");
+    }
+}
+
+#[tokio::test]
+async fn requests_a_hung_cell_leaves_unanswered_are_answered_unavailable_after_the_request_timeout()
+{
+    let cluster = Cluster::new()
+        .cell("c1", "us-east")
+        .gateway_args(&["--request-timeout-ms", "1500"])
+        .start()
+        .await;
+    cluster.create_workspace("acme", "us-east").await;
+    let token = cluster.token("acme", "alice").await;
+    let room = channel(&cluster, &token, "room", &[]).await;
+    let mut alice = Client::connect(&cluster.gateway(0).ws_url(), &token, None).await;
+    send(&mut alice, &room, "before").await;
+
+    // The cell's process stops: its link stays open, and nothing answers.
+    let stopped = Stopped::new(cluster.cells[0].pid().expect("the cell runs"));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = format!("hung-{i}");
+        alice
+            .send(&json!({"op": "send", "id": id, "channel": room, "text": "unheard"}))
+            .await;
+        ids.push(json!(id));
+    }
+    let mut answered = Vec::new();
+    while answered.len() < ids.len() {
+        match alice.read(WAIT).await {
+            Incoming::Frame(frame) if ids.contains(&frame["id"]) => {
+                assert_eq!(frame["op"], "error", "{frame}");
+                assert_eq!(frame["code"], "unavailable", "{frame}");
+                // The request timeout answered, not the loss of the link (10 s of silence).
+                assert_eq!(
+                    frame["message"], "the cell did not answer in time",
+                    "{frame}"
+                );
+                answered.push(frame["id"].clone());
+            }
+            Incoming::Frame(_) => {}
+            other => panic!("requests to a hung cell were not answered: {other:?}"),
+        }
+    }
+    answered.sort_by_key(|id| id.to_string());
+    assert_eq!(answered, ids, "each request answered once");
+
+    // Once the cell goes on, the session is served again.
+    drop(stopped);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reply = alice
+            .request(json!({"op": "send", "channel": room, "text": "after"}))
+            .await;
+        if reply["op"] == "ack" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again: {reply}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn presence_crosses_gateways_and_a_killed_gateways_users_go_offline() {
     let mut cluster = Cluster::new()
