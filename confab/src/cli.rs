@@ -43,9 +43,12 @@ pub struct LimitArgs {
     /// Client frames per second per connection; bursts of twice this.
     #[arg(long, env = "CONFAB_CLIENT_RATE", default_value_t = limits::CLIENT_RATE)]
     pub client_rate: u32,
-    /// Outbound queue per session, in events (4 MiB is the byte bound).
+    /// Outbound queue per session, in events (`--queue-bytes` is the byte bound).
     #[arg(long, env = "CONFAB_QUEUE_EVENTS", default_value_t = limits::QUEUE_EVENTS)]
     pub queue_events: usize,
+    /// Outbound queue per session, in bytes of the frames queued (4008 beyond).
+    #[arg(long, env = "CONFAB_QUEUE_BYTES", default_value_t = limits::QUEUE_BYTES)]
+    pub queue_bytes: usize,
     /// Heartbeat interval announced in `ready`; silence for twice this closes with 4000.
     #[arg(long, env = "CONFAB_HEARTBEAT_MS", default_value_t = limits::HEARTBEAT_MS)]
     pub heartbeat_ms: u64,
@@ -71,7 +74,7 @@ impl LimitArgs {
             max_text_bytes: self.max_text_bytes.max(1),
             client_rate: self.client_rate.max(1),
             queue_events: self.queue_events.max(1),
-            queue_bytes: limits::QUEUE_BYTES,
+            queue_bytes: self.queue_bytes.max(1),
             heartbeat_ms: self.heartbeat_ms.max(1),
             hello_timeout_ms: self.hello_timeout_ms.max(1),
             max_connections: self.max_connections.max(1),

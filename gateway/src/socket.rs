@@ -10,6 +10,11 @@
 //! `VecDeque` push of a reference-counted frame and a wake of its write pump, all on the worker
 //! thread that serves the session (see [`crate::shards`]); the pump then encodes everything
 //! queued into one buffer and hands it to the socket in one write.
+//!
+//! With `?batch=1` (SPEC §4, [`SocketOptions::batch`]) the text frames found queued together
+//! go out as one JSON array in one WebSocket frame: a reader that lags behind then costs one
+//! frame header and one frame to parse per write instead of one per event. Nothing waits for a
+//! batch to fill; a lone frame goes out as itself.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -18,9 +23,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use actix_codec::{Decoder, Encoder};
-use actix_http::ws::{CloseReason, Codec, Frame as WsFrame, Item, Message, ProtocolError};
-use bytes::{Bytes, BytesMut};
+use actix_codec::Decoder;
+use actix_http::ws::{Codec, Frame as WsFrame, Item, ProtocolError};
+use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use confab_shared::link::Frame;
 use confab_shared::CloseCode;
@@ -43,6 +48,21 @@ const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(5);
 /// After the close frame, how long the client's remaining bytes are read and discarded so that
 /// closing does not reset the connection under the close frame.
 const LINGER: Duration = Duration::from_secs(1);
+/// Most payload bytes of one batched frame (`?batch=1`); a frame larger than this alone still
+/// goes out, as itself.
+const MAX_ARRAY_BYTES: usize = 64 * 1024;
+
+/// The first byte of each frame the server writes: FIN and the opcode (RFC 6455 §5.2).
+const FIN_TEXT: u8 = 0x81;
+const FIN_CLOSE: u8 = 0x88;
+const FIN_PONG: u8 = 0x8A;
+
+/// How a client asked its socket to be spoken to, at the upgrade.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// `?batch=1`: text frames queued together go out as one JSON array per WebSocket frame.
+    pub batch: bool,
+}
 
 /// A frame received from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +295,9 @@ struct OutboxState {
 #[derive(Debug)]
 enum Outgoing {
     Text(Frame),
+    /// `ready`: always a frame of its own, never part of a batch, so that the handshake reads
+    /// the same with and without `?batch=1`.
+    Ready(ByteString),
     Pong(Bytes),
 }
 
@@ -349,10 +372,7 @@ impl Outbox {
             return;
         }
         state.bytes += ready.len();
-        state.frames.push_back(Outgoing::Text(Frame {
-            text: ready,
-            created_us: 0,
-        }));
+        state.frames.push_back(Outgoing::Ready(ready));
         let held = std::mem::take(&mut state.held);
         state.frames.extend(held.into_iter().map(Outgoing::Text));
         state.live = true;
@@ -400,6 +420,7 @@ impl Outbox {
             .iter()
             .filter_map(|o| match o {
                 Outgoing::Text(f) => Some(f.text.to_string()),
+                Outgoing::Ready(text) => Some(text.to_string()),
                 Outgoing::Pong(_) => None,
             })
             .collect()
@@ -408,8 +429,8 @@ impl Outbox {
 
 /// Writes a session's outbox to its socket until the close frame is out or the socket fails;
 /// then closes the socket's write side. A task of its own, on the thread of the session's reader.
-pub async fn write_outbox(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf) {
-    let mut encoder = OutboxEncoder::new(Arc::clone(&outbox));
+pub async fn write_outbox(outbox: Arc<Outbox>, mut socket: OwnedWriteHalf, options: SocketOptions) {
+    let mut encoder = OutboxEncoder::new(Arc::clone(&outbox), options);
     while let Some(batch) = poll_fn(|cx| encoder.poll_batch(cx)).await {
         if write_batch(&outbox, &mut socket, &batch).await.is_err() {
             break;
@@ -449,27 +470,40 @@ async fn closing_grace(outbox: &Outbox) {
 /// Turns what is queued in an outbox into WebSocket frames, a batch per socket write.
 struct OutboxEncoder {
     outbox: Arc<Outbox>,
-    codec: Codec,
+    options: SocketOptions,
     done: bool,
     frames_out: metrics::Counter,
     latency: metrics::Histogram,
 }
 
+/// What one write carries, for the metrics recorded once per write.
+#[derive(Default)]
+struct WriteTally {
+    /// Server frames (texts) in the write; a batched frame counts each of its elements.
+    texts: u64,
+    /// Creation time of the write's oldest event, 0 when it carries none.
+    oldest_us: u64,
+}
+
+impl WriteTally {
+    fn count(&mut self, frame: &Frame) {
+        self.texts += 1;
+        if frame.created_us > 0 && self.oldest_us == 0 {
+            self.oldest_us = frame.created_us;
+        }
+    }
+}
+
 impl OutboxEncoder {
-    fn new(outbox: Arc<Outbox>) -> Self {
+    fn new(outbox: Arc<Outbox>, options: SocketOptions) -> Self {
         OutboxEncoder {
             outbox,
-            codec: Codec::new(),
+            options,
             done: false,
             // Resolved once per connection, not once per frame.
             frames_out: metrics::counter!(m::FRAMES_OUT),
             latency: metrics::histogram!(m::DELIVERY_LATENCY),
         }
-    }
-
-    fn encode(&mut self, message: Message, buf: &mut BytesMut) {
-        // Encoding a server frame into a growable buffer cannot fail.
-        let _ = self.codec.encode(message, buf);
     }
 
     /// The next batch to write; `None` after the close frame. Pending while nothing is queued.
@@ -482,8 +516,7 @@ impl OutboxEncoder {
         // Sized for what is queued (payload plus frame headers): one allocation per write.
         let queued: usize = state.bytes.min(MAX_WRITE_BATCH) + state.frames.len().min(4096) * 10;
         let mut buf = BytesMut::with_capacity(queued);
-        let mut texts = 0u64;
-        let mut oldest_us = 0u64;
+        let mut tally = WriteTally::default();
         while buf.len() < MAX_WRITE_BATCH {
             let Some(outgoing) = state.frames.pop_front() else {
                 break;
@@ -491,25 +524,50 @@ impl OutboxEncoder {
             match outgoing {
                 Outgoing::Text(frame) => {
                     state.bytes = state.bytes.saturating_sub(frame.text.len());
-                    if frame.created_us > 0 && oldest_us == 0 {
-                        oldest_us = frame.created_us;
+                    tally.count(&frame);
+                    let (joining, array_len) = if self.options.batch {
+                        joining(&state.frames, frame.text.len())
+                    } else {
+                        (0, 0)
+                    };
+                    if joining == 0 {
+                        put_frame(&mut buf, FIN_TEXT, frame.text.as_bytes());
+                        continue;
                     }
-                    texts += 1;
-                    self.encode(Message::Text(frame.text), &mut buf);
+                    // One array of this frame and the `joining` texts queued behind it, its
+                    // elements copied straight from the shared encoded frames.
+                    put_header(&mut buf, FIN_TEXT, array_len);
+                    buf.put_u8(b'[');
+                    buf.extend_from_slice(frame.text.as_bytes());
+                    for _ in 0..joining {
+                        let Some(Outgoing::Text(next)) = state.frames.pop_front() else {
+                            unreachable!("joining counts queued texts only");
+                        };
+                        state.bytes = state.bytes.saturating_sub(next.text.len());
+                        tally.count(&next);
+                        buf.put_u8(b',');
+                        buf.extend_from_slice(next.text.as_bytes());
+                    }
+                    buf.put_u8(b']');
+                }
+                Outgoing::Ready(text) => {
+                    state.bytes = state.bytes.saturating_sub(text.len());
+                    tally.texts += 1;
+                    put_frame(&mut buf, FIN_TEXT, text.as_bytes());
                 }
                 Outgoing::Pong(payload) => {
                     state.bytes = state.bytes.saturating_sub(payload.len());
-                    self.encode(Message::Pong(payload), &mut buf);
+                    put_frame(&mut buf, FIN_PONG, &payload);
                 }
             }
         }
         // Metrics once per socket write, not per frame (they were a tenth of the fanout CPU):
         // the latency sample is the write's oldest event, the one that waited longest.
-        if texts > 0 {
-            self.frames_out.increment(texts);
+        if tally.texts > 0 {
+            self.frames_out.increment(tally.texts);
         }
-        if oldest_us > 0 {
-            let seconds = confab_shared::now_us().saturating_sub(oldest_us) as f64 / 1e6;
+        if tally.oldest_us > 0 {
+            let seconds = confab_shared::now_us().saturating_sub(tally.oldest_us) as f64 / 1e6;
             self.latency.record(seconds);
         }
         if state.frames.is_empty() && state.frames.capacity() > SHRINK_ABOVE {
@@ -518,11 +576,7 @@ impl OutboxEncoder {
         }
         if let Some(code) = state.close.filter(|_| state.frames.is_empty()) {
             self.done = true;
-            let reason = CloseReason {
-                code: code.code().into(),
-                description: Some(code.reason().to_string()),
-            };
-            self.encode(Message::Close(Some(reason)), &mut buf);
+            put_close(&mut buf, code);
         }
         if buf.is_empty() {
             state.waker = Some(cx.waker().clone());
@@ -530,6 +584,52 @@ impl OutboxEncoder {
         }
         Poll::Ready(Some(buf))
     }
+}
+
+/// How many of the texts at the front of `queued` join a text of `first_len` bytes in one
+/// batched frame, and that array's length in bytes (`[`, the texts, their commas, `]`).
+fn joining(queued: &VecDeque<Outgoing>, first_len: usize) -> (usize, usize) {
+    let mut count = 0;
+    let mut len = first_len + 2;
+    for outgoing in queued {
+        match outgoing {
+            Outgoing::Text(frame) if len + 1 + frame.text.len() <= MAX_ARRAY_BYTES => {
+                count += 1;
+                len += 1 + frame.text.len();
+            }
+            _ => break,
+        }
+    }
+    (count, len)
+}
+
+/// Writes the header of an unmasked server frame with a payload of `len` bytes.
+fn put_header(buf: &mut BytesMut, first: u8, len: usize) {
+    buf.put_u8(first);
+    if len < 126 {
+        buf.put_u8(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        buf.put_u8(126);
+        buf.put_u16(len);
+    } else {
+        buf.put_u8(127);
+        buf.put_u64(len as u64);
+    }
+}
+
+fn put_frame(buf: &mut BytesMut, first: u8, payload: &[u8]) {
+    put_header(buf, first, payload.len());
+    buf.extend_from_slice(payload);
+}
+
+/// The close frame: the code, then its reason (SPEC §4's reasons are well under the 123 bytes
+/// a close frame has room for).
+fn put_close(buf: &mut BytesMut, code: CloseCode) {
+    let reason = code.reason().as_bytes();
+    let reason = &reason[..reason.len().min(123)];
+    put_header(buf, FIN_CLOSE, 2 + reason.len());
+    buf.put_u16(code.code());
+    buf.extend_from_slice(reason);
 }
 
 #[cfg(test)]
@@ -557,6 +657,7 @@ mod tests {
             .iter()
             .map(|o| match o {
                 Outgoing::Text(f) => f.text.to_string(),
+                Outgoing::Ready(text) => text.to_string(),
                 Outgoing::Pong(_) => "pong".into(),
             })
             .collect();
@@ -584,6 +685,82 @@ mod tests {
         assert_eq!(outbox.push_event(frame("a")), Err(Refused::Closed));
         assert!(outbox.closing().is_cancelled());
         assert!(outbox.state.lock().frames.is_empty());
+    }
+
+    /// Everything the encoder writes while frames are queued, decoded as a client would.
+    fn written(outbox: &Arc<Outbox>, options: SocketOptions) -> Vec<String> {
+        let mut encoder = OutboxEncoder::new(Arc::clone(outbox), options);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut wire = match encoder.poll_batch(&mut cx) {
+            Poll::Ready(Some(buf)) => buf,
+            other => panic!("nothing to write: {other:?}"),
+        };
+        let mut codec = Codec::new().client_mode();
+        let mut out = Vec::new();
+        while let Some(frame) = codec.decode(&mut wire).unwrap_or_else(|e| panic!("{e}")) {
+            out.push(match frame {
+                WsFrame::Text(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                WsFrame::Pong(_) => "pong".into(),
+                WsFrame::Close(reason) => format!("close {:?}", reason.map(|r| r.code)),
+                other => panic!("unexpected frame {other:?}"),
+            });
+        }
+        assert!(wire.is_empty(), "a partial frame was written");
+        out
+    }
+
+    const BATCH: SocketOptions = SocketOptions { batch: true };
+
+    #[test]
+    fn with_batch_texts_queued_together_go_out_as_one_array() {
+        let outbox = Outbox::new(10, 1000);
+        outbox.go_live(ByteString::from_static(r#"{"op":"ready"}"#));
+        for text in [r#"{"e":1}"#, r#"{"e":2}"#, r#"{"e":3}"#] {
+            outbox.push_event(frame(text)).unwrap();
+        }
+        assert_eq!(
+            written(&outbox, BATCH),
+            [r#"{"op":"ready"}"#, r#"[{"e":1},{"e":2},{"e":3}]"#]
+        );
+        assert_eq!(outbox.state.lock().bytes, 0);
+    }
+
+    #[test]
+    fn with_batch_a_lone_frame_is_not_wrapped_and_a_pong_splits_a_batch() {
+        let outbox = Outbox::new(10, 1000);
+        outbox.go_live(ByteString::from_static("{}"));
+        outbox.push_event(frame("[1]")).unwrap();
+        outbox.push_event(frame("[2]")).unwrap();
+        outbox.push_pong(Bytes::from_static(b"p")).unwrap();
+        outbox.push_event(frame("[3]")).unwrap();
+        assert_eq!(written(&outbox, BATCH), ["{}", "[[1],[2]]", "pong", "[3]"]);
+    }
+
+    #[test]
+    fn without_batch_every_text_is_a_frame_of_its_own() {
+        let outbox = Outbox::new(10, 1000);
+        outbox.go_live(ByteString::from_static("r"));
+        outbox.push_event(frame("a")).unwrap();
+        outbox.push_event(frame("b")).unwrap();
+        outbox.close(CloseCode::Normal);
+        assert_eq!(
+            written(&outbox, SocketOptions::default()),
+            ["r", "a", "b", "close Some(Normal)"]
+        );
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_size_bound_and_the_rest_follows_in_order() {
+        let big: &'static str = "x".repeat(MAX_ARRAY_BYTES / 3).leak();
+        let outbox = Outbox::new(10, 1 << 20);
+        outbox.go_live(ByteString::from_static("r"));
+        for _ in 0..4 {
+            outbox.push_event(frame(big)).unwrap();
+        }
+        let out = written(&outbox, BATCH);
+        assert_eq!(out.len(), 3, "ready, an array of two, then the rest");
+        assert_eq!(out[1], format!("[{big},{big}]"));
+        assert_eq!(out[2], format!("[{big},{big}]"));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::metrics as m;
 use crate::rate::TokenBucket;
 use crate::server::{Gateway, PendingHello, SocketGuard};
 use crate::sessions::{counted_error_frame, error_frame, SessionHandle};
-use crate::socket::{write_outbox, FrameReader, Incoming, Outbox};
+use crate::socket::{write_outbox, FrameReader, Incoming, Outbox, SocketOptions};
 
 /// The path of the client WebSocket.
 pub const WS_PATH: &str = "/v1/ws";
@@ -57,6 +57,7 @@ pub async fn upgrade(
         return respond_and_close(framed, ApiError::not_found("no such endpoint")).await;
     }
     let handshake = actix_http::ws::handshake(req.head());
+    let options = socket_options(req.uri().query());
     // The request's headers share the dispatcher's read buffer: let both go now.
     drop(req);
     let response = match handshake {
@@ -93,8 +94,20 @@ pub async fn upgrade(
     let (read, write) = parts.io.into_split();
     // Bytes the client sent right behind the request are its first frames.
     let reader = FrameReader::new(read, &parts.read_buf, gateway.config.limits.max_frame_bytes);
-    actix_rt::spawn(serve_socket(gateway, reader, write, open, pending));
+    actix_rt::spawn(serve_socket(gateway, reader, write, options, open, pending));
     Ok(())
+}
+
+/// The opt-ins a client asks for in the query of `/v1/ws` (SPEC §4): `batch=1`. Other
+/// parameters, and other values, are ignored.
+fn socket_options(query: Option<&str>) -> SocketOptions {
+    let mut options = SocketOptions::default();
+    for pair in query.unwrap_or("").split('&') {
+        if pair == "batch=1" {
+            options.batch = true;
+        }
+    }
+    options
 }
 
 /// One client socket after the upgrade: the session's reader ([`run`]) in this task and its
@@ -104,6 +117,7 @@ async fn serve_socket(
     gateway: Arc<Gateway>,
     mut reader: FrameReader,
     write: OwnedWriteHalf,
+    options: SocketOptions,
     _open: SocketGuard,
     pending: PendingHello,
 ) {
@@ -111,7 +125,7 @@ async fn serve_socket(
     let outbox = Outbox::new(limits.queue_events, limits.queue_bytes);
     // The pump is a task of its own on this thread: a delivery wakes only the pump, without
     // polling the reader's timers and socket too (which a join in one task would).
-    let pump = actix_rt::spawn(write_outbox(Arc::clone(&outbox), write));
+    let pump = actix_rt::spawn(write_outbox(Arc::clone(&outbox), write, options));
     run(gateway, Arc::clone(&outbox), &mut reader, pending).await;
     // Every way out of `run` has decided a close code; this only makes sure of it.
     outbox.close(CloseCode::Normal);

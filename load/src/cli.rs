@@ -286,6 +286,9 @@ struct TargetArgs {
     /// Connections opened at once during setup.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Connections to confab ask for batched frames (`/v1/ws?batch=1`).
+    #[arg(long)]
+    batch: bool,
     /// Results directory (default: load/results of the source tree).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -342,6 +345,7 @@ impl TargetArgs {
                 },
             },
             connect_concurrency: self.connect_concurrency,
+            batch: self.batch,
         }
     }
 
@@ -457,6 +461,10 @@ struct CompareArgs {
     queue_events: usize,
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Also run every case against confab with clients asking for batched frames
+    /// (`?batch=1`), alternating with the other two, with its own ratios to the reference.
+    #[arg(long)]
+    batch: bool,
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -531,6 +539,7 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 sweep_size: args.sweep_size,
                 sweep_fractions: args.sweep_fractions.clone(),
                 repeat: args.repeat,
+                batch: args.batch,
             };
             let client = ClientOptions {
                 connect_concurrency: args.connect_concurrency,

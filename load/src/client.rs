@@ -49,13 +49,21 @@ fn client_ws_config() -> WebSocketConfig {
 pub struct Connector {
     pub kind: ServerKind,
     endpoints: Vec<(String, SocketAddr)>,
+    /// Connections ask confab for batched frames (`/v1/ws?batch=1`, SPEC §4).
+    pub batch: bool,
 }
 
 impl Connector {
-    pub async fn new(target: &Target) -> Result<Self> {
+    /// A connector to `target`'s endpoints; with `batch`, confab connections ask for batched
+    /// frames (the reference server has no such option and is asked nothing).
+    pub async fn new(target: &Target, batch: bool) -> Result<Self> {
+        let batch = batch && target.kind == ServerKind::Confab;
         let mut endpoints = Vec::new();
         for i in 0..target.bases.len() {
-            let url = target.ws_url(i);
+            let mut url = target.ws_url(i);
+            if batch {
+                url.push_str("?batch=1");
+            }
             let host_port = crate::api::host_port(&url)?;
             let addr = tokio::net::lookup_host(&host_port)
                 .await
@@ -70,6 +78,7 @@ impl Connector {
         Ok(Connector {
             kind: target.kind,
             endpoints,
+            batch,
         })
     }
 
@@ -304,16 +313,38 @@ impl Inbox {
             .collect()
     }
 
-    /// Handles one text frame.
+    /// Handles one text frame holding one server frame (see [`Self::handle_each`] for frames
+    /// that may hold a batch).
     pub fn handle(&mut self, frame: &str, shared: &Shared) -> Received {
         let Ok(incoming) = Incoming::parse(frame) else {
             self.unreadable += 1;
             return Received::Other;
         };
+        self.handle_incoming(&incoming, shared)
+    }
+
+    /// Handles one text frame: a server frame, or a batch of them (a JSON array, `?batch=1`),
+    /// calling `each` with what each of them was, in order.
+    pub fn handle_each(&mut self, frame: &str, shared: &Shared, mut each: impl FnMut(Received)) {
+        if !frame.trim_start().starts_with('[') {
+            each(self.handle(frame, shared));
+            return;
+        }
+        match serde_json::from_str::<Vec<Incoming<'_>>>(frame) {
+            Ok(batch) => {
+                for incoming in &batch {
+                    each(self.handle_incoming(incoming, shared));
+                }
+            }
+            Err(_) => self.unreadable += 1,
+        }
+    }
+
+    fn handle_incoming(&mut self, incoming: &Incoming<'_>, shared: &Shared) -> Received {
         match incoming.op.as_ref() {
-            "event" => self.event(&incoming, shared),
+            "event" => self.event(incoming, shared),
             "ack" => Received::Ack {
-                channel: incoming.channel.map(|c| c.into_owned()),
+                channel: incoming.channel.as_ref().map(|c| c.to_string()),
                 seq: incoming.seq.unwrap_or(0),
             },
             "error" => {
@@ -436,7 +467,7 @@ pub async fn receive_loop(
             _ = stop.cancelled() => return Ended::Stopped(Box::new(ws)),
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    inbox.handle(&text, shared);
+                    inbox.handle_each(&text, shared, |_| {});
                 }
                 Some(Ok(Message::Close(close))) => {
                     Counters::bump(&shared.counters.disconnects);
@@ -520,6 +551,44 @@ mod tests {
         );
         assert_eq!(Counters::get(&shared.counters.rate_limited), 1);
         assert_eq!(inbox.resume_map(), vec![("general".to_string(), 3)]);
+    }
+
+    #[test]
+    fn a_batched_frame_is_handled_as_each_of_its_frames_in_order() {
+        let shared = Shared::default();
+        let mut inbox = Inbox::new(0, true);
+        inbox.auto_streams = true;
+        let batch = format!(
+            "[{},{},{}]",
+            message("s", 1, "a"),
+            r#"{"op":"ack","id":1,"channel":"s","seq":2,"ts":1}"#,
+            message("s", 2, "b")
+        );
+        let mut seen = Vec::new();
+        inbox.handle_each(&batch, &shared, |r| seen.push(r));
+        assert_eq!(
+            seen,
+            [
+                Received::Message {
+                    channel: "s".into(),
+                    seq: 1
+                },
+                Received::Ack {
+                    channel: Some("s".into()),
+                    seq: 2
+                },
+                Received::Message {
+                    channel: "s".into(),
+                    seq: 2
+                },
+            ]
+        );
+        assert_eq!(Counters::get(&shared.counters.delivered), 2);
+        let mut single = Vec::new();
+        inbox.handle_each(&message("s", 3, "c"), &shared, |r| single.push(r));
+        assert_eq!(single.len(), 1);
+        inbox.handle_each("[not json", &shared, |_| panic!("nothing to handle"));
+        assert_eq!(inbox.unreadable, 1);
     }
 
     #[test]

@@ -169,6 +169,8 @@ pub struct CompareParams {
     pub sweep_fractions: Vec<f64>,
     /// Runs per server and case; ratios use the medians.
     pub repeat: usize,
+    /// Also run confab with clients that ask for batched frames (`?batch=1`), as a third arm.
+    pub batch: bool,
 }
 
 /// The outcome of `compare`.
@@ -191,6 +193,16 @@ pub async fn compare(
         binary: p.confab.clone(),
         options: p.dev.clone(),
     };
+    // The runs of each case alternate over the arms: the reference, confab, and with
+    // `batch`, confab again with its clients asking for batched frames.
+    let batched = ClientOptions {
+        batch: true,
+        ..client.clone()
+    };
+    let mut arms = vec![(&reference, client), (&confab, client)];
+    if p.batch {
+        arms.push((&confab, &batched));
+    }
     let mut reports = Vec::new();
     let mut ratios = Vec::new();
     let mut reference_max_rate = Vec::new();
@@ -207,60 +219,48 @@ pub async fn compare(
                 window: p.window,
                 ..FanoutParams::default()
             };
-            // Reference and confab alternate, so both see the same drift in what else the
-            // shared machine is doing; each figure is the median of `repeat` runs.
-            let (r_max, c_max) = alternate(
-                &reference,
-                &confab,
-                client,
-                out,
-                &base,
-                repeat,
-                &mut reports,
-            )
-            .await?;
-            let r_max = median_by(&r_max, |r| r.delivered_per_s);
-            let c_max = median_by(&c_max, |r| r.delivered_per_s);
-            let half = c_max.published_per_s / 2.0;
-            let mut fixed = None;
+            // The arms alternate, so all see the same drift in what else the shared machine
+            // is doing; each figure is the median of `repeat` runs.
+            let max_runs = alternate(&arms, out, &base, repeat, &mut reports).await?;
+            let max: Vec<RunReport> = max_runs
+                .iter()
+                .map(|runs| median_by(runs, |r| r.delivered_per_s))
+                .collect();
+            let half = max[1].published_per_s / 2.0;
+            let mut at_half = None;
             if half >= 1.0 {
-                let at_half = FanoutParams {
+                let params = FanoutParams {
                     rate: Some(half.round()),
                     ..base.clone()
                 };
-                let (r_half, c_half) = alternate(
-                    &reference,
-                    &confab,
-                    client,
-                    out,
-                    &at_half,
-                    repeat,
-                    &mut reports,
-                )
-                .await?;
-                fixed = Some((
-                    median_by(&c_half, |r| r.latency.p99_ms),
-                    median_by(&r_half, |r| r.latency.p99_ms),
-                ));
+                let half_runs = alternate(&arms, out, &params, repeat, &mut reports).await?;
+                at_half = Some(
+                    half_runs
+                        .iter()
+                        .map(|runs| median_by(runs, |r| r.latency.p99_ms))
+                        .collect::<Vec<_>>(),
+                );
             }
-            let case = format!("S={subscribers} {size}B");
-            let ratio = Ratio::of(
-                &case,
-                &c_max,
-                &r_max,
-                fixed.as_ref().map(|(c, r)| (c, r)),
-                repeat,
-            );
-            println!(
-                "ratio {case} (medians of {repeat}): delivered/s confab÷reference {:.2}, p99 at half confab max {}",
-                ratio.throughput,
-                ratio
-                    .p99_at_same_rate
-                    .map(|v| format!("{v:.2}"))
-                    .unwrap_or_else(|| "n/a".into())
-            );
-            ratios.push(ratio);
-            reference_max_rate.push(((subscribers, size), r_max.published_per_s));
+            for (arm, (_, arm_client)) in arms.iter().enumerate().skip(1) {
+                let case = fanout::with_batch(format!("S={subscribers} {size}B"), arm_client.batch);
+                let ratio = Ratio::of(
+                    &case,
+                    &max[arm],
+                    &max[0],
+                    at_half.as_ref().map(|h| (&h[arm], &h[0])),
+                    repeat,
+                );
+                println!(
+                    "ratio {case} (medians of {repeat}): delivered/s confab÷reference {:.2}, p99 at half confab max {}",
+                    ratio.throughput,
+                    ratio
+                        .p99_at_same_rate
+                        .map(|v| format!("{v:.2}"))
+                        .unwrap_or_else(|| "n/a".into())
+                );
+                ratios.push(ratio);
+            }
+            reference_max_rate.push(((subscribers, size), max[0].published_per_s));
         }
     }
 
@@ -328,28 +328,26 @@ pub async fn compare(
     })
 }
 
-/// Runs `params` `repeat` times against each server, alternating; every run goes into
-/// `all` (tagged with its repeat), the per-server lists are returned.
+/// Runs `params` `repeat` times against each arm (a server and the client options to reach
+/// it with), alternating; every run goes into `all` (tagged with its repeat), and the runs of
+/// each arm are returned, in the order of `arms`.
 async fn alternate(
-    reference: &TargetSpec,
-    confab: &TargetSpec,
-    client: &ClientOptions,
+    arms: &[(&TargetSpec, &ClientOptions)],
     out: &Output,
     params: &FanoutParams,
     repeat: usize,
     all: &mut Vec<RunReport>,
-) -> Result<(Vec<RunReport>, Vec<RunReport>)> {
-    let mut r_runs = Vec::new();
-    let mut c_runs = Vec::new();
+) -> Result<Vec<Vec<RunReport>>> {
+    let mut runs = vec![Vec::new(); arms.len()];
     for k in 0..repeat {
-        for (spec, runs) in [(reference, &mut r_runs), (confab, &mut c_runs)] {
+        for ((spec, client), runs) in arms.iter().zip(runs.iter_mut()) {
             let mut report = fanout_once(spec, client, out, params, "fanout").await?;
             report.extra.insert("repeat".into(), k as f64);
             all.push(report.clone());
             runs.push(report);
         }
     }
-    Ok((r_runs, c_runs))
+    Ok(runs)
 }
 
 /// The run with the median value of `key` (the lower middle for an even count).

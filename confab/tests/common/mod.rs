@@ -725,6 +725,23 @@ impl DevServer {
         Client::handshake(self.ws_url(), stream).await
     }
 
+    /// A WebSocket connected to `/v1/ws?<query>` that has said nothing yet; with
+    /// `small_receive_buffer`, its receive buffer is as small as in
+    /// [`Self::connect_with_small_receive_buffer`].
+    pub async fn connect_with_query(&self, query: &str, small_receive_buffer: bool) -> Client {
+        let socket = TcpSocket::new_v4().expect("tcp socket");
+        if small_receive_buffer {
+            socket
+                .set_recv_buffer_size(1024)
+                .expect("set receive buffer size");
+        }
+        let stream = tokio::time::timeout(WAIT, socket.connect(self.addr))
+            .await
+            .expect("tcp connect timed out")
+            .expect("tcp connect");
+        Client::handshake(format!("{}?{query}", self.ws_url()), stream).await
+    }
+
     /// A session of `user` of `demo`, past `ready`.
     pub async fn client(&self, user: &str) -> Client {
         self.client_in(DEMO, user).await

@@ -150,11 +150,13 @@ async fn chat_user(
             _ = stop.cancelled() => break Ended::Stopped(Box::new(ws)),
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    if let Received::Ack { channel: Some(channel), seq } = inbox.handle(&text, &shared) {
-                        Counters::bump(&shared.counters.published);
-                        let max = acked.entry(channel).or_insert(0);
-                        *max = (*max).max(seq);
-                    }
+                    inbox.handle_each(&text, &shared, |received| {
+                        if let Received::Ack { channel: Some(channel), seq } = received {
+                            Counters::bump(&shared.counters.published);
+                            let max = acked.entry(channel).or_insert(0);
+                            *max = (*max).max(seq);
+                        }
+                    });
                 }
                 Some(Ok(Message::Close(close))) => {
                     Counters::bump(&shared.counters.disconnects);

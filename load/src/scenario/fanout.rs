@@ -76,6 +76,15 @@ impl FanoutParams {
     }
 }
 
+/// A case's label, marked when its connections asked for batched frames (`?batch=1`).
+pub fn with_batch(case: String, batch: bool) -> String {
+    if batch {
+        format!("{case} batch=1")
+    } else {
+        case
+    }
+}
+
 /// The closed-loop gate of max-rate publishing, shared by every publisher of a run.
 #[derive(Debug)]
 pub struct Gate {
@@ -153,7 +162,7 @@ pub async fn publisher(
             biased;
             _ = stop.cancelled() => break,
             frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => match inbox.handle(&text, &shared) {
+                Some(Ok(Message::Text(text))) => inbox.handle_each(&text, &shared, |received| match received {
                     Received::Ack { seq, .. } => {
                         result.acked += 1;
                         result.final_seq = result.final_seq.max(seq);
@@ -180,7 +189,7 @@ pub async fn publisher(
                         }
                     }
                     _ => {}
-                },
+                }),
                 Some(Ok(Message::Close(close))) => {
                     let code = close.map(|c| u16::from(c.code)).unwrap_or(1005);
                     result.lost = Some(format!("publisher closed by the server with {code}"));
@@ -493,7 +502,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
     let measured = before.until(&after);
     let mut report = RunReport {
         scenario: scenario.to_string(),
-        case: p.case(),
+        case: with_batch(p.case(), ctx.connector.batch),
         server: ctx.kind(),
         target: ctx.target.label.clone(),
         params: serde_json::to_value(p).unwrap_or_default(),

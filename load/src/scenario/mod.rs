@@ -37,6 +37,8 @@ pub struct ClientOptions {
     pub tokens: TokenSource,
     /// Connections opened at the same time during setup.
     pub connect_concurrency: usize,
+    /// Connections to confab ask for batched frames (`?batch=1`).
+    pub batch: bool,
 }
 
 impl Default for ClientOptions {
@@ -47,6 +49,7 @@ impl Default for ClientOptions {
                 secret: "dev-secret".into(),
             },
             connect_concurrency: 64,
+            batch: false,
         }
     }
 }
@@ -69,7 +72,7 @@ impl RunContext {
         for base in &target.bases {
             crate::api::check_reachable(base).await?;
         }
-        let connector = Connector::new(&target).await?;
+        let connector = Connector::new(&target, options.batch).await?;
         let api = match target.kind {
             ServerKind::Confab => Some(Api::new(
                 &target.bases[0],
