@@ -65,6 +65,11 @@ thread_cpu() { # pid
         sort -k2 -nr | head -n 6 | tr '\n' ';'
 }
 
+# CPU seconds a process has used since it started.
+proc_cpu() { # pid
+    sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{printf "%.2f", ($12 + $13) / 100}'
+}
+
 # One deployment: start it, run the fanout through it, stop it. $1: the cell's actor threads
 # (empty: the cell's default).
 deployment() {
@@ -129,6 +134,7 @@ deployment() {
         --server-pid "${gateway_pids[0]}" --server-pid "${gateway_pids[1]}" --server-pid "$cell_pid" \
         --server-pid "$redis_dir_pid" --server-pid "$redis_store_pid" \
         "${pin_args[@]}" "$@" || status=$?
+    echo "run-distributed: CPU s by process (life so far): gateways $(proc_cpu "${gateway_pids[0]}") $(proc_cpu "${gateway_pids[1]}"), cell $(proc_cpu "$cell_pid"), directory Redis $(proc_cpu "$redis_dir_pid"), store Redis $(proc_cpu "$redis_store_pid")"
     echo "run-distributed: cell CPU s by thread (actor threads: ${actor_threads:-default}): $(thread_cpu "$cell_pid")"
     cleanup
     return $status

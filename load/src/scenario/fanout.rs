@@ -144,6 +144,10 @@ pub struct PublisherSpec {
     pub size: usize,
     /// This publisher's rate in messages/s; `None`: as the gate allows.
     pub rate: Option<f64>,
+    /// Max rate: most sends of this publisher not yet acked. With many publishers on one
+    /// gateway, the shared gate alone could let their sum pass the bound a link keeps on
+    /// requests in flight (and have sends refused).
+    pub max_unacked: Option<u64>,
 }
 
 /// What a publisher did.
@@ -248,6 +252,10 @@ pub async fn publisher(
                     }
                     (None, Some(gate)) => gate.allowance(Counters::get(&shared.counters.delivered)),
                     (None, None) => 1,
+                };
+                let due = match spec.max_unacked {
+                    Some(max) => due.min(max.saturating_sub(result.sent.saturating_sub(result.acked + result.refused))),
+                    None => due,
                 };
                 let due = due.min(MAX_BURST);
                 if due == 0 {
@@ -467,6 +475,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
             user: publishers[j].clone(),
             size: p.size,
             rate: per_publisher,
+            max_unacked: (k > 1).then_some(p.window),
         };
         pub_tasks.push(tokio::spawn(publisher(
             ws,
