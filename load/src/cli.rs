@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::TokenSource;
+use crate::pin::{self, Pin};
 use crate::reference::{ReferenceConfig, DEFAULT_QUEUE};
 use crate::report::{default_results_dir, Output, RunReport};
 use crate::scenario::chat::{self, ChatParams};
@@ -15,7 +16,7 @@ use crate::scenario::idle::{self, IdleParams};
 use crate::scenario::storm::{self, StormParams};
 use crate::scenario::webhooks::{self, WebhookParams};
 use crate::scenario::ClientOptions;
-use crate::suite::{self, CompareParams};
+use crate::suite::{self, CompareParams, ScaleParams};
 use crate::target::{DevOptions, ServerKind, TargetSpec};
 
 #[derive(Debug, Parser)]
@@ -64,6 +65,10 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// CPU per delivered event at the same deliveries/s from few to many connections (channels
+    /// of --channel-size subscribers), a fresh `confab dev` per run; prints each point's ratio
+    /// to the smallest.
+    Scale(ScaleArgs),
     /// Measures unit costs (RSS per connection, CPU per event, Redis commands, bytes and CPU
     /// per event, per presence change and per session-second, link bytes per event) on a
     /// local distributed deployment and projects them to 1M and 10M users: the inputs of
@@ -73,6 +78,53 @@ enum Command {
     /// their Redis servers): the pause the moving workspace sees, the move's total time, and
     /// the p99 of a workspace beside it before and during the move.
     Move(MoveArgs),
+}
+
+/// `--pin[=SERVER:CLIENT]`: servers on SERVER's CPUs, this process on CLIENT's (default 0:1).
+#[derive(Debug, Clone, Args)]
+struct PinArgs {
+    /// Pin the server started here to SERVER's CPUs and the load generator's threads to
+    /// CLIENT's (CPU lists as taskset writes them: 0, 0-1, 0,2). Alone: 0:1.
+    #[arg(long, value_name = "SERVER:CLIENT", num_args = 0..=1, default_missing_value = "0:1")]
+    pin: Option<Pin>,
+}
+
+#[derive(Debug, Args)]
+struct ScaleArgs {
+    /// The confab binary, started as `confab dev` for each run.
+    #[arg(long)]
+    confab: PathBuf,
+    /// Subscriber connections per point.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1000,2000,5000,10000,15000"
+    )]
+    connections: Vec<usize>,
+    /// Subscribers per channel.
+    #[arg(long, default_value_t = 1000)]
+    channel_size: usize,
+    /// Offered deliveries per second, each a curve; 0 is max rate.
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    deliveries: Vec<f64>,
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Seconds of publishing per run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 64)]
+    window: u64,
+    /// Runs per point.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    #[command(flatten)]
+    pin: PinArgs,
+    #[arg(long, default_value_t = 1_000_000)]
+    client_rate: u32,
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +341,8 @@ struct TargetArgs {
     /// Connections to confab ask for batched frames (`/v1/ws?batch=1`).
     #[arg(long)]
     batch: bool,
+    #[command(flatten)]
+    pin: PinArgs,
     /// Results directory (default: load/results of the source tree).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -311,17 +365,25 @@ impl TargetArgs {
         let reference = ReferenceConfig {
             queue: self.queue_events,
         };
+        let cpus = self.pin.pin.as_ref().map(|p| p.server.clone());
+        if cpus.is_some() && (self.in_process_reference || !self.targets.is_empty()) {
+            eprintln!("--pin: only this process is pinned; servers it does not start run where they were started");
+        }
         Ok(if let Some(binary) = &self.spawn_dev {
             TargetSpec::SpawnDev {
                 binary: binary.clone(),
                 options: DevOptions {
                     client_rate: self.client_rate,
                     queue_events: self.queue_events,
+                    cpus,
                     ..DevOptions::default()
                 },
             }
         } else if self.spawn_reference {
-            TargetSpec::SpawnReference(reference)
+            TargetSpec::SpawnReference {
+                config: reference,
+                cpus,
+            }
         } else if self.in_process_reference {
             TargetSpec::InProcessReference(reference)
         } else {
@@ -365,8 +427,12 @@ struct FanoutArgs {
     /// Text sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100")]
     sizes: Vec<usize>,
+    /// Publishers (at least one per channel).
     #[arg(long, default_value_t = 1)]
     publishers: usize,
+    /// Channels the subscribers and publishers are spread over (confab only).
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
     /// Seconds of publishing per run.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -384,6 +450,7 @@ impl FanoutArgs {
                     out.push(FanoutParams {
                         subscribers,
                         publishers: self.publishers.max(1),
+                        channels: self.channels.max(1),
                         rate: (rate > 0.0).then_some(rate),
                         size,
                         duration: secs(self.duration),
@@ -455,6 +522,14 @@ struct CompareArgs {
     /// Runs per server and case, alternating; ratios use the medians.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Also run both servers at these fixed deliveries/s (messages/s × subscribers).
+    #[arg(long, value_delimiter = ',')]
+    fixed_deliveries: Vec<f64>,
+    /// Skip the runs at half of confab's max rate.
+    #[arg(long)]
+    no_half: bool,
+    #[command(flatten)]
+    pin: PinArgs,
     #[arg(long, default_value_t = 1_000_000)]
     client_rate: u32,
     #[arg(long, default_value_t = DEFAULT_QUEUE)]
@@ -478,6 +553,31 @@ fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
+impl Command {
+    /// The `--pin` of the command, if it takes one and was given it.
+    fn pin(&self) -> Option<&Pin> {
+        match self {
+            Command::Compare(args) => args.pin.pin.as_ref(),
+            Command::Scale(args) => args.pin.pin.as_ref(),
+            Command::Run { scenario } => scenario.target().pin.pin.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+impl Scenario {
+    fn target(&self) -> &TargetArgs {
+        match self {
+            Scenario::Fanout { target, .. }
+            | Scenario::Chat { target, .. }
+            | Scenario::Idle { target, .. }
+            | Scenario::Storm { target, .. }
+            | Scenario::Distributed { target, .. }
+            | Scenario::Webhooks { target, .. } => target,
+        }
+    }
+}
+
 /// Parses the command line, runs the command, and returns the process exit code.
 pub fn main() -> Result<std::process::ExitCode> {
     let cli = Cli::parse();
@@ -487,10 +587,31 @@ pub fn main() -> Result<std::process::ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let pinned = cli.command.pin().cloned();
+    if let Some(pin) = &pinned {
+        // Before the runtime exists, so that every thread it starts inherits the pinning; each
+        // also pins itself when it starts, whichever thread started it.
+        pin.check_available()?;
+        pin::pin_current_thread(&pin.client)?;
+        let client = pin.client.clone();
+        builder
+            .worker_threads(pin.client.len())
+            .on_thread_start(move || {
+                if let Err(e) = pin::pin_current_thread(&client) {
+                    eprintln!("confab-load: pinning a runtime thread: {e:#}");
+                }
+            });
+    }
+    let runtime = builder.build().context("starting the tokio runtime")?;
+    if let Some(pin) = &pinned {
+        let threads = pin::verify_process(std::process::id(), &pin.client)?;
+        println!(
+            "pinned: servers started here on CPUs {}, this load generator on CPUs {} ({threads} threads)",
+            pin.server, pin.client
+        );
+    }
     runtime.block_on(run(cli.command))
 }
 
@@ -540,6 +661,9 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 sweep_fractions: args.sweep_fractions.clone(),
                 repeat: args.repeat,
                 batch: args.batch,
+                fixed_deliveries: args.fixed_deliveries.clone(),
+                half: !args.no_half,
+                pin: args.pin.pin.clone(),
             };
             let client = ClientOptions {
                 connect_concurrency: args.connect_concurrency,
@@ -554,6 +678,46 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 &comparison.ratios,
             )?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Scale(args) => {
+            crate::scenario::raise_nofile(u64::MAX)?;
+            let out = Output::new(&args.out.clone().unwrap_or_else(default_results_dir))?;
+            let params = ScaleParams {
+                confab: args.confab.clone(),
+                dev: DevOptions {
+                    client_rate: args.client_rate,
+                    cpus: args.pin.pin.as_ref().map(|p| p.server.clone()),
+                    ..DevOptions::default()
+                },
+                connections: args.connections.clone(),
+                channel_size: args.channel_size.max(1),
+                deliveries: args.deliveries.clone(),
+                size: args.size,
+                duration: secs(args.duration),
+                window: args.window,
+                repeat: args.repeat.max(1),
+            };
+            let client = ClientOptions {
+                connect_concurrency: args.connect_concurrency,
+                ..ClientOptions::default()
+            };
+            let (reports, points) = suite::scale(&params, &client, &out).await?;
+            suite::write_results_with(
+                &out,
+                "scale",
+                &command_line(),
+                &reports,
+                &[],
+                &suite::scale_table(&points),
+            )?;
+            out.json("scale-points", &points)?;
+            let failed = reports.iter().filter(|r| !r.failures.is_empty()).count();
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{failed} run(s) failed their delivery checks");
+                ExitCode::FAILURE
+            })
         }
         Command::Chaos(args) => {
             crate::scenario::raise_nofile(65_536)?;

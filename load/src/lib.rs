@@ -14,10 +14,12 @@
 //! - [`stats`]: latency histograms (HDR) and the run's counters.
 //! - [`scenario`]: fanout, chat mix, idle, reconnect storm (and distributed, as fanout over
 //!   several gateways).
-//! - [`suite`]: `compare` (reference vs confab, back to back, with ratios and a plot) and
-//!   `smoke` (every scenario, small, for CI).
+//! - [`suite`]: `compare` (reference vs confab, back to back, with ratios and a plot),
+//!   `scale` (CPU per delivery from few to many connections) and `smoke` (every scenario,
+//!   small, for CI).
 //! - [`target`]: the server under load, started here (`confab dev`, the reference server) or
-//!   already running; [`procfs`] reads its CPU time and RSS.
+//!   already running; [`procfs`] reads its CPU time and RSS; [`pin`] puts it and the load
+//!   generator on separate cores (`--pin`).
 //! - [`api`]: tokens and channel setup over confab's HTTP API.
 //! - [`capacity`]: unit costs measured on a local distributed deployment, and the capacity
 //!   model of `docs/capacity.md` built from them.
@@ -35,6 +37,7 @@ pub mod cli;
 pub mod client;
 pub mod moving;
 pub mod payload;
+pub mod pin;
 pub mod plot;
 pub mod procfs;
 pub mod progress;

@@ -250,6 +250,33 @@ pub struct Ratio {
     pub cpu_per_event: Option<f64>,
     /// confab peak RSS ÷ the reference's.
     pub peak_rss: Option<f64>,
+    /// Both servers at fixed delivery rates (`compare --fixed-deliveries`).
+    pub fixed: Vec<FixedRatio>,
+}
+
+/// confab against the reference at one fixed delivery rate (medians of the runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct FixedRatio {
+    /// Offered deliveries per second (messages/s × subscribers).
+    pub deliveries_per_s: f64,
+    pub confab_p99_ms: f64,
+    pub reference_p99_ms: f64,
+    /// confab p99 ÷ reference p99.
+    pub p99: Option<f64>,
+    /// confab server CPU per delivered event ÷ the reference's, at this rate.
+    pub cpu_per_event: Option<f64>,
+}
+
+impl FixedRatio {
+    pub fn of(deliveries_per_s: f64, confab: &RunReport, reference: &RunReport) -> Self {
+        FixedRatio {
+            deliveries_per_s,
+            confab_p99_ms: confab.latency.p99_ms,
+            reference_p99_ms: reference.latency.p99_ms,
+            p99: div(Some(confab.latency.p99_ms), Some(reference.latency.p99_ms)),
+            cpu_per_event: div(confab.cpu_s_per_million(), reference.cpu_s_per_million()),
+        }
+    }
 }
 
 fn div(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -285,6 +312,7 @@ impl Ratio {
                 confab_max.server_usage.map(|u| u.peak_rss_kib as f64),
                 reference_max.server_usage.map(|u| u.peak_rss_kib as f64),
             ),
+            fixed: Vec::new(),
         }
     }
 }
@@ -306,6 +334,25 @@ pub fn ratio_table(ratios: &[Ratio]) -> String {
             opt(r.cpu_per_event),
             opt(r.peak_rss)
         );
+    }
+    if ratios.iter().any(|r| !r.fixed.is_empty()) {
+        out.push_str(
+            "\n| case | fixed deliveries/s | confab p99 ms | reference p99 ms | p99 confab÷reference | server CPU per event confab÷reference |\n|---|---:|---:|---:|---:|---:|\n",
+        );
+        for r in ratios {
+            for f in &r.fixed {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.2} | {:.2} | {} | {} |",
+                    r.case,
+                    fmt_num(f.deliveries_per_s),
+                    f.confab_p99_ms,
+                    f.reference_p99_ms,
+                    opt(f.p99),
+                    opt(f.cpu_per_event)
+                );
+            }
+        }
     }
     out
 }
@@ -409,6 +456,22 @@ mod tests {
         assert_eq!(ratio.cpu_per_event, Some(2.0));
         assert_eq!(ratio.peak_rss, Some(1.0));
         assert!(ratio_table(&[ratio]).contains("| S=10 | 1 | 0.50 | 2.00 | 2.00 | 1.00 |"));
+    }
+
+    #[test]
+    fn fixed_rate_ratios_get_a_table_of_their_own() {
+        let c = report(ServerKind::Confab, 100.0, 3.0, 3.0);
+        let r = report(ServerKind::Reference, 100.0, 2.0, 2.0);
+        let mut ratio = Ratio::of("S=10", &c, &r, None, 1);
+        assert!(!ratio_table(std::slice::from_ref(&ratio)).contains("fixed deliveries/s"));
+        ratio.fixed.push(FixedRatio::of(100_000.0, &c, &r));
+        assert_eq!(ratio.fixed[0].p99, Some(1.5));
+        assert_eq!(ratio.fixed[0].cpu_per_event, Some(1.5));
+        let table = ratio_table(&[ratio]);
+        assert!(
+            table.contains("| S=10 | 100,000 | 3.00 | 2.00 | 1.50 | 1.50 |"),
+            "{table}"
+        );
     }
 
     #[test]

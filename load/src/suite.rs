@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::pin::Pin;
 use crate::plot::{self, Series};
 use crate::reference::ReferenceConfig;
-use crate::report::{markdown_table, ratio_table, Output, Ratio, RunReport};
+use crate::report::{fmt_num, markdown_table, ratio_table, FixedRatio, Output, Ratio, RunReport};
 use crate::scenario::chat::{self, ChatParams};
 use crate::scenario::fanout::{self, FanoutParams};
 use crate::scenario::idle::{self, IdleParams};
@@ -26,6 +27,8 @@ pub struct Machine {
     pub cpu_model: String,
     pub mem_total_kib: u64,
     pub kernel: String,
+    /// The CPUs this load generator may run on (all of them unless `--pin`).
+    pub loadgen_cpus: String,
 }
 
 impl Machine {
@@ -33,9 +36,12 @@ impl Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         Machine {
-            cpus: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(0),
+            // Counted from /proc/cpuinfo: available_parallelism would count only the CPUs
+            // this process is pinned to.
+            cpus: cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("processor"))
+                .count(),
             cpu_model: cpuinfo
                 .lines()
                 .find(|l| l.starts_with("model name"))
@@ -51,16 +57,20 @@ impl Machine {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
+            loadgen_cpus: crate::pin::current_thread_cores()
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
         }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "{} CPUs ({}), {:.1} GiB RAM, Linux {}",
+            "{} CPUs ({}), {:.1} GiB RAM, Linux {}; load generator on CPUs {}",
             self.cpus,
             self.cpu_model,
             self.mem_total_kib as f64 / 1024.0 / 1024.0,
-            self.kernel
+            self.kernel,
+            self.loadgen_cpus
         )
     }
 }
@@ -129,6 +139,18 @@ pub fn write_results(
     reports: &[RunReport],
     ratios: &[Ratio],
 ) -> Result<()> {
+    write_results_with(out, name, command, reports, ratios, "")
+}
+
+/// [`write_results`] with more Markdown after the tables.
+pub fn write_results_with(
+    out: &Output,
+    name: &str,
+    command: &str,
+    reports: &[RunReport],
+    ratios: &[Ratio],
+    more_markdown: &str,
+) -> Result<()> {
     let results = Results {
         command: command.to_string(),
         machine: Machine::read(),
@@ -144,6 +166,10 @@ pub fn write_results(
     if !ratios.is_empty() {
         md.push('\n');
         md.push_str(&ratio_table(ratios));
+    }
+    if !more_markdown.is_empty() {
+        md.push('\n');
+        md.push_str(more_markdown);
     }
     let md_path = out.markdown(name, &md)?;
     println!("\n{md}");
@@ -169,6 +195,14 @@ pub struct CompareParams {
     pub sweep_fractions: Vec<f64>,
     /// Runs per server and case; ratios use the medians.
     pub repeat: usize,
+    /// Both servers also at these fixed delivery rates (deliveries/s = messages/s ×
+    /// subscribers), each case.
+    pub fixed_deliveries: Vec<f64>,
+    /// Whether to run both at half of confab's max rate (the classic fixed-rate point).
+    pub half: bool,
+    /// Servers on `pin.server`; the load generator (already pinned by the caller) on
+    /// `pin.client`.
+    pub pin: Option<Pin>,
     /// Also run confab with clients that ask for batched frames (`?batch=1`), as a third arm.
     pub batch: bool,
 }
@@ -188,10 +222,17 @@ pub async fn compare(
     client: &ClientOptions,
     out: &Output,
 ) -> Result<Comparison> {
-    let reference = TargetSpec::SpawnReference(p.reference);
+    let cpus = p.pin.as_ref().map(|pin| pin.server.clone());
+    let reference = TargetSpec::SpawnReference {
+        config: p.reference,
+        cpus: cpus.clone(),
+    };
     let confab = TargetSpec::SpawnDev {
         binary: p.confab.clone(),
-        options: p.dev.clone(),
+        options: DevOptions {
+            cpus,
+            ..p.dev.clone()
+        },
     };
     // The runs of each case alternate over the arms: the reference, confab, and with
     // `batch`, confab again with its clients asking for batched frames.
@@ -221,35 +262,50 @@ pub async fn compare(
             };
             // The arms alternate, so all see the same drift in what else the shared machine
             // is doing; each figure is the median of `repeat` runs.
-            let max_runs = alternate(&arms, out, &base, repeat, &mut reports).await?;
-            let max: Vec<RunReport> = max_runs
+            let max: Vec<RunReport> = alternate(&arms, out, &base, repeat, &mut reports)
+                .await?
                 .iter()
                 .map(|runs| median_by(runs, |r| r.delivered_per_s))
                 .collect();
             let half = max[1].published_per_s / 2.0;
             let mut at_half = None;
-            if half >= 1.0 {
+            if p.half && half >= 1.0 {
                 let params = FanoutParams {
                     rate: Some(half.round()),
                     ..base.clone()
                 };
-                let half_runs = alternate(&arms, out, &params, repeat, &mut reports).await?;
-                at_half = Some(
-                    half_runs
-                        .iter()
-                        .map(|runs| median_by(runs, |r| r.latency.p99_ms))
-                        .collect::<Vec<_>>(),
-                );
+                at_half = Some(p99_medians(&arms, out, &params, repeat, &mut reports).await?);
+            }
+            let mut at_fixed = Vec::new();
+            for &deliveries in &p.fixed_deliveries {
+                let params = FanoutParams {
+                    rate: Some(base.rate_for_deliveries(deliveries)),
+                    ..base.clone()
+                };
+                let p99 = p99_medians(&arms, out, &params, repeat, &mut reports).await?;
+                at_fixed.push((deliveries, p99));
             }
             for (arm, (_, arm_client)) in arms.iter().enumerate().skip(1) {
                 let case = fanout::with_batch(format!("S={subscribers} {size}B"), arm_client.batch);
-                let ratio = Ratio::of(
+                let mut ratio = Ratio::of(
                     &case,
                     &max[arm],
                     &max[0],
                     at_half.as_ref().map(|h| (&h[arm], &h[0])),
                     repeat,
                 );
+                ratio.fixed = at_fixed
+                    .iter()
+                    .map(|(deliveries, p99)| FixedRatio::of(*deliveries, &p99[arm], &p99[0]))
+                    .collect();
+                for f in &ratio.fixed {
+                    println!(
+                        "ratio {case} at {} deliveries/s (medians of {repeat}): p99 confab {:.2} ms, reference {:.2} ms",
+                        fmt_num(f.deliveries_per_s),
+                        f.confab_p99_ms,
+                        f.reference_p99_ms
+                    );
+                }
                 println!(
                     "ratio {case} (medians of {repeat}): delivered/s confab÷reference {:.2}, p99 at half confab max {}",
                     ratio.throughput,
@@ -350,11 +406,192 @@ async fn alternate(
     Ok(runs)
 }
 
+/// Each arm's run with the median p99 of [`alternate`] at a fixed rate.
+async fn p99_medians(
+    arms: &[(&TargetSpec, &ClientOptions)],
+    out: &Output,
+    params: &FanoutParams,
+    repeat: usize,
+    all: &mut Vec<RunReport>,
+) -> Result<Vec<RunReport>> {
+    Ok(alternate(arms, out, params, repeat, all)
+        .await?
+        .iter()
+        .map(|runs| median_by(runs, |r| r.latency.p99_ms))
+        .collect())
+}
+
 /// The run with the median value of `key` (the lower middle for an even count).
 pub fn median_by(runs: &[RunReport], key: impl Fn(&RunReport) -> f64) -> RunReport {
     let mut sorted: Vec<&RunReport> = runs.iter().collect();
     sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
     sorted[(sorted.len() - 1) / 2].clone()
+}
+
+/// Parameters of `scale`: the same deliveries per second at growing connection counts.
+#[derive(Debug, Clone)]
+pub struct ScaleParams {
+    pub confab: PathBuf,
+    pub dev: DevOptions,
+    /// Subscriber connections per point (publishers, one per channel, come on top).
+    pub connections: Vec<usize>,
+    /// Subscribers per channel: N connections make ⌈N ÷ this⌉ channels.
+    pub channel_size: usize,
+    /// Offered deliveries per second; 0 is max rate.
+    pub deliveries: Vec<f64>,
+    pub size: usize,
+    pub duration: Duration,
+    pub window: u64,
+    /// Runs per point; rounds alternate between ascending and descending order.
+    pub repeat: usize,
+}
+
+impl ScaleParams {
+    /// The fanout run of `connections` subscribers at `deliveries` per second (0: max).
+    pub fn case(&self, connections: usize, deliveries: f64) -> FanoutParams {
+        let channels = connections.div_ceil(self.channel_size.max(1)).max(1);
+        let base = FanoutParams {
+            subscribers: connections,
+            channels,
+            publishers: channels,
+            rate: None,
+            size: self.size,
+            duration: self.duration,
+            window: self.window,
+            ..FanoutParams::default()
+        };
+        FanoutParams {
+            rate: (deliveries > 0.0).then(|| base.rate_for_deliveries(deliveries)),
+            ..base
+        }
+    }
+
+    /// The order of round `round`: ascending, then descending, and so on, so that drift in
+    /// what else the machine does spreads over both ends of the curve.
+    pub fn order(&self, round: usize) -> Vec<usize> {
+        let mut order = self.connections.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        order
+    }
+}
+
+/// One point of the scale curve (medians over its runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalePoint {
+    /// Offered deliveries/s; `None` for max rate.
+    pub deliveries_per_s: Option<f64>,
+    pub connections: usize,
+    pub channels: usize,
+    pub runs: usize,
+    pub delivered_per_s: f64,
+    /// Server CPU µs per delivered event, the median run's.
+    pub cpu_us_per_event: Option<f64>,
+    /// `cpu_us_per_event` ÷ that of the first (smallest) connection count.
+    pub vs_first: Option<f64>,
+    pub p99_ms: f64,
+    pub failed_runs: usize,
+}
+
+/// Builds the points of one delivery rate from its runs (in `p.connections` order).
+pub fn scale_points(
+    p: &ScaleParams,
+    deliveries: f64,
+    runs: &[(usize, RunReport)],
+) -> Vec<ScalePoint> {
+    let mut points: Vec<ScalePoint> = Vec::new();
+    for &n in &p.connections {
+        let mine: Vec<RunReport> = runs
+            .iter()
+            .filter(|(c, _)| *c == n)
+            .map(|(_, r)| r.clone())
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let median = median_by(&mine, |r| r.cpu_s_per_million().unwrap_or(f64::NAN));
+        let cpu = median.cpu_s_per_million();
+        let first = points.first().and_then(|f| f.cpu_us_per_event);
+        points.push(ScalePoint {
+            deliveries_per_s: (deliveries > 0.0).then_some(deliveries),
+            connections: n,
+            channels: p.case(n, deliveries).channel_count(),
+            runs: mine.len(),
+            delivered_per_s: median.delivered_per_s,
+            cpu_us_per_event: cpu,
+            vs_first: match (cpu, first) {
+                (Some(c), Some(f)) if f > 0.0 => Some(c / f),
+                (Some(_), None) => Some(1.0),
+                _ => None,
+            },
+            p99_ms: median.latency.p99_ms,
+            failed_runs: mine.iter().filter(|r| !r.failures.is_empty()).count(),
+        });
+    }
+    points
+}
+
+/// The Markdown table of a scale curve.
+pub fn scale_table(points: &[ScalePoint]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "| offered deliveries/s | connections | channels | runs | delivered ev/s | server CPU µs per delivery | ÷ smallest N | p99 ms | failed runs |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let opt = |v: Option<f64>, digits: usize| {
+        v.map(|v| format!("{v:.digits$}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    for pt in points {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            pt.deliveries_per_s
+                .map(fmt_num)
+                .unwrap_or_else(|| "max".into()),
+            fmt_num(pt.connections as f64),
+            pt.channels,
+            pt.runs,
+            fmt_num(pt.delivered_per_s),
+            opt(pt.cpu_us_per_event, 3),
+            opt(pt.vs_first, 2),
+            pt.p99_ms,
+            pt.failed_runs
+        );
+    }
+    out
+}
+
+/// The scale curve: fresh `confab dev` per run, the same deliveries/s spread over channels of
+/// `channel_size` subscribers, from the smallest connection count to the largest.
+pub async fn scale(
+    p: &ScaleParams,
+    client: &ClientOptions,
+    out: &Output,
+) -> Result<(Vec<RunReport>, Vec<ScalePoint>)> {
+    let confab = TargetSpec::SpawnDev {
+        binary: p.confab.clone(),
+        options: p.dev.clone(),
+    };
+    let mut reports = Vec::new();
+    let mut points = Vec::new();
+    for &deliveries in &p.deliveries {
+        let mut runs = Vec::new();
+        for round in 0..p.repeat.max(1) {
+            for n in p.order(round) {
+                let params = p.case(n, deliveries);
+                crate::scenario::raise_nofile((n + params.publisher_count()) as u64 + 512)?;
+                let mut report = fanout_once(&confab, client, out, &params, "scale").await?;
+                report.extra.insert("repeat".into(), round as f64);
+                runs.push((n, report.clone()));
+                reports.push(report);
+            }
+        }
+        let these = scale_points(p, deliveries, &runs);
+        println!("\n{}", scale_table(&these));
+        points.extend(these);
+    }
+    Ok((reports, points))
 }
 
 /// One smoke scenario's outcome.
@@ -421,10 +658,14 @@ pub async fn smoke(confab: &Path, out: &Output) -> Result<Vec<SmokeOutcome>> {
         binary: confab.to_path_buf(),
         options: DevOptions::default(),
     };
-    let reference = TargetSpec::SpawnReference(ReferenceConfig::default());
+    let reference = TargetSpec::SpawnReference {
+        config: ReferenceConfig::default(),
+        cpus: None,
+    };
     let fanout = FanoutParams {
         subscribers: 20,
         publishers: 2,
+        channels: 1,
         rate: Some(200.0),
         size: 100,
         duration: Duration::from_secs(2),
@@ -460,6 +701,21 @@ pub async fn smoke(confab: &Path, out: &Output) -> Result<Vec<SmokeOutcome>> {
                     &client,
                     out,
                     &FanoutParams {
+                        rate: None,
+                        ..fanout.clone()
+                    },
+                    "fanout",
+                )
+                .await?,
+                // Several channels side by side, as the scale curve and the actor-thread
+                // runs use them.
+                fanout_once(
+                    &dev,
+                    &client,
+                    out,
+                    &FanoutParams {
+                        channels: 4,
+                        publishers: 4,
                         rate: None,
                         ..fanout.clone()
                     },
@@ -574,4 +830,111 @@ pub async fn smoke(confab: &Path, out: &Output) -> Result<Vec<SmokeOutcome>> {
         .await,
     );
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> ScaleParams {
+        ScaleParams {
+            confab: PathBuf::from("confab"),
+            dev: DevOptions::default(),
+            connections: vec![1000, 2500, 15000],
+            channel_size: 1000,
+            deliveries: vec![100_000.0],
+            size: 100,
+            duration: Duration::from_secs(1),
+            window: 64,
+            repeat: 2,
+        }
+    }
+
+    #[test]
+    fn a_scale_point_keeps_deliveries_per_second_whatever_the_connections() {
+        let p = params();
+        for (n, channels) in [(1000, 1), (2500, 3), (15000, 15)] {
+            let case = p.case(n, 100_000.0);
+            assert_eq!(case.channel_count(), channels);
+            assert_eq!(case.publisher_count(), channels);
+            // Each channel gets the same message rate; every subscriber receives it.
+            let per_channel = case.rate.unwrap() / channels as f64;
+            assert!((per_channel * n as f64 - 100_000.0).abs() < 1e-6, "{n}");
+        }
+        assert_eq!(p.case(15000, 0.0).rate, None);
+    }
+
+    #[test]
+    fn scale_rounds_alternate_their_order() {
+        let p = params();
+        assert_eq!(p.order(0), [1000, 2500, 15000]);
+        assert_eq!(p.order(1), [15000, 2500, 1000]);
+        assert_eq!(p.order(2), [1000, 2500, 15000]);
+    }
+
+    fn run(delivered: u64, cpu_s: f64) -> RunReport {
+        RunReport {
+            scenario: "scale".into(),
+            case: String::new(),
+            server: ServerKind::Confab,
+            target: String::new(),
+            params: serde_json::Value::Null,
+            connections: 0,
+            duration_s: 1.0,
+            offered_msgs_per_s: None,
+            published: 1,
+            published_per_s: 1.0,
+            delivered,
+            delivered_per_s: delivered as f64,
+            latency: Default::default(),
+            seq: Default::default(),
+            resyncs: 0,
+            disconnects: 0,
+            errors: 0,
+            rate_limited: 0,
+            server_usage: Some(crate::report::Usage {
+                cpu_s,
+                rss_kib: 0,
+                peak_rss_kib: 0,
+            }),
+            loadgen_cpu_s: None,
+            other_cpu_s: None,
+            extra: Default::default(),
+            failures: Vec::new(),
+            misses: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn scale_points_are_medians_relative_to_the_smallest_connection_count() {
+        let p = ScaleParams {
+            repeat: 3,
+            ..params()
+        };
+        // 1,000: 2, 3, 4 µs per delivery; 15,000: 3, 6, 5; 2,500 never ran.
+        let runs = vec![
+            (1000, run(1_000_000, 2.0)),
+            (15000, run(1_000_000, 3.0)),
+            (1000, run(1_000_000, 4.0)),
+            (15000, run(1_000_000, 6.0)),
+            (1000, run(1_000_000, 3.0)),
+            (15000, run(1_000_000, 5.0)),
+        ];
+        let points = scale_points(&p, 100_000.0, &runs);
+        assert_eq!(points.len(), 2);
+        assert_eq!(points[0].connections, 1000);
+        assert_eq!(points[0].runs, 3);
+        assert_eq!(points[0].cpu_us_per_event, Some(3.0));
+        assert_eq!(points[0].vs_first, Some(1.0));
+        assert_eq!(points[1].connections, 15000);
+        assert_eq!(points[1].channels, 15);
+        assert_eq!(points[1].cpu_us_per_event, Some(5.0));
+        let ratio = points[1].vs_first.unwrap();
+        assert!((ratio - 5.0 / 3.0).abs() < 1e-9);
+        let table = scale_table(&points);
+        assert!(
+            table.contains("| 100,000 | 15,000 | 15 | 3 | 1,000,000 | 5.000 | 1.67 |"),
+            "{table}"
+        );
+    }
 }

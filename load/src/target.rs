@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::info;
 
+use crate::pin::{self, Cores};
 use crate::procfs::{self, ProcSample};
 use crate::reference::{InProcess, ReferenceConfig};
 
@@ -46,6 +47,8 @@ pub struct DevOptions {
     pub env: Vec<(String, String)>,
     /// Where the child's stderr (its logs) goes; discarded when `None`.
     pub log_file: Option<PathBuf>,
+    /// The CPUs the server runs on (`--pin`); anywhere when `None`.
+    pub cpus: Option<Cores>,
 }
 
 impl Default for DevOptions {
@@ -55,6 +58,7 @@ impl Default for DevOptions {
             queue_events: confab_shared::limits::QUEUE_EVENTS,
             env: Vec::new(),
             log_file: None,
+            cpus: None,
         }
     }
 }
@@ -111,8 +115,7 @@ impl Target {
                 command.stderr(Stdio::null());
             }
         }
-        let mut child = command
-            .spawn()
+        let mut child = spawn(command, options.cpus.as_ref())
             .with_context(|| format!("starting {} dev", binary.display()))?;
         let pid = child.id().context("confab dev exited at once")?;
         let stdout = child.stdout.take().context("no stdout from confab dev")?;
@@ -124,10 +127,11 @@ impl Target {
                     binary.display()
                 )
             })?;
+        let pinned = check_pinned(pid, options.cpus.as_ref())?;
         info!(%base, pid, "confab dev started");
         Ok(Target {
             kind: ServerKind::Confab,
-            label: format!("confab dev (pid {pid}, {base})"),
+            label: format!("confab dev (pid {pid}, {base}{pinned})"),
             bases: vec![base],
             pids: vec![pid],
             child: Some(child),
@@ -137,16 +141,17 @@ impl Target {
 
     /// Starts the reference server as a child process (this binary's `reference` command), so
     /// that its CPU time and memory are measured apart from the load generator's.
-    pub async fn spawn_reference(config: ReferenceConfig) -> Result<Self> {
+    pub async fn spawn_reference(config: ReferenceConfig, cpus: Option<&Cores>) -> Result<Self> {
         let exe = std::env::current_exe().context("locating confab-load's own binary")?;
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .args(["reference", "--listen", "127.0.0.1:0", "--queue"])
             .arg(config.queue.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        let mut child = spawn(command, cpus)
             .with_context(|| format!("starting {} reference", exe.display()))?;
         let pid = child.id().context("the reference server exited at once")?;
         let stdout = child
@@ -154,9 +159,10 @@ impl Target {
             .take()
             .context("no stdout from the reference server")?;
         let base = read_listen_line(stdout, "reference listening on ").await?;
+        let pinned = check_pinned(pid, cpus)?;
         Ok(Target {
             kind: ServerKind::Reference,
-            label: format!("reference (pid {pid}, {base})"),
+            label: format!("reference (pid {pid}, {base}{pinned})"),
             bases: vec![base],
             pids: vec![pid],
             child: Some(child),
@@ -230,6 +236,34 @@ impl Target {
     }
 }
 
+/// Spawns `command`, on `cpus` when given: from a thread pinned there, so the process and all
+/// its threads inherit the pinning from their first instruction.
+fn spawn(mut command: Command, cpus: Option<&Cores>) -> Result<Child> {
+    match cpus {
+        None => Ok(command.spawn()?),
+        Some(cpus) => {
+            // tokio's process support needs the runtime's context on the spawning thread.
+            let runtime = tokio::runtime::Handle::current();
+            pin::on_pinned_thread(cpus, move || {
+                let _entered = runtime.enter();
+                Ok(command.spawn()?)
+            })
+        }
+    }
+}
+
+/// Once the server is up (its threads started): fails unless every thread of it runs on
+/// `cpus`. Returns the label's suffix, e.g. `, CPUs 0, 3 threads`.
+fn check_pinned(pid: u32, cpus: Option<&Cores>) -> Result<String> {
+    match cpus {
+        None => Ok(String::new()),
+        Some(cpus) => {
+            let threads = pin::verify_process(pid, cpus)?;
+            Ok(format!(", CPUs {cpus}, {threads} threads"))
+        }
+    }
+}
+
 /// Reads the child's stdout until the line starting with `prefix`, returns the URL after it,
 /// and keeps draining stdout in the background so the child never blocks on a full pipe.
 async fn read_listen_line(stdout: tokio::process::ChildStdout, prefix: &str) -> Result<String> {
@@ -267,7 +301,11 @@ pub enum TargetSpec {
         binary: PathBuf,
         options: DevOptions,
     },
-    SpawnReference(ReferenceConfig),
+    SpawnReference {
+        config: ReferenceConfig,
+        /// The CPUs the reference server runs on (`--pin`).
+        cpus: Option<Cores>,
+    },
     InProcessReference(ReferenceConfig),
 }
 
@@ -276,7 +314,7 @@ impl TargetSpec {
         match self {
             TargetSpec::External { kind, .. } => *kind,
             TargetSpec::SpawnDev { .. } => ServerKind::Confab,
-            TargetSpec::SpawnReference(_) | TargetSpec::InProcessReference(_) => {
+            TargetSpec::SpawnReference { .. } | TargetSpec::InProcessReference(_) => {
                 ServerKind::Reference
             }
         }
@@ -295,7 +333,9 @@ impl TargetSpec {
                 }
                 Target::spawn_dev(binary, &options).await
             }
-            TargetSpec::SpawnReference(config) => Target::spawn_reference(*config).await,
+            TargetSpec::SpawnReference { config, cpus } => {
+                Target::spawn_reference(*config, cpus.as_ref()).await
+            }
             TargetSpec::InProcessReference(config) => Target::in_process_reference(*config).await,
         }
     }

@@ -2,6 +2,12 @@
 //! deliveries allow; and scenario 5 when the target has several gateway URLs (subscribers are
 //! spread round-robin over them, publishers use the first).
 //!
+//! With `channels` K > 1 (confab only) there are K channels side by side: subscriber i and
+//! publisher j are members of channel i mod K and j mod K (at least one publisher each), and
+//! every publisher sends the same share of the rate. Many channels with many senders load a
+//! cell's actors (one actor per channel); many channels of 1,000 members are how 15,000
+//! connections get the same deliveries per second as 1,000.
+//!
 //! Against confab the channel is created over HTTP with every subscriber and publisher as a
 //! member before anyone connects; each subscriber tracks the channel's seqs from `last_seq` in
 //! its `ready`, and the final seq is the highest one acked to a publisher. Against the
@@ -39,7 +45,10 @@ use crate::target::ServerKind;
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutParams {
     pub subscribers: usize,
+    /// Publishers (at least one per channel).
     pub publishers: usize,
+    /// Channels the subscribers and publishers are spread over (1: one channel for all).
+    pub channels: usize,
     /// Total publish rate in messages/s; `None` for max rate.
     pub rate: Option<f64>,
     /// Message text size in bytes.
@@ -56,6 +65,7 @@ impl Default for FanoutParams {
         FanoutParams {
             subscribers: 1000,
             publishers: 1,
+            channels: 1,
             rate: None,
             size: 100,
             duration: Duration::from_secs(10),
@@ -66,13 +76,34 @@ impl Default for FanoutParams {
 }
 
 impl FanoutParams {
-    /// `S=1000 100B max` / `S=1000 100B 50 msg/s`.
+    /// `S=1000 100B max` / `S=1000 100B 50 msg/s` / `S=15000 K=15 100B 100 msg/s`.
     pub fn case(&self) -> String {
         let rate = match self.rate {
             Some(r) => format!("{} msg/s", crate::report::fmt_num(r)),
             None => "max".into(),
         };
-        format!("S={} {}B {}", self.subscribers, self.size, rate)
+        let channels = match self.channel_count() {
+            1 => String::new(),
+            k => format!(" K={k}"),
+        };
+        format!("S={}{channels} {}B {}", self.subscribers, self.size, rate)
+    }
+
+    /// Channels actually used: at least 1, at most one per subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.channels.clamp(1, self.subscribers.max(1))
+    }
+
+    /// Publishers actually used: at least one per channel.
+    pub fn publisher_count(&self) -> usize {
+        self.publishers.max(self.channel_count())
+    }
+
+    /// The total rate (messages/s) at which each subscriber receives `deliveries_per_s ÷
+    /// subscribers` messages/s, so the run delivers `deliveries_per_s` events/s.
+    pub fn rate_for_deliveries(&self, deliveries_per_s: f64) -> f64 {
+        let per_channel = deliveries_per_s / self.subscribers.max(1) as f64;
+        per_channel * self.channel_count() as f64
     }
 }
 
@@ -122,6 +153,10 @@ pub struct PublisherSpec {
     pub size: usize,
     /// This publisher's rate in messages/s; `None`: as the gate allows.
     pub rate: Option<f64>,
+    /// Max rate: most sends of this publisher not yet acked. With many publishers on one
+    /// gateway, the shared gate alone could let their sum pass the bound a link keeps on
+    /// requests in flight (and have sends refused).
+    pub max_unacked: Option<u64>,
 }
 
 /// What a publisher did.
@@ -226,6 +261,10 @@ pub async fn publisher(
                     }
                     (None, Some(gate)) => gate.allowance(Counters::get(&shared.counters.delivered)),
                     (None, None) => 1,
+                };
+                let due = match spec.max_unacked {
+                    Some(max) => due.min(max.saturating_sub(result.sent.saturating_sub(result.acked + result.refused))),
+                    None => due,
                 };
                 let due = due.min(MAX_BURST);
                 if due == 0 {
@@ -363,37 +402,53 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
     let shared = Arc::new(Shared::default());
     let stop = CancellationToken::new();
     let endpoints = ctx.connector.endpoints();
-    let publishers: Vec<String> = (0..p.publishers.max(1)).map(|j| ctx.user("p", j)).collect();
+    let k = p.channel_count();
+    if k > 1 && ctx.kind() != ServerKind::Confab {
+        anyhow::bail!("fanout over several channels needs confab (the reference server has one stream for everyone)");
+    }
+    let publishers: Vec<String> = (0..p.publisher_count()).map(|j| ctx.user("p", j)).collect();
     let subscribers: Vec<String> = (0..p.subscribers).map(|i| ctx.user("s", i)).collect();
 
-    // Set up the channel (confab) or the streams (reference).
-    let streams: Vec<String> = match ctx.kind() {
+    // Set up the channels (confab) or the streams (reference): publisher j's stream, and
+    // (confab) subscriber i's channel, i mod K.
+    let (streams, sub_channels): (Vec<String>, Vec<String>) = match ctx.kind() {
         ServerKind::Confab => {
             let api = ctx.api()?;
-            let creator = api.token(&publishers[0]).await?;
-            let mut members: Vec<String> = publishers[1..].to_vec();
-            members.extend(subscribers.iter().cloned());
-            let channel = ctx
-                .create_channel(
-                    &creator,
-                    &format!("fanout-{}-{scenario}", ctx.run_id),
-                    &members,
-                )
-                .await?;
-            vec![channel; publishers.len()]
+            let mut channels = Vec::with_capacity(k);
+            for c in 0..k {
+                // Publisher c (c < K ≤ publishers) creates channel c.
+                let creator = api.token(&publishers[c]).await?;
+                let mut members: Vec<String> =
+                    publishers.iter().skip(c + k).step_by(k).cloned().collect();
+                members.extend(subscribers.iter().skip(c).step_by(k).cloned());
+                let name = match k {
+                    1 => format!("fanout-{}-{scenario}", ctx.run_id),
+                    _ => format!("fanout-{}-{scenario}-{c}", ctx.run_id),
+                };
+                channels.push(ctx.create_channel(&creator, &name, &members).await?);
+            }
+            (
+                (0..publishers.len())
+                    .map(|j| channels[j % k].clone())
+                    .collect(),
+                channels,
+            )
         }
-        ServerKind::Reference => (0..publishers.len())
-            .map(|j| format!("{}-p{j}", ctx.run_id))
-            .collect(),
+        ServerKind::Reference => (
+            (0..publishers.len())
+                .map(|j| format!("{}-p{j}", ctx.run_id))
+                .collect(),
+            Vec::new(),
+        ),
     };
-    let channel = (ctx.kind() == ServerKind::Confab).then(|| streams[0].clone());
+    let channel_of = |i: usize| sub_channels.get(i % k).map(String::as_str);
 
     let subs = open_many(p.subscribers, ctx.connect_concurrency, "subscribers", |i| {
         open_subscriber(
             ctx,
             i,
             &subscribers[i],
-            channel.as_deref(),
+            channel_of(i),
             shared.clone(),
             stop.clone(),
         )
@@ -413,10 +468,12 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
     let before = ctx.sample();
     let start_us = payload::now_us();
     let stop_sending = CancellationToken::new();
+    // Max rate over K channels: each message reaches S/K subscribers, and each channel may
+    // have `window` messages in flight.
     let gate = p
         .rate
         .is_none()
-        .then(|| Arc::new(Gate::new(p.subscribers, p.window)));
+        .then(|| Arc::new(Gate::new(p.subscribers / k, p.window * k as u64)));
     let per_publisher = p.rate.map(|r| r / publishers.len() as f64);
     let mut pub_tasks = Vec::new();
     for (j, ws) in pub_sockets.into_iter().enumerate() {
@@ -427,6 +484,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
             user: publishers[j].clone(),
             size: p.size,
             rate: per_publisher,
+            max_unacked: (k > 1).then_some(p.window),
         };
         pub_tasks.push(tokio::spawn(publisher(
             ws,
@@ -463,10 +521,18 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
         let f = finals.entry(streams[j].clone()).or_insert(0);
         *f = (*f).max(r.final_seq);
     }
+    // What subscriber i should see: its channel's stream (confab), or every stream
+    // (reference).
+    let finals_of = |i: usize| -> HashMap<String, u64> {
+        match channel_of(i) {
+            Some(c) => HashMap::from([(c.to_string(), finals.get(c).copied().unwrap_or(0))]),
+            None => finals.clone(),
+        }
+    };
     let expected: u64 = subs
         .iter()
         .map(|s| {
-            finals
+            finals_of(s.index)
                 .values()
                 .map(|f| f.saturating_sub(s.start))
                 .sum::<u64>()
@@ -484,8 +550,8 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
 
     let collected = collect_subscribers(subs).await;
     let mut seq = SeqTotals::default();
-    for (_, start, inbox, _) in &collected {
-        seq.merge(inbox.totals(&finals, *start));
+    for (i, start, inbox, _) in &collected {
+        seq.merge(inbox.totals(&finals_of(*i), *start));
     }
     let missing_subscribers = p.subscribers - collected.len();
 
@@ -526,6 +592,9 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
         failures: Vec::new(),
         misses: Vec::new(),
     };
+    if let Some(us) = report.cpu_s_per_million() {
+        report.extra.insert("cpu_us_per_ev".into(), us);
+    }
     report.check_delivery();
     if published == 0 {
         report.failures.push("nothing was published".into());

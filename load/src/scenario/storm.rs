@@ -110,6 +110,7 @@ pub async fn run(ctx: &RunContext, p: &StormParams) -> Result<RunReport> {
             user: user.clone(),
             size: p.size,
             rate: Some(p.rate / channels_n as f64),
+            max_unacked: None,
         };
         pub_tasks.push(tokio::spawn(publisher(
             ws,
