@@ -550,8 +550,9 @@ impl Connection {
         };
         if let Some(op) = op {
             // No task per request: the answer comes through the session's delivery shard.
-            let links = &self.gateway.links;
-            links.submit(handle, id, op, &mut self.requests);
+            self.gateway
+                .links
+                .submit(handle, id, op, &mut self.requests);
         }
         Step::Continue
     }
