@@ -33,6 +33,9 @@
 //! - Pub/sub channels `confab:presence` and `confab:directory` carry changes to every process
 //!   (a `PUBLISH` on any node of a cluster reaches the subscribers of all of them).
 //!
+//! A directory written by a build before this layout (no hash tags, `confab:cellws` counts) is
+//! moved to it by `infra/migrate-directory-keys.lua` (docs/operations.md).
+//!
 //! On a single Redis the workspace record, the move record and the placement change in one
 //! script. On a cluster they are in different slots: the workspace's slot changes first (that
 //! is the truth every read uses) and the placement follows in a second script; a process that

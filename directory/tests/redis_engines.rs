@@ -15,7 +15,7 @@ use confab_directory::{
 use confab_directory::{RedisConn, RedisTimeouts};
 use confab_shared::server::Status;
 use confab_shared::{CellId, SessionId, UserId, WorkspaceId};
-use confab_testkit::{RedisCluster, TestRedis};
+use confab_testkit::{RedisCluster, RedisServer, TestRedis};
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
 
@@ -901,4 +901,93 @@ async fn a_promoted_replica_serves_the_workspace_of_a_killed_master_with_its_rec
         directory.workspace(&ws).await.unwrap().map(|w| w.cell),
         Some(c2)
     );
+}
+
+/// infra/migrate-directory-keys.lua moves a directory written by a build before hash tags
+/// (one Redis) to the current layout: the engines then read its workspaces, cells, counts,
+/// epochs and moves, and a second run changes nothing.
+#[tokio::test]
+async fn the_migration_script_moves_a_directory_of_the_old_layout_to_the_current_one() {
+    use confab_directory::{MoveBegun, MovePhase, MoveRecord};
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let now = confab_shared::now_ms();
+    let old_move = r#"{"workspace":"acme","from":"c1","to":"c2","to_region":"r","epoch":7,"phase":"copying","lease_until_ms":1}"#;
+    redis::pipe()
+        .sadd("confab:cells", &["c1", "c2"])
+        .hset_multiple(
+            "confab:cell:c1",
+            &[
+                ("region", "r"),
+                ("url", "http://c1"),
+                ("heartbeat", &now.to_string()),
+                ("epoch", "3"),
+                ("process", "p1"),
+            ],
+        )
+        .hset_multiple(
+            "confab:cell:c2",
+            &[
+                ("region", "r"),
+                ("url", "http://c2"),
+                ("heartbeat", &now.to_string()),
+                ("epoch", "1"),
+                ("process", "p2"),
+            ],
+        )
+        .set(
+            "confab:ws:acme",
+            r#"{"id":"acme","cell":"c1","region":"r","name":"Acme"}"#,
+        )
+        .set(
+            "confab:ws:globex",
+            r#"{"id":"globex","cell":"c1","region":"r","name":null}"#,
+        )
+        .hset("confab:cellws", "c1", 2)
+        .set("confab:move:acme", old_move)
+        .set("confab:move_epoch", 7)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let script = redis::Script::new(include_str!("../../infra/migrate-directory-keys.lua"));
+    let moved: i64 = script.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(moved, 2);
+    let again: i64 = script.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(again, 0, "a second run moves nothing");
+
+    let directory = RedisDirectory::start(&server.url()).unwrap();
+    let acme = WorkspaceId::new("acme").unwrap();
+    let record = directory.workspace(&acme).await.unwrap().unwrap();
+    assert_eq!(
+        (record.cell.as_str(), record.name.as_deref()),
+        ("c1", Some("Acme"))
+    );
+    assert_eq!(directory.workspaces().await.unwrap().len(), 2);
+    let cells = directory.cells().await.unwrap();
+    let counts: Vec<(&str, u64)> = cells
+        .iter()
+        .map(|c| (c.id.as_str(), c.workspaces))
+        .collect();
+    assert_eq!(counts, vec![("c1", 2), ("c2", 0)]);
+    let c1 = CellId::new("c1").unwrap();
+    let tenure = directory
+        .heartbeat_cell(&c1, 3, CellLoad::default(), now + 1)
+        .await
+        .unwrap();
+    assert_eq!(tenure, CellTenure::Held, "the cell keeps its epoch");
+    let interrupted = directory.move_record(&acme).await.unwrap().unwrap();
+    assert_eq!(interrupted.epoch, 7);
+    directory.end_move(&acme, 7).await.unwrap();
+    let MoveBegun::Started(next) = directory
+        .begin_move(MoveRecord {
+            phase: MovePhase::Copying,
+            ..interrupted
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("a move starts")
+    };
+    assert!(next.epoch > 7, "move epochs go on from the old counter");
 }
