@@ -9,7 +9,7 @@
 #          --subscribers 1000 --rates 0 --duration 10
 # Environment:
 #   ACTOR_THREADS="1 2 1 2"  one fresh deployment per value, its cell with --actor-threads N,
-#                            in this order (default: one deployment, the cell's default)
+#                            in this order ("default": the cell's default; unset: one such)
 #   PIN=0:1                  every server process on CPUs 0 (taskset), confab-load on CPUs 1
 #                            (--pin), as SERVER:CLIENT
 #   DEV_TOO=1                after each distributed run, the same fanout options against a
@@ -141,16 +141,12 @@ deployment() {
 }
 
 status=0
-for threads in ${ACTOR_THREADS:-""}; do
+# "default": the cell's own default (one actor thread per core it may use).
+for threads in ${ACTOR_THREADS:-default}; do
+    if [ "$threads" = default ]; then threads=""; fi
     deployment "$threads" "$@" || status=$?
     if [ -n "${DEV_TOO:-}" ]; then
         "$load" run fanout --spawn-dev "$confab" "${pin_args[@]}" "$@" || status=$?
     fi
 done
-if [ -z "${ACTOR_THREADS:-}" ]; then
-    deployment "" "$@" || status=$?
-    if [ -n "${DEV_TOO:-}" ]; then
-        "$load" run fanout --spawn-dev "$confab" "${pin_args[@]}" "$@" || status=$?
-    fi
-fi
 exit $status
