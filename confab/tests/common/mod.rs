@@ -265,16 +265,23 @@ struct StoreRedis {
     url: String,
 }
 
-/// Chooses the cell store's Redis, the one place the harness does. For now it is the store's
-/// own durable `redis-server` whatever the directory is. Once the cell store runs on a Redis
-/// Cluster, return the directory's cluster here when it is one
-/// (`StoreRedis { _server: None, url: directory.url() }`), so that `CONFAB_TEST_REDIS=cluster`
-/// runs the store on it too.
-fn store_redis(_directory: &TestRedis) -> StoreRedis {
-    let server = RedisServer::start_durable();
-    StoreRedis {
-        url: server.url(),
-        _server: Some(server),
+/// Chooses the cell store's Redis, the one place the harness does: the store's own durable
+/// `redis-server` beside a single directory Redis, and the directory's Redis Cluster itself
+/// when `CONFAB_TEST_REDIS=cluster` made it one, so that the store runs on the cluster too
+/// (its keys, `confab:cs:…`, never meet the directory's, and the harness has one cell).
+fn store_redis(directory: &TestRedis) -> StoreRedis {
+    match directory {
+        TestRedis::Cluster(_) => StoreRedis {
+            _server: None,
+            url: directory.url(),
+        },
+        TestRedis::Single(_) => {
+            let server = RedisServer::start_durable();
+            StoreRedis {
+                url: server.url(),
+                _server: Some(server),
+            }
+        }
     }
 }
 
