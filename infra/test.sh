@@ -43,13 +43,14 @@ CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
   --test workspace_limits --test webhooks --test batch \
   -- --test-threads="${CONFAB_TEST_THREADS:-4}"
 
-# The same suite with the directory on a real 3-master Redis Cluster (redis+cluster:// URL;
-# docs/operations.md "Running on a Redis Cluster"): the files that exercise the directory and
-# presence (the others speak the same wire protocol whatever the Redis). Each test starts its
-# own cluster (redis-cli --cluster create): 1 min 51 s on the 2-core machine, against 1 min
-# 12 s for all twelve files above on a single Redis. confab/tests/redis_cluster.rs (a master
+# The same suite with the directory and the cell store on one real 3-master Redis Cluster
+# (redis+cluster:// URL; docs/operations.md "Running on a Redis Cluster"): the files that
+# exercise the directory, presence and the store's channels (the others speak the same wire
+# protocol whatever the Redis). Each test starts its own cluster (redis-cli --cluster create):
+# about 2 min on the 2-core machine, against 1 min 12 s for all twelve files above on a
+# single Redis. confab/tests/redis_cluster.rs (a master
 # killed under traffic) ran in the workspace tests.
-echo "==> cargo test, the end-to-end suite with the directory on a Redis Cluster"
+echo "==> cargo test, the end-to-end suite with the directory and the store on a Redis Cluster"
 CONFAB_TEST_TARGET=cluster CONFAB_TEST_REDIS=cluster cargo test -p confab --locked \
   --test handshake --test ops --test http_api --test admin_api --test isolation \
   --test workspace_limits \
