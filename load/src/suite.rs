@@ -260,6 +260,16 @@ pub async fn compare(
                 &mut reports,
             )
             .await?;
+            // CPU per event is taken as its own median over the runs, not from the runs that
+            // are the median by throughput: on a shared machine the two vary apart.
+            let cpu_ratio = |c: &[RunReport], r: &[RunReport]| match (
+                median_value(c, RunReport::cpu_s_per_million),
+                median_value(r, RunReport::cpu_s_per_million),
+            ) {
+                (Some(c), Some(r)) if r > 0.0 => Some(c / r),
+                _ => None,
+            };
+            let max_cpu_ratio = cpu_ratio(&c_max, &r_max);
             let r_max = median_by(&r_max, |r| r.delivered_per_s);
             let c_max = median_by(&c_max, |r| r.delivered_per_s);
             let half = c_max.published_per_s / 2.0;
@@ -300,11 +310,13 @@ pub async fn compare(
                     &mut reports,
                 )
                 .await?;
-                at_fixed.push(FixedRatio::of(
+                let mut ratio = FixedRatio::of(
                     deliveries,
                     &median_by(&c_fixed, |r| r.latency.p99_ms),
                     &median_by(&r_fixed, |r| r.latency.p99_ms),
-                ));
+                );
+                ratio.cpu_per_event = cpu_ratio(&c_fixed, &r_fixed);
+                at_fixed.push(ratio);
             }
             let case = format!("S={subscribers} {size}B");
             let mut ratio = Ratio::of(
@@ -323,6 +335,7 @@ pub async fn compare(
                 );
             }
             ratio.fixed = at_fixed;
+            ratio.cpu_per_event = max_cpu_ratio;
             println!(
                 "ratio {case} (medians of {repeat}): delivered/s confab÷reference {:.2}, p99 at half confab max {}",
                 ratio.throughput,
@@ -422,6 +435,16 @@ async fn alternate(
         }
     }
     Ok((r_runs, c_runs))
+}
+
+/// The median of `key` over the runs that have it (the lower middle for an even count).
+pub fn median_value(runs: &[RunReport], key: impl Fn(&RunReport) -> Option<f64>) -> Option<f64> {
+    let mut values: Vec<f64> = runs.iter().filter_map(key).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[(values.len() - 1) / 2])
 }
 
 /// The run with the median value of `key` (the lower middle for an even count).
@@ -865,6 +888,22 @@ mod tests {
             assert!((per_channel * n as f64 - 100_000.0).abs() < 1e-6, "{n}");
         }
         assert_eq!(p.case(15000, 0.0).rate, None);
+    }
+
+    #[test]
+    fn a_median_value_skips_runs_without_it() {
+        let runs = vec![
+            run(1_000_000, 3.0),
+            run(0, 1.0),
+            run(1_000_000, 1.0),
+            run(1_000_000, 2.0),
+        ];
+        // The run with nothing delivered has no CPU per event.
+        assert_eq!(median_value(&runs, RunReport::cpu_s_per_million), Some(2.0));
+        assert_eq!(
+            median_value(&runs[1..2], RunReport::cpu_s_per_million),
+            None
+        );
     }
 
     #[test]
