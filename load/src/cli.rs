@@ -528,6 +528,10 @@ struct CompareArgs {
     /// Skip the runs at half of confab's max rate.
     #[arg(long)]
     no_half: bool,
+    /// Run again (up to 3 times) a run in which other processes took more than this many CPU
+    /// seconds; the disturbed runs stay in the JSON, marked `disturbed`.
+    #[arg(long, value_name = "SECONDS")]
+    max_other_cpu: Option<f64>,
     #[command(flatten)]
     pin: PinArgs,
     #[arg(long, default_value_t = 1_000_000)]
@@ -664,6 +668,7 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 fixed_deliveries: args.fixed_deliveries.clone(),
                 half: !args.no_half,
                 pin: args.pin.pin.clone(),
+                max_other_cpu_s: args.max_other_cpu,
             };
             let client = ClientOptions {
                 connect_concurrency: args.connect_concurrency,

@@ -205,6 +205,21 @@ pub struct CompareParams {
     pub pin: Option<Pin>,
     /// Also run confab with clients that ask for batched frames (`?batch=1`), as a third arm.
     pub batch: bool,
+    /// A run in which other processes took more than this many CPU seconds is disturbed:
+    /// it is kept in the results, marked, and run again (at most [`DISTURBED_RETRIES`]
+    /// times; the last attempt counts whatever it measured).
+    pub max_other_cpu_s: Option<f64>,
+}
+
+/// Most repeats of one disturbed run.
+pub const DISTURBED_RETRIES: usize = 3;
+
+/// Whether other processes took more CPU during `report`'s measured phase than `limit`.
+pub fn disturbed(report: &RunReport, limit: Option<f64>) -> bool {
+    match (limit, report.other_cpu_s) {
+        (Some(limit), Some(other)) => other > limit,
+        _ => false,
+    }
 }
 
 /// The outcome of `compare`.
@@ -262,8 +277,9 @@ pub async fn compare(
             };
             // The arms alternate, so all see the same drift in what else the shared machine
             // is doing; each figure is the median of `repeat` runs.
-            let max: Vec<RunReport> = alternate(&arms, out, &base, repeat, &mut reports)
-                .await?
+            let max_runs =
+                alternate(&arms, out, &base, repeat, p.max_other_cpu_s, &mut reports).await?;
+            let max: Vec<RunReport> = max_runs
                 .iter()
                 .map(|runs| median_by(runs, |r| r.delivered_per_s))
                 .collect();
@@ -274,7 +290,9 @@ pub async fn compare(
                     rate: Some(half.round()),
                     ..base.clone()
                 };
-                at_half = Some(p99_medians(&arms, out, &params, repeat, &mut reports).await?);
+                let runs =
+                    alternate(&arms, out, &params, repeat, p.max_other_cpu_s, &mut reports).await?;
+                at_half = Some(runs.iter().map(|r| median_by(r, p99)).collect::<Vec<_>>());
             }
             let mut at_fixed = Vec::new();
             for &deliveries in &p.fixed_deliveries {
@@ -282,8 +300,9 @@ pub async fn compare(
                     rate: Some(base.rate_for_deliveries(deliveries)),
                     ..base.clone()
                 };
-                let p99 = p99_medians(&arms, out, &params, repeat, &mut reports).await?;
-                at_fixed.push((deliveries, p99));
+                let runs =
+                    alternate(&arms, out, &params, repeat, p.max_other_cpu_s, &mut reports).await?;
+                at_fixed.push((deliveries, runs));
             }
             for (arm, (_, arm_client)) in arms.iter().enumerate().skip(1) {
                 let case = fanout::with_batch(format!("S={subscribers} {size}B"), arm_client.batch);
@@ -296,8 +315,17 @@ pub async fn compare(
                 );
                 ratio.fixed = at_fixed
                     .iter()
-                    .map(|(deliveries, p99)| FixedRatio::of(*deliveries, &p99[arm], &p99[0]))
+                    .map(|(deliveries, runs)| {
+                        let mut fixed = FixedRatio::of(
+                            *deliveries,
+                            &median_by(&runs[arm], p99),
+                            &median_by(&runs[0], p99),
+                        );
+                        fixed.cpu_per_event = cpu_ratio(&runs[arm], &runs[0]);
+                        fixed
+                    })
                     .collect();
+                ratio.cpu_per_event = cpu_ratio(&max_runs[arm], &max_runs[0]);
                 for f in &ratio.fixed {
                     println!(
                         "ratio {case} at {} deliveries/s (medians of {repeat}): p99 confab {:.2} ms, reference {:.2} ms",
@@ -386,19 +414,35 @@ pub async fn compare(
 
 /// Runs `params` `repeat` times against each arm (a server and the client options to reach
 /// it with), alternating; every run goes into `all` (tagged with its repeat), and the runs of
-/// each arm are returned, in the order of `arms`.
+/// each arm are returned, in the order of `arms`. A run disturbed by other processes (more
+/// than `max_other_cpu_s`) is kept in `all`, marked, and run again.
 async fn alternate(
     arms: &[(&TargetSpec, &ClientOptions)],
     out: &Output,
     params: &FanoutParams,
     repeat: usize,
+    max_other_cpu_s: Option<f64>,
     all: &mut Vec<RunReport>,
 ) -> Result<Vec<Vec<RunReport>>> {
     let mut runs = vec![Vec::new(); arms.len()];
     for k in 0..repeat {
         for ((spec, client), runs) in arms.iter().zip(runs.iter_mut()) {
-            let mut report = fanout_once(spec, client, out, params, "fanout").await?;
-            report.extra.insert("repeat".into(), k as f64);
+            let mut attempt = 0;
+            let report = loop {
+                let mut report = fanout_once(spec, client, out, params, "fanout").await?;
+                report.extra.insert("repeat".into(), k as f64);
+                attempt += 1;
+                if attempt <= DISTURBED_RETRIES && disturbed(&report, max_other_cpu_s) {
+                    println!(
+                        "  disturbed (other processes {:.2} CPU s): running it again",
+                        report.other_cpu_s.unwrap_or(0.0)
+                    );
+                    report.extra.insert("disturbed".into(), 1.0);
+                    all.push(report);
+                    continue;
+                }
+                break report;
+            };
             all.push(report.clone());
             runs.push(report);
         }
@@ -406,19 +450,31 @@ async fn alternate(
     Ok(runs)
 }
 
-/// Each arm's run with the median p99 of [`alternate`] at a fixed rate.
-async fn p99_medians(
-    arms: &[(&TargetSpec, &ClientOptions)],
-    out: &Output,
-    params: &FanoutParams,
-    repeat: usize,
-    all: &mut Vec<RunReport>,
-) -> Result<Vec<RunReport>> {
-    Ok(alternate(arms, out, params, repeat, all)
-        .await?
-        .iter()
-        .map(|runs| median_by(runs, |r| r.latency.p99_ms))
-        .collect())
+/// The median of `key` over the runs that have it (the lower middle for an even count).
+pub fn median_value(runs: &[RunReport], key: impl Fn(&RunReport) -> Option<f64>) -> Option<f64> {
+    let mut values: Vec<f64> = runs.iter().filter_map(key).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[(values.len() - 1) / 2])
+}
+
+/// A run's p99 latency, the key of the fixed-rate medians.
+fn p99(report: &RunReport) -> f64 {
+    report.latency.p99_ms
+}
+
+/// confab's CPU per event over the reference's, each the median over its own runs, not taken
+/// from the runs that are the median by throughput: on a shared machine the two vary apart.
+fn cpu_ratio(confab: &[RunReport], reference: &[RunReport]) -> Option<f64> {
+    match (
+        median_value(confab, RunReport::cpu_s_per_million),
+        median_value(reference, RunReport::cpu_s_per_million),
+    ) {
+        (Some(c), Some(r)) if r > 0.0 => Some(c / r),
+        _ => None,
+    }
 }
 
 /// The run with the median value of `key` (the lower middle for an even count).
