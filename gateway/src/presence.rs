@@ -152,13 +152,13 @@ impl PresenceHub {
         let Some(watchers) = self.watchers.get(&key) else {
             return;
         };
-        let frame = Frame {
-            text: encode_event(&Event::Presence {
+        let frame = Frame::new(
+            encode_event(&Event::Presence {
                 user: change.user.clone(),
                 status: change.status,
             }),
-            created_us: confab_shared::now_us(),
-        };
+            confab_shared::now_us(),
+        );
         for session in watchers.iter() {
             if let Some(handle) = self.sessions.get(session) {
                 handle.push(frame.clone());

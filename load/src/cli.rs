@@ -289,6 +289,9 @@ struct TargetArgs {
     /// Connections to confab ask for batched frames (`/v1/ws?batch=1`).
     #[arg(long)]
     batch: bool,
+    /// Connections to confab negotiate permessage-deflate.
+    #[arg(long)]
+    deflate: bool,
     /// Results directory (default: load/results of the source tree).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -346,6 +349,7 @@ impl TargetArgs {
             },
             connect_concurrency: self.connect_concurrency,
             batch: self.batch,
+            deflate: self.deflate,
         }
     }
 
@@ -373,6 +377,9 @@ struct FanoutArgs {
     /// Max rate: messages in flight per subscriber.
     #[arg(long, default_value_t = 64)]
     window: u64,
+    /// Pad texts with words (compressible like chat) instead of one repeated letter.
+    #[arg(long)]
+    words: bool,
 }
 
 impl FanoutArgs {
@@ -388,6 +395,7 @@ impl FanoutArgs {
                         size,
                         duration: secs(self.duration),
                         window: self.window,
+                        words: self.words,
                         ..FanoutParams::default()
                     });
                 }
@@ -462,9 +470,16 @@ struct CompareArgs {
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
     /// Also run every case against confab with clients asking for batched frames
-    /// (`?batch=1`), alternating with the other two, with its own ratios to the reference.
+    /// (`?batch=1`), alternating with the other runs, with its own ratios to the reference.
     #[arg(long)]
     batch: bool,
+    /// Also run every case against confab with clients negotiating permessage-deflate, the
+    /// same way.
+    #[arg(long)]
+    deflate: bool,
+    /// Pad texts with words (compressible like chat) instead of one repeated letter.
+    #[arg(long)]
+    words: bool,
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -540,6 +555,8 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 sweep_fractions: args.sweep_fractions.clone(),
                 repeat: args.repeat,
                 batch: args.batch,
+                deflate: args.deflate,
+                words: args.words,
             };
             let client = ClientOptions {
                 connect_concurrency: args.connect_concurrency,

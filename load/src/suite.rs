@@ -169,8 +169,13 @@ pub struct CompareParams {
     pub sweep_fractions: Vec<f64>,
     /// Runs per server and case; ratios use the medians.
     pub repeat: usize,
-    /// Also run confab with clients that ask for batched frames (`?batch=1`), as a third arm.
+    /// Also run confab with clients that ask for batched frames (`?batch=1`), as an arm of
+    /// its own.
     pub batch: bool,
+    /// Also run confab with clients that negotiate permessage-deflate, as an arm of its own.
+    pub deflate: bool,
+    /// Word texts ([`crate::payload::make_words_text`]).
+    pub words: bool,
 }
 
 /// The outcome of `compare`.
@@ -193,15 +198,22 @@ pub async fn compare(
         binary: p.confab.clone(),
         options: p.dev.clone(),
     };
-    // The runs of each case alternate over the arms: the reference, confab, and with
-    // `batch`, confab again with its clients asking for batched frames.
+    // The runs of each case alternate over the arms: the reference, confab, and confab again
+    // with its clients asking for batched frames (`batch`) or compression (`deflate`).
     let batched = ClientOptions {
         batch: true,
+        ..client.clone()
+    };
+    let deflated = ClientOptions {
+        deflate: true,
         ..client.clone()
     };
     let mut arms = vec![(&reference, client), (&confab, client)];
     if p.batch {
         arms.push((&confab, &batched));
+    }
+    if p.deflate {
+        arms.push((&confab, &deflated));
     }
     let mut reports = Vec::new();
     let mut ratios = Vec::new();
@@ -217,6 +229,7 @@ pub async fn compare(
                 size,
                 duration: p.duration,
                 window: p.window,
+                words: p.words,
                 ..FanoutParams::default()
             };
             // The arms alternate, so all see the same drift in what else the shared machine
@@ -242,7 +255,11 @@ pub async fn compare(
                 );
             }
             for (arm, (_, arm_client)) in arms.iter().enumerate().skip(1) {
-                let case = fanout::with_batch(format!("S={subscribers} {size}B"), arm_client.batch);
+                let case = fanout::labelled(
+                    format!("S={subscribers} {size}B"),
+                    arm_client.batch,
+                    arm_client.deflate,
+                );
                 let ratio = Ratio::of(
                     &case,
                     &max[arm],
@@ -429,6 +446,7 @@ pub async fn smoke(confab: &Path, out: &Output) -> Result<Vec<SmokeOutcome>> {
         size: 100,
         duration: Duration::from_secs(2),
         window: 16,
+        words: false,
         drain: Duration::from_secs(3),
     };
     let mut outcomes = Vec::new();
