@@ -40,7 +40,7 @@ echo "==> cargo test, the end-to-end suite against a distributed deployment"
 CONFAB_TEST_TARGET=cluster cargo test -p confab --locked \
   --test handshake --test ops --test errors_and_limits --test close_codes --test http_api \
   --test admin_api --test isolation --test hostile_input --test health --test upgrade \
-  --test workspace_limits --test webhooks --test batch \
+  --test workspace_limits --test webhooks --test batch --test compression \
   -- --test-threads="${CONFAB_TEST_THREADS:-4}"
 
 # The same suite with the directory and the cell store on one real 3-master Redis Cluster

@@ -976,9 +976,10 @@ impl ChannelActor {
         {
             let now = now_us();
             for (_, frame) in self.recent.iter().filter(|(seq, _)| *seq > after) {
+                // A clone shares the frame's compressed form with every replay of it.
                 target.send(Frame {
-                    text: frame.text.clone(),
                     created_us: now,
+                    ..frame.clone()
                 });
             }
             return ready(()).boxed_local();

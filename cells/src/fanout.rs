@@ -18,10 +18,7 @@ use crate::registry::SessionEntry;
 
 /// Encodes an event once into the frame every recipient shares.
 pub(crate) fn frame(event: &Event, created_us: u64) -> Frame {
-    Frame {
-        text: encode_event(event),
-        created_us,
-    }
+    Frame::new(encode_event(event), created_us)
 }
 
 /// Delivers `frame` to `sessions` (of any links): one `Deliver` per link. For the few

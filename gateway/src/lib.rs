@@ -35,6 +35,7 @@ pub mod auth;
 pub mod body_timeout;
 pub mod cell_watch;
 pub mod config;
+pub mod deflate;
 pub mod http_api;
 pub mod link_ws;
 pub mod links;

@@ -156,13 +156,13 @@ impl PresenceHub {
             Some(watchers) => watchers.iter().cloned().collect(),
             None => return,
         };
-        let frame = Frame {
-            text: encode_event(&Event::Presence {
+        let frame = Frame::new(
+            encode_event(&Event::Presence {
                 user: change.user.clone(),
                 status: change.status,
             }),
-            created_us: confab_shared::now_us(),
-        };
+            confab_shared::now_us(),
+        );
         self.sessions.deliver(watchers, frame).await;
     }
 

@@ -329,10 +329,7 @@ mod tests {
     }
 
     fn frame(text: &'static str) -> Frame {
-        Frame {
-            text: ByteString::from_static(text),
-            created_us: 0,
-        }
+        Frame::new(ByteString::from_static(text), 0)
     }
 
     #[test]

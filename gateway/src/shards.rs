@@ -348,10 +348,7 @@ mod tests {
     }
 
     fn frame(n: usize) -> Frame {
-        Frame {
-            text: ByteString::from(n.to_string()),
-            created_us: 0,
-        }
+        Frame::new(ByteString::from(n.to_string()), 0)
     }
 
     fn ack(n: u64) -> Result<CellReply, CellError> {

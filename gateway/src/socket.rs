@@ -34,6 +34,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
+use crate::deflate::{self, BatchWriter, InflateError};
 use crate::metrics as m;
 
 /// Most bytes one write takes from the queue.
@@ -62,6 +63,9 @@ const FIN_PONG: u8 = 0x8A;
 pub struct SocketOptions {
     /// `?batch=1`: text frames queued together go out as one JSON array per WebSocket frame.
     pub batch: bool,
+    /// permessage-deflate was negotiated ([`crate::deflate`]): text frames worth compressing
+    /// go out compressed, and the client's compressed messages are inflated.
+    pub deflate: bool,
 }
 
 /// A frame received from the client.
@@ -86,12 +90,23 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
-    /// A reader of `socket`, starting with `already_read` (bytes that came with the upgrade).
-    pub fn new(socket: OwnedReadHalf, already_read: &[u8], max_frame_bytes: usize) -> Self {
+    /// A reader of `socket`, starting with `already_read` (bytes that came with the upgrade);
+    /// `options.deflate` says whether the client may send compressed messages.
+    pub fn new(
+        socket: OwnedReadHalf,
+        already_read: &[u8],
+        max_frame_bytes: usize,
+        options: SocketOptions,
+    ) -> Self {
+        let decoder = if options.deflate {
+            FrameDecoder::with_deflate(max_frame_bytes)
+        } else {
+            FrameDecoder::new(max_frame_bytes)
+        };
         FrameReader {
             socket,
             buf: BytesMut::from(already_read),
-            decoder: FrameDecoder::new(max_frame_bytes),
+            decoder,
             ended: false,
         }
     }
@@ -175,11 +190,23 @@ impl FrameReader {
 
 /// The pure half of [`FrameReader`]: turns the bytes a client sent into whole frames
 /// (continuations aggregated, bounded), with no socket, so it can be fuzzed on byte buffers.
+///
+/// With permessage-deflate, a message whose first frame has RSV1 set is inflated once whole,
+/// to at most the same bound as any message ([`crate::deflate::inflate`]). actix-http's
+/// parser refuses reserved bits, so the decoder reads RSV1 off the head of the buffer and
+/// clears it before the parser takes that frame: the parser takes exactly one frame from the
+/// start of the buffer per call, and takes nothing until the frame is whole.
 pub struct FrameDecoder {
     codec: Codec,
-    /// A fragmented message being aggregated: whether it is text, and its bytes so far.
-    partial: Option<(bool, BytesMut)>,
+    /// A fragmented message being aggregated: whether it is text, whether it is compressed,
+    /// and its bytes so far.
+    partial: Option<(bool, bool, BytesMut)>,
     max_frame_bytes: usize,
+    /// permessage-deflate was negotiated.
+    deflate: bool,
+    /// Whether the frame at the head of the buffer had RSV1 set, once its first byte was read
+    /// (and the bit cleared).
+    head_rsv1: Option<bool>,
 }
 
 impl FrameDecoder {
@@ -189,6 +216,16 @@ impl FrameDecoder {
             codec: Codec::new().max_size(max_frame_bytes),
             partial: None,
             max_frame_bytes,
+            deflate: false,
+            head_rsv1: None,
+        }
+    }
+
+    /// The same, for a connection that negotiated permessage-deflate.
+    pub fn with_deflate(max_frame_bytes: usize) -> Self {
+        FrameDecoder {
+            deflate: true,
+            ..FrameDecoder::new(max_frame_bytes)
         }
     }
 
@@ -196,31 +233,76 @@ impl FrameDecoder {
     /// whole frame yet (more bytes are needed). After an error the connection must close.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, ProtocolError> {
         loop {
+            let compressed = self.head_compressed(buf);
             match self.codec.decode(buf)? {
                 Some(frame) => {
-                    if let Some(incoming) = self.take(frame)? {
+                    self.head_rsv1 = None;
+                    if let Some(incoming) = self.take(frame, compressed)? {
                         return Ok(Some(incoming));
                     }
+                }
+                // A frame whose (valid) header announces more than the limit is refused now,
+                // before its payload arrives: the parser would first buffer all of it.
+                None if declared_len(buf).is_some_and(|len| len > self.max_frame_bytes as u64) => {
+                    return Err(ProtocolError::Overflow);
                 }
                 None => return Ok(None),
             }
         }
     }
 
+    /// Whether the frame at the head of `buf` is compressed (RSV1 with deflate negotiated),
+    /// clearing the bit for the parser the first time it is seen. Without deflate the bit is
+    /// left alone, and the parser refuses the frame.
+    fn head_compressed(&mut self, buf: &mut BytesMut) -> bool {
+        if let Some(rsv1) = self.head_rsv1 {
+            return rsv1;
+        }
+        let Some(first) = buf.first_mut() else {
+            return false;
+        };
+        let rsv1 = self.deflate && *first & RSV1 != 0;
+        if rsv1 {
+            *first &= !RSV1;
+        }
+        self.head_rsv1 = Some(rsv1);
+        rsv1
+    }
+
     /// Turns a decoded frame into what the connection sees; `Ok(None)` while a fragmented
     /// message is still incomplete.
-    fn take(&mut self, frame: WsFrame) -> Result<Option<Incoming>, ProtocolError> {
+    fn take(
+        &mut self,
+        frame: WsFrame,
+        compressed: bool,
+    ) -> Result<Option<Incoming>, ProtocolError> {
+        if compressed
+            && !matches!(
+                frame,
+                WsFrame::Text(_)
+                    | WsFrame::Binary(_)
+                    | WsFrame::Continuation(Item::FirstText(_) | Item::FirstBinary(_))
+            )
+        {
+            // RFC 7692 §6.1: only a message's first frame carries RSV1, and never a control frame.
+            return Err(invalid_data("RSV1 on a control or continuation frame"));
+        }
         Ok(Some(match frame {
+            WsFrame::Text(bytes) if compressed => text(self.inflate(&bytes)?),
             WsFrame::Text(bytes) => text(bytes),
             WsFrame::Binary(_) => Incoming::Binary,
             WsFrame::Ping(payload) => Incoming::Ping(payload),
             WsFrame::Pong(_) => Incoming::Pong,
             WsFrame::Close(_) => Incoming::Close,
-            WsFrame::Continuation(item) => return self.aggregate(item),
+            WsFrame::Continuation(item) => return self.aggregate(item, compressed),
         }))
     }
 
-    fn aggregate(&mut self, item: Item) -> Result<Option<Incoming>, ProtocolError> {
+    fn aggregate(
+        &mut self,
+        item: Item,
+        compressed: bool,
+    ) -> Result<Option<Incoming>, ProtocolError> {
         let (first, is_text, bytes, last) = match item {
             Item::FirstText(b) => (true, true, b, false),
             Item::FirstBinary(b) => (true, false, b, false),
@@ -228,9 +310,9 @@ impl FrameDecoder {
             Item::Last(b) => (false, false, b, true),
         };
         if first {
-            self.partial = Some((is_text, BytesMut::new()));
+            self.partial = Some((is_text, compressed, BytesMut::new()));
         }
-        let Some((is_text, collected)) = self.partial.as_mut() else {
+        let Some((is_text, _, collected)) = self.partial.as_mut() else {
             return Err(ProtocolError::ContinuationNotStarted);
         };
         if collected.len() + bytes.len() > self.max_frame_bytes {
@@ -242,17 +324,43 @@ impl FrameDecoder {
             return Ok(None);
         }
         let is_text = *is_text;
-        let collected = self
+        let (compressed, collected) = self
             .partial
             .take()
-            .map(|(_, b)| b.freeze())
+            .map(|(_, compressed, b)| (compressed, b.freeze()))
             .unwrap_or_default();
-        Ok(Some(if is_text {
-            text(collected)
-        } else {
-            Incoming::Binary
+        Ok(Some(match (is_text, compressed) {
+            (true, true) => text(self.inflate(&collected)?),
+            (true, false) => text(collected),
+            (false, _) => Incoming::Binary,
         }))
     }
+
+    /// A compressed message's text, within the same bound as any message (`1009` beyond).
+    fn inflate(&self, compressed: &[u8]) -> Result<Bytes, ProtocolError> {
+        deflate::inflate(compressed, self.max_frame_bytes).map_err(|e| match e {
+            InflateError::TooBig => ProtocolError::Overflow,
+            InflateError::Corrupt => invalid_data("bad deflate data"),
+        })
+    }
+}
+
+/// RSV1 in a frame's first byte: the message is compressed (RFC 7692).
+const RSV1: u8 = 0x40;
+
+/// The payload length a client frame's header announces, once the header's length bytes are
+/// in `buf`.
+fn declared_len(buf: &[u8]) -> Option<u64> {
+    let second = *buf.get(1)?;
+    Some(match second & 0x7f {
+        126 => u64::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+        127 => u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?),
+        len => u64::from(len),
+    })
+}
+
+fn invalid_data(why: &'static str) -> ProtocolError {
+    ProtocolError::Io(io::Error::new(io::ErrorKind::InvalidData, why))
 }
 
 fn text(bytes: Bytes) -> Incoming {
@@ -348,10 +456,7 @@ impl Outbox {
     pub fn push_reply(&self, text: ByteString) -> Result<(), Refused> {
         let mut state = self.state.lock();
         state.admit(text.len(), self.max_frames, self.max_bytes)?;
-        state.frames.push_back(Outgoing::Text(Frame {
-            text,
-            created_us: 0,
-        }));
+        state.frames.push_back(Outgoing::Text(Frame::new(text, 0)));
         state.wake();
         Ok(())
     }
@@ -506,6 +611,49 @@ impl OutboxEncoder {
         }
     }
 
+    /// The compressed form of `frame` for this connection, if it negotiated compression and
+    /// the frame is worth it: computed by the first session that needs it, whatever thread
+    /// that session is on, and shared by every other (the frame's clones share the cache).
+    fn deflated<'f>(&self, frame: &'f Frame) -> Option<&'f Bytes> {
+        if !self.options.deflate {
+            return None;
+        }
+        frame
+            .deflated
+            .get_or_init(|| deflate::compress(frame.text.as_bytes()))
+    }
+
+    fn put_text(&self, buf: &mut BytesMut, frame: &Frame) {
+        match self.deflated(frame) {
+            Some(deflated) => put_frame(buf, FIN_TEXT | RSV1, deflated),
+            None => put_frame(buf, FIN_TEXT, frame.text.as_bytes()),
+        }
+    }
+
+    /// `group` as one JSON array of `array_len` bytes in one frame. Compressed, the array is
+    /// made of each element's own compressed bytes ([`BatchWriter`]), so it costs no
+    /// compression of its own; when no element is worth compressing it goes out plain.
+    fn put_array(&self, buf: &mut BytesMut, group: &[Frame], array_len: usize) {
+        let deflated: Vec<Option<&Bytes>> = group.iter().map(|f| self.deflated(f)).collect();
+        if deflated.iter().any(Option::is_some) {
+            let mut batch = BatchWriter::with_capacity(array_len);
+            for (frame, deflated) in group.iter().zip(&deflated) {
+                batch.push(frame.text.as_bytes(), *deflated);
+            }
+            put_frame(buf, FIN_TEXT | RSV1, &batch.finish());
+            return;
+        }
+        put_header(buf, FIN_TEXT, array_len);
+        buf.put_u8(b'[');
+        for (i, frame) in group.iter().enumerate() {
+            if i > 0 {
+                buf.put_u8(b',');
+            }
+            buf.extend_from_slice(frame.text.as_bytes());
+        }
+        buf.put_u8(b']');
+    }
+
     /// The next batch to write; `None` after the close frame. Pending while nothing is queued.
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<BytesMut>> {
         if self.done {
@@ -531,29 +679,34 @@ impl OutboxEncoder {
                         (0, 0)
                     };
                     if joining == 0 {
-                        put_frame(&mut buf, FIN_TEXT, frame.text.as_bytes());
+                        self.put_text(&mut buf, &frame);
                         continue;
                     }
-                    // One array of this frame and the `joining` texts queued behind it, its
-                    // elements copied straight from the shared encoded frames.
-                    put_header(&mut buf, FIN_TEXT, array_len);
-                    buf.put_u8(b'[');
-                    buf.extend_from_slice(frame.text.as_bytes());
+                    // One array of this frame and the `joining` texts queued behind it.
+                    let mut group = Vec::with_capacity(joining + 1);
+                    group.push(frame);
                     for _ in 0..joining {
                         let Some(Outgoing::Text(next)) = state.frames.pop_front() else {
                             unreachable!("joining counts queued texts only");
                         };
                         state.bytes = state.bytes.saturating_sub(next.text.len());
                         tally.count(&next);
-                        buf.put_u8(b',');
-                        buf.extend_from_slice(next.text.as_bytes());
+                        group.push(next);
                     }
-                    buf.put_u8(b']');
+                    self.put_array(&mut buf, &group, array_len);
                 }
                 Outgoing::Ready(text) => {
                     state.bytes = state.bytes.saturating_sub(text.len());
                     tally.texts += 1;
-                    put_frame(&mut buf, FIN_TEXT, text.as_bytes());
+                    // `ready` goes to one session only: compressed here, not cached.
+                    let deflated = self
+                        .options
+                        .deflate
+                        .then(|| deflate::compress(text.as_bytes()));
+                    match deflated.flatten() {
+                        Some(deflated) => put_frame(&mut buf, FIN_TEXT | RSV1, &deflated),
+                        None => put_frame(&mut buf, FIN_TEXT, text.as_bytes()),
+                    }
                 }
                 Outgoing::Pong(payload) => {
                     state.bytes = state.bytes.saturating_sub(payload.len());
@@ -637,10 +790,7 @@ mod tests {
     use super::*;
 
     fn frame(text: &'static str) -> Frame {
-        Frame {
-            text: ByteString::from_static(text),
-            created_us: 0,
-        }
+        Frame::new(ByteString::from_static(text), 0)
     }
 
     #[test]
@@ -709,7 +859,10 @@ mod tests {
         out
     }
 
-    const BATCH: SocketOptions = SocketOptions { batch: true };
+    const BATCH: SocketOptions = SocketOptions {
+        batch: true,
+        deflate: false,
+    };
 
     #[test]
     fn with_batch_texts_queued_together_go_out_as_one_array() {
@@ -761,6 +914,202 @@ mod tests {
         assert_eq!(out.len(), 3, "ready, an array of two, then the rest");
         assert_eq!(out[1], format!("[{big},{big}]"));
         assert_eq!(out[2], format!("[{big},{big}]"));
+    }
+
+    /// The frames of one write as (first byte, payload), read without actix-http's parser
+    /// (which refuses RSV1).
+    fn raw_frames(outbox: &Arc<Outbox>, options: SocketOptions) -> Vec<(u8, Vec<u8>)> {
+        let mut encoder = OutboxEncoder::new(Arc::clone(outbox), options);
+        let mut cx = Context::from_waker(Waker::noop());
+        let Poll::Ready(Some(wire)) = encoder.poll_batch(&mut cx) else {
+            panic!("nothing to write");
+        };
+        let mut out = Vec::new();
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            let len = declared_len(rest).unwrap_or_else(|| panic!("a partial header")) as usize;
+            let header = match rest[1] & 0x7f {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            out.push((rest[0], rest[header..header + len].to_vec()));
+            rest = &rest[header + len..];
+        }
+        out
+    }
+
+    fn client_inflate(payload: &[u8]) -> String {
+        let mut inflater = flate2::Decompress::new(false);
+        let mut input = payload.to_vec();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(1 << 20);
+        inflater
+            .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8(out).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const DEFLATE: SocketOptions = SocketOptions {
+        batch: false,
+        deflate: true,
+    };
+
+    fn chat(n: usize) -> &'static str {
+        let words = ["hello ", "team ", "the ", "build ", "is ", "green "];
+        let text: String = (0..n).map(|i| words[i % words.len()]).collect();
+        format!(r#"{{"op":"event","text":"{text}"}}"#).leak()
+    }
+
+    #[test]
+    fn with_deflate_a_frame_is_compressed_once_for_every_session() {
+        let event = frame(chat(100));
+        let (first, second) = (Outbox::new(10, 1 << 20), Outbox::new(10, 1 << 20));
+        for outbox in [&first, &second] {
+            outbox.go_live(ByteString::from_static("{}"));
+            outbox.push_event(event.clone()).unwrap();
+            outbox.push_event(frame(r#"{"op":"pong"}"#)).unwrap();
+        }
+        let out = raw_frames(&first, DEFLATE);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0], (FIN_TEXT, b"{}".to_vec()), "small frames go plain");
+        assert_eq!(out[1].0, FIN_TEXT | RSV1);
+        assert!(out[1].1.len() < event.text.len() / 2);
+        assert_eq!(client_inflate(&out[1].1), event.text.to_string());
+        assert_eq!(out[2], (FIN_TEXT, br#"{"op":"pong"}"#.to_vec()));
+        // The second session sends the same bytes, without compressing again.
+        let cached = event
+            .deflated
+            .get_or_init(|| panic!("compressed a second time"))
+            .cloned();
+        assert_eq!(cached.as_deref(), Some(&out[1].1[..]));
+        assert_eq!(raw_frames(&second, DEFLATE)[1], out[1]);
+        // Without the extension, the same frame goes plain.
+        let plain = Outbox::new(10, 1 << 20);
+        plain.go_live(ByteString::from_static("{}"));
+        plain.push_event(event.clone()).unwrap();
+        assert_eq!(
+            raw_frames(&plain, SocketOptions::default())[1],
+            (FIN_TEXT, event.text.as_bytes().to_vec())
+        );
+    }
+
+    #[test]
+    fn with_deflate_and_batch_an_array_inflates_to_every_frame_in_order() {
+        let outbox = Outbox::new(10, 1 << 20);
+        outbox.go_live(ByteString::from_static("{}"));
+        let texts = [chat(50), r#"{"op":"ack"}"#, chat(80)];
+        for text in texts {
+            outbox.push_event(frame(text)).unwrap();
+        }
+        let out = raw_frames(
+            &outbox,
+            SocketOptions {
+                batch: true,
+                deflate: true,
+            },
+        );
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].0, FIN_TEXT | RSV1);
+        assert_eq!(client_inflate(&out[1].1), format!("[{}]", texts.join(",")));
+    }
+
+    /// A client frame: masked, with `first` as its first byte.
+    fn client_frame(first: u8, payload: &[u8]) -> BytesMut {
+        let mut codec_free = BytesMut::new();
+        codec_free.put_u8(first);
+        let mask = [1u8, 2, 3, 4];
+        if payload.len() < 126 {
+            codec_free.put_u8(0x80 | payload.len() as u8);
+        } else {
+            codec_free.put_u8(0x80 | 126);
+            codec_free.put_u16(payload.len() as u16);
+        }
+        codec_free.extend_from_slice(&mask);
+        codec_free.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        codec_free
+    }
+
+    fn client_deflate(text: &[u8]) -> Vec<u8> {
+        let mut compressor = flate2::Compress::new(flate2::Compression::fast(), false);
+        let mut out = Vec::with_capacity(text.len() + 64);
+        compressor
+            .compress_vec(text, &mut out, flate2::FlushCompress::Sync)
+            .unwrap_or_else(|e| panic!("{e}"));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    #[test]
+    fn compressed_client_messages_are_inflated_whole_or_fragmented() {
+        let text = chat(40);
+        let deflated = client_deflate(text.as_bytes());
+        let mut decoder = FrameDecoder::with_deflate(64 * 1024);
+        let mut wire = client_frame(0x81 | RSV1, &deflated);
+        // Split in two, as TCP may deliver it: the RSV1 read from the first piece is kept.
+        let mut buf = wire.split_to(3);
+        assert_eq!(decoder.decode(&mut buf).ok(), Some(None));
+        buf.extend_from_slice(&wire);
+        assert_eq!(
+            decoder.decode(&mut buf).ok().flatten(),
+            Some(Incoming::Text(ByteString::from(text)))
+        );
+        // A compressed message in two fragments, a ping between them, then a plain text.
+        let (a, b) = deflated.split_at(deflated.len() / 2);
+        let mut buf = client_frame(0x01 | RSV1, a);
+        buf.extend_from_slice(&client_frame(0x89, b"p"));
+        buf.extend_from_slice(&client_frame(0x80, b));
+        buf.extend_from_slice(&client_frame(0x81, b"{}"));
+        let mut got = Vec::new();
+        while let Ok(Some(incoming)) = decoder.decode(&mut buf) {
+            got.push(incoming);
+        }
+        assert_eq!(
+            got,
+            [
+                Incoming::Ping(Bytes::from_static(b"p")),
+                Incoming::Text(ByteString::from(text)),
+                Incoming::Text(ByteString::from_static("{}")),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_frame_limit_holds_after_inflation_and_on_declared_lengths() {
+        let big = "y".repeat(10_000);
+        let mut decoder = FrameDecoder::with_deflate(4096);
+        let mut buf = client_frame(0x81 | RSV1, &client_deflate(big.as_bytes()));
+        assert!(buf.len() < 4096);
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Err(ProtocolError::Overflow)
+        ));
+        // A header announcing a gigabyte is refused before any payload comes.
+        let mut decoder = FrameDecoder::new(4096);
+        let mut buf = BytesMut::from(&[0x81, 0x80 | 127, 0, 0, 0, 0, 0x40, 0, 0, 0][..]);
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Err(ProtocolError::Overflow)
+        ));
+    }
+
+    #[test]
+    fn rsv1_is_refused_without_deflate_and_on_control_and_continuation_frames() {
+        let deflated = client_deflate(b"{\"op\":\"ping\"}");
+        let mut plain = FrameDecoder::new(4096);
+        assert!(plain
+            .decode(&mut client_frame(0x81 | RSV1, &deflated))
+            .is_err());
+        let mut decoder = FrameDecoder::with_deflate(4096);
+        assert!(decoder.decode(&mut client_frame(0x89 | RSV1, b"")).is_err());
+        let mut decoder = FrameDecoder::with_deflate(4096);
+        let mut buf = client_frame(0x01, b"{");
+        buf.extend_from_slice(&client_frame(0x80 | RSV1, b"}"));
+        assert_eq!(decoder.decode(&mut buf).ok(), None);
+        let mut decoder = FrameDecoder::with_deflate(4096);
+        assert!(decoder
+            .decode(&mut client_frame(0x81 | RSV1, b"\xff\xff\xff"))
+            .is_err());
     }
 
     #[test]

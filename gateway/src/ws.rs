@@ -15,7 +15,7 @@ use actix_codec::Framed;
 use actix_http::body::{BodySize, BoxBody};
 use actix_http::h1;
 use actix_http::ws::{HandshakeError, ProtocolError};
-use actix_http::{ConnectionType, Request, Response};
+use actix_http::{header, ConnectionType, Request, Response};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
 use bytestring::ByteString;
@@ -31,6 +31,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
 use crate::api_error::ApiError;
+use crate::deflate;
 use crate::links::{RequestTimeouts, RouteError};
 use crate::metrics as m;
 use crate::rate::TokenBucket;
@@ -57,11 +58,23 @@ pub async fn upgrade(
         return respond_and_close(framed, ApiError::not_found("no such endpoint")).await;
     }
     let handshake = actix_http::ws::handshake(req.head());
-    let options = socket_options(req.uri().query());
+    let deflate = deflate::negotiate(
+        req.head()
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .filter_map(|value| value.to_str().ok()),
+    );
+    let mut options = socket_options(req.uri().query());
+    options.deflate = deflate.is_some();
     // The request's headers share the dispatcher's read buffer: let both go now.
     drop(req);
     let response = match handshake {
-        Ok(mut response) => response.finish().drop_body(),
+        Ok(mut response) => {
+            if let Some(accepted) = deflate {
+                response.insert_header((header::SEC_WEBSOCKET_EXTENSIONS, accepted));
+            }
+            response.finish().drop_body()
+        }
         Err(e) => return respond_and_close(framed, handshake_failed(e)).await,
     };
     if gateway.shutdown.is_cancelled() {
@@ -93,13 +106,15 @@ pub async fn upgrade(
     let parts = framed.into_parts();
     let (read, write) = parts.io.into_split();
     // Bytes the client sent right behind the request are its first frames.
-    let reader = FrameReader::new(read, &parts.read_buf, gateway.config.limits.max_frame_bytes);
+    let max_frame_bytes = gateway.config.limits.max_frame_bytes;
+    let reader = FrameReader::new(read, &parts.read_buf, max_frame_bytes, options);
     actix_rt::spawn(serve_socket(gateway, reader, write, options, open, pending));
     Ok(())
 }
 
 /// The opt-ins a client asks for in the query of `/v1/ws` (SPEC §4): `batch=1`. Other
-/// parameters, and other values, are ignored.
+/// parameters, and other values, are ignored. (The other opt-in, permessage-deflate, is
+/// negotiated in the headers.)
 fn socket_options(query: Option<&str>) -> SocketOptions {
     let mut options = SocketOptions::default();
     for pair in query.unwrap_or("").split('&') {

@@ -204,6 +204,7 @@ async fn open_session(gateway: &str, user: &str, delivered: Arc<AtomicU64>) -> R
     let addr = gateway.trim_start_matches("http://").to_string();
     let stream = tokio::net::TcpStream::connect(&addr).await?;
     let url = format!("ws://{addr}/v1/ws");
+    let stream = crate::wire::WireStream::new(stream);
     let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
     let token = mint_jwt(JWT_SECRET, WORKSPACE, user, 3600)?;
     client::hello(&mut ws, &token, &[]).await?;

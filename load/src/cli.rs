@@ -343,6 +343,9 @@ struct TargetArgs {
     batch: bool,
     #[command(flatten)]
     pin: PinArgs,
+    /// Connections to confab negotiate permessage-deflate.
+    #[arg(long)]
+    deflate: bool,
     /// Results directory (default: load/results of the source tree).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -408,6 +411,7 @@ impl TargetArgs {
             },
             connect_concurrency: self.connect_concurrency,
             batch: self.batch,
+            deflate: self.deflate,
         }
     }
 
@@ -439,6 +443,9 @@ struct FanoutArgs {
     /// Max rate: messages in flight per subscriber.
     #[arg(long, default_value_t = 64)]
     window: u64,
+    /// Pad texts with words (compressible like chat) instead of one repeated letter.
+    #[arg(long)]
+    words: bool,
 }
 
 impl FanoutArgs {
@@ -455,6 +462,7 @@ impl FanoutArgs {
                         size,
                         duration: secs(self.duration),
                         window: self.window,
+                        words: self.words,
                         ..FanoutParams::default()
                     });
                 }
@@ -541,9 +549,16 @@ struct CompareArgs {
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
     /// Also run every case against confab with clients asking for batched frames
-    /// (`?batch=1`), alternating with the other two, with its own ratios to the reference.
+    /// (`?batch=1`), alternating with the other runs, with its own ratios to the reference.
     #[arg(long)]
     batch: bool,
+    /// Also run every case against confab with clients negotiating permessage-deflate, the
+    /// same way.
+    #[arg(long)]
+    deflate: bool,
+    /// Pad texts with words (compressible like chat) instead of one repeated letter.
+    #[arg(long)]
+    words: bool,
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -669,6 +684,8 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 half: !args.no_half,
                 pin: args.pin.pin.clone(),
                 max_other_cpu_s: args.max_other_cpu,
+                deflate: args.deflate,
+                words: args.words,
             };
             let client = ClientOptions {
                 connect_concurrency: args.connect_concurrency,

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use confab_shared::server::ServerFrame;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -24,9 +26,10 @@ use crate::payload::{self, Incoming};
 use crate::seq::{Observation, SeqTotals, SeqTracker};
 use crate::stats::{Counters, LatencyHub};
 use crate::target::{ServerKind, Target};
+use crate::wire::{self, WireStream};
 
-/// A client WebSocket.
-pub type Ws = WebSocketStream<TcpStream>;
+/// A client WebSocket, over a socket that counts what arrives and inflates permessage-deflate.
+pub type Ws = WebSocketStream<WireStream>;
 
 /// Loopback source addresses to spread connections over: one address has ~28,000 ephemeral
 /// ports, and a reconnect storm needs new ports while the old ones sit in TIME_WAIT.
@@ -51,13 +54,17 @@ pub struct Connector {
     endpoints: Vec<(String, SocketAddr)>,
     /// Connections ask confab for batched frames (`/v1/ws?batch=1`, SPEC §4).
     pub batch: bool,
+    /// Connections offer confab permessage-deflate (and fail if it is not accepted).
+    pub deflate: bool,
 }
 
 impl Connector {
     /// A connector to `target`'s endpoints; with `batch`, confab connections ask for batched
-    /// frames (the reference server has no such option and is asked nothing).
-    pub async fn new(target: &Target, batch: bool) -> Result<Self> {
+    /// frames, and with `deflate` they offer permessage-deflate (the reference server has
+    /// neither and is asked for nothing).
+    pub async fn new(target: &Target, batch: bool, deflate: bool) -> Result<Self> {
         let batch = batch && target.kind == ServerKind::Confab;
+        let deflate = deflate && target.kind == ServerKind::Confab;
         let mut endpoints = Vec::new();
         for i in 0..target.bases.len() {
             let mut url = target.ws_url(i);
@@ -79,6 +86,7 @@ impl Connector {
             kind: target.kind,
             endpoints,
             batch,
+            deflate,
         })
     }
 
@@ -108,17 +116,34 @@ impl Connector {
             .map_err(|_| anyhow!("connecting to {addr} timed out"))?
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
-        let (ws, _) = tokio::time::timeout(
+        let mut request = url.as_str().into_client_request()?;
+        if self.deflate {
+            request.headers_mut().insert(
+                "Sec-WebSocket-Extensions",
+                HeaderValue::from_static(wire::DEFLATE_OFFER),
+            );
+        }
+        let (mut ws, response) = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             tokio_tungstenite::client_async_with_config(
-                url.as_str(),
-                stream,
+                request,
+                WireStream::new(stream),
                 Some(client_ws_config()),
             ),
         )
         .await
         .map_err(|_| anyhow!("websocket handshake with {url} timed out"))?
         .with_context(|| format!("websocket handshake with {url}"))?;
+        if self.deflate {
+            let answer = response
+                .headers()
+                .get("Sec-WebSocket-Extensions")
+                .and_then(|v| v.to_str().ok());
+            let Some(no_context_takeover) = wire::accepted(answer) else {
+                bail!("{url} did not accept permessage-deflate");
+            };
+            ws.get_mut().inflate(no_context_takeover);
+        }
         Ok(ws)
     }
 
@@ -467,6 +492,9 @@ pub async fn receive_loop(
             _ = stop.cancelled() => return Ended::Stopped(Box::new(ws)),
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
+                    if inbox.measure {
+                        Counters::bump(&shared.counters.frames);
+                    }
                     inbox.handle_each(&text, shared, |_| {});
                 }
                 Some(Ok(Message::Close(close))) => {

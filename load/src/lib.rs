@@ -25,6 +25,8 @@
 //!   model of `docs/capacity.md` built from them.
 //! - [`report`], [`plot`], [`progress`]: results as JSON, Markdown and PNG; progress bars.
 //! - [`moving`]: the live-move benchmark (a workspace's pause while it moves between cells).
+//! - [`wire`]: the socket beneath each client WebSocket: wire byte counts, and inflating
+//!   permessage-deflate messages for tungstenite.
 //! - [`cli`]: the command line.
 //!
 //! Traffic goes only to the targets given (in practice 127.0.0.1); every run is bounded in
@@ -48,3 +50,4 @@ pub mod seq;
 pub mod stats;
 pub mod suite;
 pub mod target;
+pub mod wire;

@@ -567,7 +567,7 @@ pub async fn run(bench: MoveBench) -> Result<MoveReport> {
     seed(&http, &gw, &channels[MOVING], per_channel, bench.messages).await?;
 
     let target = Target::external(ServerKind::Confab, vec![gw.clone()], Vec::new());
-    let connector = Arc::new(Connector::new(&target, false).await?);
+    let connector = Arc::new(Connector::new(&target, false, false).await?);
     let start = Instant::now();
     let stop = CancellationToken::new();
     let send_every = Duration::from_secs_f64(bench.channels as f64 / bench.rate.max(0.1));

@@ -111,6 +111,9 @@ pub struct Counters {
     pub resyncs: AtomicU64,
     /// Connections the server closed or that failed while they should have stayed open.
     pub disconnects: AtomicU64,
+    /// Text frames received by measuring receivers (fewer than their deliveries when frames
+    /// are batched).
+    pub frames: AtomicU64,
 }
 
 impl Counters {

@@ -209,6 +209,10 @@ pub struct CompareParams {
     /// it is kept in the results, marked, and run again (at most [`DISTURBED_RETRIES`]
     /// times; the last attempt counts whatever it measured).
     pub max_other_cpu_s: Option<f64>,
+    /// Also run confab with clients that negotiate permessage-deflate, as an arm of its own.
+    pub deflate: bool,
+    /// Word texts ([`crate::payload::make_words_text`]).
+    pub words: bool,
 }
 
 /// Most repeats of one disturbed run.
@@ -249,15 +253,22 @@ pub async fn compare(
             ..p.dev.clone()
         },
     };
-    // The runs of each case alternate over the arms: the reference, confab, and with
-    // `batch`, confab again with its clients asking for batched frames.
+    // The runs of each case alternate over the arms: the reference, confab, and confab again
+    // with its clients asking for batched frames (`batch`) or compression (`deflate`).
     let batched = ClientOptions {
         batch: true,
+        ..client.clone()
+    };
+    let deflated = ClientOptions {
+        deflate: true,
         ..client.clone()
     };
     let mut arms = vec![(&reference, client), (&confab, client)];
     if p.batch {
         arms.push((&confab, &batched));
+    }
+    if p.deflate {
+        arms.push((&confab, &deflated));
     }
     let mut reports = Vec::new();
     let mut ratios = Vec::new();
@@ -273,6 +284,7 @@ pub async fn compare(
                 size,
                 duration: p.duration,
                 window: p.window,
+                words: p.words,
                 ..FanoutParams::default()
             };
             // The arms alternate, so all see the same drift in what else the shared machine
@@ -305,7 +317,11 @@ pub async fn compare(
                 at_fixed.push((deliveries, runs));
             }
             for (arm, (_, arm_client)) in arms.iter().enumerate().skip(1) {
-                let case = fanout::with_batch(format!("S={subscribers} {size}B"), arm_client.batch);
+                let case = fanout::labelled(
+                    format!("S={subscribers} {size}B"),
+                    arm_client.batch,
+                    arm_client.deflate,
+                );
                 let mut ratio = Ratio::of(
                     &case,
                     &max[arm],
@@ -726,6 +742,7 @@ pub async fn smoke(confab: &Path, out: &Output) -> Result<Vec<SmokeOutcome>> {
         size: 100,
         duration: Duration::from_secs(2),
         window: 16,
+        words: false,
         drain: Duration::from_secs(3),
     };
     let mut outcomes = Vec::new();

@@ -15,8 +15,10 @@
 //! session's `Ready` may arrive after `Deliver`s for it, and the gateway holds those back until
 //! `Ready` has been written.
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +38,52 @@ pub struct Frame {
     pub text: ByteString,
     /// Unix microseconds at which the cell created the event (for delivery latency).
     pub created_us: u64,
+    /// The text's permessage-deflate form, made by the first session that needs it and
+    /// shared by every clone of the frame, so that a fanout compresses an event once. Never
+    /// sent over a link: each gateway makes its own.
+    #[serde(skip)]
+    pub deflated: Deflated,
+}
+
+impl Frame {
+    pub fn new(text: ByteString, created_us: u64) -> Frame {
+        Frame {
+            text,
+            created_us,
+            deflated: Deflated::default(),
+        }
+    }
+}
+
+/// The compressed form of a [`Frame`], computed at most once for all its clones. A cache, not
+/// part of the frame's value: frames compare equal whatever it holds.
+#[derive(Clone, Default)]
+pub struct Deflated(Arc<OnceLock<Option<Bytes>>>);
+
+impl Deflated {
+    /// The compressed form, made by `compress` the first time any clone asks; `None` when the
+    /// frame goes out uncompressed.
+    pub fn get_or_init(&self, compress: impl FnOnce() -> Option<Bytes>) -> Option<&Bytes> {
+        self.0.get_or_init(compress).as_ref()
+    }
+}
+
+impl PartialEq for Deflated {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Deflated {}
+
+impl fmt::Debug for Deflated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.get() {
+            Some(Some(bytes)) => write!(f, "Deflated({} bytes)", bytes.len()),
+            Some(None) => f.write_str("Deflated(none)"),
+            None => f.write_str("Deflated(not yet)"),
+        }
+    }
 }
 
 /// Who performs a request: a user of a workspace, through a WebSocket session or over HTTP.
@@ -704,10 +752,7 @@ mod tests {
             },
             ToGateway::Deliver {
                 sessions: Arc::from(vec![session.clone()]),
-                frame: Frame {
-                    text: ByteString::from_static("{\"op\":\"event\"}"),
-                    created_us: 9,
-                },
+                frame: Frame::new(ByteString::from_static("{\"op\":\"event\"}"), 9),
             },
             ToGateway::Reply {
                 req: 3,
@@ -862,10 +907,7 @@ mod tests {
     fn big_reply(bytes: usize) -> ToGateway {
         ToGateway::Deliver {
             sessions: Arc::from(vec![]),
-            frame: Frame {
-                text: ByteString::from("x".repeat(bytes)),
-                created_us: 1,
-            },
+            frame: Frame::new(ByteString::from("x".repeat(bytes)), 1),
         }
     }
 

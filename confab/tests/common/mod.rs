@@ -20,6 +20,8 @@
 // Each test file uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -176,9 +176,14 @@ struct Decoded {
     error: Option<String>,
 }
 
-/// Feeds `data` to a fresh decoder `chunk` bytes at a time, as a socket might deliver it.
-fn decode_stream(data: &[u8], chunk: usize) -> Decoded {
-    let mut decoder = FrameDecoder::new(WS_MAX_FRAME_BYTES);
+/// Feeds `data` to a fresh decoder `chunk` bytes at a time, as a socket might deliver it;
+/// with `deflate`, a decoder of a connection that negotiated permessage-deflate.
+fn decode_stream(data: &[u8], chunk: usize, deflate: bool) -> Decoded {
+    let mut decoder = if deflate {
+        FrameDecoder::with_deflate(WS_MAX_FRAME_BYTES)
+    } else {
+        FrameDecoder::new(WS_MAX_FRAME_BYTES)
+    };
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     for piece in data.chunks(chunk.max(1)) {
@@ -216,7 +221,8 @@ fn check_frame_bounds(decoded: &Decoded) {
 ///
 /// The first byte picks the mode. Odd: the rest is raw client bytes; decoding them whole and
 /// decoding them split into small chunks (as TCP may deliver them) must give the same frames
-/// and the same error, and no frame is over the limit. Even: the rest is a script of client
+/// and the same error, and no frame is over the limit, inflated or not (bit 1 of the first
+/// byte picks a decoder with permessage-deflate). Even: the rest is a script of client
 /// messages (texts, binaries, pings, fragmented texts with pings in between), encoded as a
 /// conforming client would (masked); decoding must give exactly those messages back.
 pub fn ws_frames(data: &[u8]) {
@@ -224,10 +230,12 @@ pub fn ws_frames(data: &[u8]) {
         return;
     };
     if mode & 1 == 1 {
-        let whole = decode_stream(rest, rest.len());
+        // Bit 1 picks a decoder with permessage-deflate (RSV1 messages inflated, bounded).
+        let deflate = mode & 2 == 2;
+        let whole = decode_stream(rest, rest.len(), deflate);
         check_frame_bounds(&whole);
-        let chunk = usize::from(mode >> 1) % 16 + 1;
-        let split = decode_stream(rest, chunk);
+        let chunk = usize::from(mode >> 2) % 16 + 1;
+        let split = decode_stream(rest, chunk, deflate);
         assert_eq!(whole, split, "chunks of {chunk} bytes decode differently");
     } else {
         scripted_ws_frames(rest);
@@ -295,7 +303,7 @@ fn scripted_ws_frames(script: &[u8]) {
             }
         }
     }
-    let decoded = decode_stream(&wire, wire.len());
+    let decoded = decode_stream(&wire, wire.len(), false);
     assert_eq!(
         decoded,
         Decoded {

@@ -182,10 +182,7 @@ fn link_seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let deliver = ToGateway::Deliver {
         sessions: Arc::from(vec![session.clone(), id::<SessionId>("s2")]),
-        frame: Frame {
-            text: ByteString::from_static("{\"op\":\"event\"}"),
-            created_us: 9,
-        },
+        frame: Frame::new(ByteString::from_static("{\"op\":\"event\"}"), 9),
     };
     let ack = ToGateway::Reply {
         req: 7,

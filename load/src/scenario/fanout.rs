@@ -53,6 +53,8 @@ pub struct FanoutParams {
     pub rate: Option<f64>,
     /// Message text size in bytes.
     pub size: usize,
+    /// Texts padded with words (compressible like chat) instead of one repeated letter.
+    pub words: bool,
     pub duration: Duration,
     /// Max-rate mode: messages in flight per subscriber (on average).
     pub window: u64,
@@ -68,6 +70,7 @@ impl Default for FanoutParams {
             channels: 1,
             rate: None,
             size: 100,
+            words: false,
             duration: Duration::from_secs(10),
             window: 64,
             drain: Duration::from_secs(5),
@@ -86,7 +89,11 @@ impl FanoutParams {
             1 => String::new(),
             k => format!(" K={k}"),
         };
-        format!("S={}{channels} {}B {}", self.subscribers, self.size, rate)
+        let words = if self.words { " words" } else { "" };
+        format!(
+            "S={}{channels} {}B{words} {}",
+            self.subscribers, self.size, rate
+        )
     }
 
     /// Channels actually used: at least 1, at most one per subscriber.
@@ -107,13 +114,17 @@ impl FanoutParams {
     }
 }
 
-/// A case's label, marked when its connections asked for batched frames (`?batch=1`).
-pub fn with_batch(case: String, batch: bool) -> String {
+/// A case's label, marked with what its confab connections asked for: batched frames
+/// (`?batch=1`), permessage-deflate.
+pub fn labelled(case: String, batch: bool, deflate: bool) -> String {
+    let mut case = case;
     if batch {
-        format!("{case} batch=1")
-    } else {
-        case
+        case.push_str(" batch=1");
     }
+    if deflate {
+        case.push_str(" deflate");
+    }
+    case
 }
 
 /// The closed-loop gate of max-rate publishing, shared by every publisher of a run.
@@ -151,6 +162,8 @@ pub struct PublisherSpec {
     pub stream: String,
     pub user: String,
     pub size: usize,
+    /// Word texts ([`payload::make_words_text`]).
+    pub words: bool,
     /// This publisher's rate in messages/s; `None`: as the gate allows.
     pub rate: Option<f64>,
     /// Max rate: most sends of this publisher not yet acked. With many publishers on one
@@ -295,7 +308,11 @@ async fn send_batch(
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     for _ in 0..count {
         let publish_us = payload::now_us();
-        let text = payload::make_text(publish_us, spec.size);
+        let text = if spec.words {
+            payload::make_words_text(publish_us, spec.size, result.sent)
+        } else {
+            payload::make_text(publish_us, spec.size)
+        };
         let frame = match spec.kind {
             ServerKind::Confab => payload::send_frame(
                 &spec.stream,
@@ -466,6 +483,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
     info!(scenario, case = %p.case(), "connected, publishing");
 
     let before = ctx.sample();
+    let wire_before = crate::wire::bytes_in();
     let start_us = payload::now_us();
     let stop_sending = CancellationToken::new();
     // Max rate over K channels: each message reaches S/K subscribers, and each channel may
@@ -483,6 +501,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
             stream: streams[j].clone(),
             user: publishers[j].clone(),
             size: p.size,
+            words: p.words,
             rate: per_publisher,
             max_unacked: (k > 1).then_some(p.window),
         };
@@ -546,6 +565,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
     )
     .await;
     let after = ctx.sample();
+    let wire_bytes = crate::wire::bytes_in().saturating_sub(wire_before);
     stop.cancel();
 
     let collected = collect_subscribers(subs).await;
@@ -568,7 +588,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
     let measured = before.until(&after);
     let mut report = RunReport {
         scenario: scenario.to_string(),
-        case: with_batch(p.case(), ctx.connector.batch),
+        case: labelled(p.case(), ctx.connector.batch, ctx.connector.deflate),
         server: ctx.kind(),
         target: ctx.target.label.clone(),
         params: serde_json::to_value(p).unwrap_or_default(),
@@ -592,8 +612,19 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
         failures: Vec::new(),
         misses: Vec::new(),
     };
-    if let Some(us) = report.cpu_s_per_million() {
-        report.extra.insert("cpu_us_per_ev".into(), us);
+    if delivered > 0 {
+        // Bytes into every client socket (subscribers' and publishers') per delivery.
+        report
+            .extra
+            .insert("wire_B_per_ev".into(), wire_bytes as f64 / delivered as f64);
+        if let Some(us) = report.cpu_s_per_million() {
+            report.extra.insert("cpu_us_per_ev".into(), us);
+            report.extra.insert("server_cpu_us_per_ev".into(), us);
+        }
+        let frames = Counters::get(&shared.counters.frames).max(1);
+        report
+            .extra
+            .insert("ev_per_frame".into(), delivered as f64 / frames as f64);
     }
     report.check_delivery();
     if published == 0 {

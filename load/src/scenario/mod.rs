@@ -39,6 +39,8 @@ pub struct ClientOptions {
     pub connect_concurrency: usize,
     /// Connections to confab ask for batched frames (`?batch=1`).
     pub batch: bool,
+    /// Connections to confab offer permessage-deflate.
+    pub deflate: bool,
 }
 
 impl Default for ClientOptions {
@@ -50,6 +52,7 @@ impl Default for ClientOptions {
             },
             connect_concurrency: 64,
             batch: false,
+            deflate: false,
         }
     }
 }
@@ -72,7 +75,7 @@ impl RunContext {
         for base in &target.bases {
             crate::api::check_reachable(base).await?;
         }
-        let connector = Connector::new(&target, options.batch).await?;
+        let connector = Connector::new(&target, options.batch, options.deflate).await?;
         let api = match target.kind {
             ServerKind::Confab => Some(Api::new(
                 &target.bases[0],

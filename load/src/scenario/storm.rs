@@ -109,6 +109,7 @@ pub async fn run(ctx: &RunContext, p: &StormParams) -> Result<RunReport> {
             stream: channels[k].clone(),
             user: user.clone(),
             size: p.size,
+            words: false,
             rate: Some(p.rate / channels_n as f64),
             max_unacked: None,
         };
