@@ -376,6 +376,24 @@ async fn cluster_masters(conn: &mut ClusterConnection) -> RedisResult<Vec<(Strin
     )))
 }
 
+/// Whether a `MULTI` was aborted because its slot has moved (a failover, a slot migration).
+fn moved_in_transaction(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort) && {
+        let text = e.to_string();
+        text.contains("Moved") || text.contains("MOVED")
+    }
+}
+
+/// The first argument after the name of a pipeline's first command: its key, for the
+/// commands of a transaction on one slot.
+fn first_key(pipeline: &Pipeline) -> Option<Vec<u8>> {
+    let first = pipeline.cmd_iter().next()?;
+    match first.args_iter().nth(1)? {
+        redis::Arg::Simple(key) => Some(key.to_vec()),
+        _ => None,
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -392,7 +410,24 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(conn) => Box::pin(async move {
+                match conn.req_packed_commands(pipeline, offset, count).await {
+                    Err(e) if pipeline.is_transaction() && moved_in_transaction(&e) => {
+                        // The cluster connection follows `MOVED` for commands and plain
+                        // pipelines, not inside `MULTI` (whose commands answer it queued and
+                        // `EXEC` aborts): after a failover a transaction alone would meet the
+                        // old slot map for ever. A read of its first key is redirected and
+                        // refreshes the map; the aborted transaction ran nothing, so it is
+                        // sent again, once.
+                        if let Some(key) = first_key(pipeline) {
+                            let _: RedisResult<Value> =
+                                redis::cmd("EXISTS").arg(key).query_async(conn).await;
+                        }
+                        conn.req_packed_commands(pipeline, offset, count).await
+                    }
+                    other => other,
+                }
+            }),
         }
     }
 
