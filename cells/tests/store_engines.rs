@@ -1591,9 +1591,17 @@ async fn redis_store_survives_a_restart_when_durable(mut backing: Backing) {
         Ok(HashMap::from([(ch("c"), 4)]))
     );
     assert_eq!(store.workspace_exists(&ws("w")).await, Ok(true));
-    // The log continues where it was, and the append script is loaded again by itself.
-    append(s, msg(7)).await;
-    assert_eq!(snapshot(s, "c").await.last_seq, 7);
+    // The log continues where it was, and the append script is loaded again by itself: first
+    // by a pipeline of joins (whose EVALSHAs all meet NOSCRIPT), then by a single append.
+    let joins = [joined("c", 7, "bob"), joined("c", 8, "carol")];
+    assert_eq!(
+        store.append_joins(&ws("w"), &ch("c"), &joins, 4, 10).await,
+        Ok(2)
+    );
+    append(s, msg(9)).await;
+    let c = snapshot(s, "c").await;
+    assert_eq!(c.last_seq, 9);
+    assert_eq!(c.members, users(&["alice", "bob", "carol"]));
 }
 
 async fn a_store_claimed_by_a_newer_epoch_refuses_every_write_of_the_older_one(backing: Backing) {

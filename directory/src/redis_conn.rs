@@ -23,6 +23,7 @@
 //!
 //! See docs/operations.md, "Running on a Redis Cluster".
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -91,7 +92,7 @@ pub fn pubsub_urls(url: &str) -> Vec<String> {
 /// `NOSCRIPT` (see the module docs for why not [`redis::Script`]).
 #[derive(Debug)]
 pub struct Lua {
-    code: &'static str,
+    code: Cow<'static, str>,
     hash: String,
 }
 
@@ -104,10 +105,12 @@ pub struct LuaCall<'a> {
 }
 
 impl Lua {
-    pub fn new(code: &'static str) -> Lua {
+    /// A script from its text: a literal, or one put together once (a shared guard and a body).
+    pub fn new(code: impl Into<Cow<'static, str>>) -> Lua {
+        let code = code.into();
         Lua {
+            hash: redis::Script::new(&code).get_hash().to_string(),
             code,
-            hash: redis::Script::new(code).get_hash().to_string(),
         }
     }
 
@@ -153,20 +156,31 @@ impl LuaCall<'_> {
         cmd
     }
 
+    /// The call as an `EVALSHA`, for a pipeline: it fails with `NOSCRIPT` ([`is_noscript`]) on a
+    /// node that does not have the script cached.
+    pub fn evalsha_cmd(&self) -> Cmd {
+        self.command("EVALSHA", &self.lua.hash)
+    }
+
+    /// The call as an `EVAL` (the script's whole text), for a pipeline: it runs on any node,
+    /// which caches the script for the `EVALSHA`s after it.
+    pub fn eval_cmd(&self) -> Cmd {
+        self.command("EVAL", &self.lua.code)
+    }
+
     /// Runs the script on the node of its first key's slot (any node without keys).
     pub async fn invoke<T: FromRedisValue>(&self, conn: &mut RedisConn) -> RedisResult<T> {
-        match self
-            .command("EVALSHA", &self.lua.hash)
-            .query_async(conn)
-            .await
-        {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // EVAL caches the script on that node: the next EVALSHA finds it.
-                self.command("EVAL", self.lua.code).query_async(conn).await
-            }
+        match self.evalsha_cmd().query_async(conn).await {
+            // EVAL caches the script on that node: the next EVALSHA finds it.
+            Err(e) if is_noscript(&e) => self.eval_cmd().query_async(conn).await,
             other => other,
         }
     }
+}
+
+/// Whether a command failed because the node did not have the script (`NOSCRIPT`).
+pub fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
 
 impl RedisConn {
@@ -362,6 +376,24 @@ async fn cluster_masters(conn: &mut ClusterConnection) -> RedisResult<Vec<(Strin
     )))
 }
 
+/// Whether a `MULTI` was aborted because its slot has moved (a failover, a slot migration).
+fn moved_in_transaction(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort) && {
+        let text = e.to_string();
+        text.contains("Moved") || text.contains("MOVED")
+    }
+}
+
+/// The first argument after the name of a pipeline's first command: its key, for the
+/// commands of a transaction on one slot.
+fn first_key(pipeline: &Pipeline) -> Option<Vec<u8>> {
+    let first = pipeline.cmd_iter().next()?;
+    match first.args_iter().nth(1)? {
+        redis::Arg::Simple(key) => Some(key.to_vec()),
+        _ => None,
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -378,7 +410,24 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(conn) => Box::pin(async move {
+                match conn.req_packed_commands(pipeline, offset, count).await {
+                    Err(e) if pipeline.is_transaction() && moved_in_transaction(&e) => {
+                        // The cluster connection follows `MOVED` for commands and plain
+                        // pipelines, not inside `MULTI` (whose commands answer it queued and
+                        // `EXEC` aborts): after a failover a transaction alone would meet the
+                        // old slot map for ever. A read of its first key is redirected and
+                        // refreshes the map; the aborted transaction ran nothing, so it is
+                        // sent again, once.
+                        if let Some(key) = first_key(pipeline) {
+                            let _: RedisResult<Value> =
+                                redis::cmd("EXISTS").arg(key).query_async(conn).await;
+                        }
+                        conn.req_packed_commands(pipeline, offset, count).await
+                    }
+                    other => other,
+                }
+            }),
         }
     }
 

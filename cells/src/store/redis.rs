@@ -42,6 +42,9 @@
 //! cell acks. Multi-key reads that must agree with each other (a channel's seq window and its
 //! members) run in one `MULTI`. Every command times out quickly (`unavailable`) and the
 //! connection reconnects by itself (in a cluster, it also follows failovers and slot moves).
+//! Scripts are [`Lua`]s, not `redis::Script`s: a node without the script cached (restarted, or a
+//! replica just promoted) gets its text from that one call, where `redis::Script` would load
+//! it on every node of the cluster and fail while any master is down.
 //!
 //! Fencing: a cell process [claims](RedisStore::claim) the store with its epoch when it starts:
 //! it raises `{.cell}:fence`, then the `fence` of every known workspace, and serves only once
@@ -63,13 +66,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use confab_directory::redis_conn::{is_noscript, Lua, LuaCall};
 use confab_directory::redis_conn::{RedisConn, Timeouts};
 use confab_shared::moves::key_prefix;
 use confab_shared::server::{ChannelKind, Event, MessageView};
 use confab_shared::{ChannelId, UserId, WorkspaceId};
 use futures_util::{StreamExt, TryStreamExt};
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
-use redis::{AsyncCommands, Script};
+use redis::AsyncCommands;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 mod layout;
@@ -337,10 +341,10 @@ return 1
 
 /// The webhook scripts, loaded once.
 struct WebhookScripts {
-    create: Script,
-    delete: Script,
-    set_state: Script,
-    advance_cursor: Script,
+    create: Lua,
+    delete: Lua,
+    set_state: Lua,
+    advance_cursor: Lua,
 }
 
 impl WebhookScripts {
@@ -420,15 +424,15 @@ pub enum Persistence {
 /// The Redis cell store.
 pub struct RedisStore {
     conn: RedisConn,
-    create_workspace: Script,
-    append: Script,
-    create_channel: Script,
-    advance_read: Script,
-    raise_last_seq: Script,
-    claim: Script,
-    raise_fence: Script,
-    enroll: Script,
-    index: Script,
+    create_workspace: Lua,
+    append: Lua,
+    create_channel: Lua,
+    advance_read: Lua,
+    raise_last_seq: Lua,
+    claim: Lua,
+    raise_fence: Lua,
+    enroll: Lua,
+    index: Lua,
     webhook_scripts: WebhookScripts,
     /// The epoch this process claimed the store with (0 until it claims).
     epoch: AtomicU64,
@@ -452,13 +456,13 @@ fn seq_step_outcome(outcome: i64, channel: &ChannelId, got: u64) -> StoreResult<
 }
 
 /// A workspace write script: the fence guard, then the script's own lines.
-fn fenced_script(body: &str) -> Script {
-    Script::new(&format!("{FENCE_GUARD}{body}"))
+fn fenced_script(body: &str) -> Lua {
+    Lua::new(format!("{FENCE_GUARD}{body}"))
 }
 
 /// A cell-wide write script: the store's fence guard, then the script's own lines.
-fn cell_script(body: &str) -> Script {
-    Script::new(&format!("{CELL_FENCE_GUARD}{body}"))
+fn cell_script(body: &str) -> Lua {
+    Lua::new(format!("{CELL_FENCE_GUARD}{body}"))
 }
 
 /// A failed command: Redis unreachable, timed out or refusing (`unavailable`), or a reply of
@@ -504,7 +508,7 @@ fn dirty_key(ws: &WorkspaceId) -> String {
 }
 
 /// Ends a workspace write script's keys: the workspace's `.dirty` and `.ctl`.
-fn guard_keys(invocation: &mut redis::ScriptInvocation<'_>, ws: &WorkspaceId) {
+fn guard_keys(invocation: &mut LuaCall<'_>, ws: &WorkspaceId) {
     invocation.key(dirty_key(ws)).key(ctl_key(ws));
 }
 
@@ -540,8 +544,8 @@ impl RedisStore {
             create_channel: fenced_script(CREATE_CHANNEL),
             advance_read: fenced_script(ADVANCE_READ),
             raise_last_seq: fenced_script(RAISE_LAST_SEQ),
-            claim: Script::new(CLAIM),
-            raise_fence: Script::new(RAISE_FENCE),
+            claim: Lua::new(CLAIM),
+            raise_fence: Lua::new(RAISE_FENCE),
             enroll: cell_script(ENROLL),
             index: cell_script(INDEX),
             webhook_scripts: WebhookScripts::new(),
@@ -579,7 +583,7 @@ impl RedisStore {
             .claim
             .key(CELL_FENCE)
             .arg(epoch)
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(redis_error)?;
         if held >= 0 {
@@ -598,7 +602,7 @@ impl RedisStore {
                     .raise_fence
                     .key(ctl_key(&ws))
                     .arg(epoch)
-                    .invoke_async(&mut self.conn())
+                    .invoke(&mut self.conn())
                     .await
                     .map_err(redis_error)?;
                 match state.first().map(String::as_str) {
@@ -641,7 +645,7 @@ impl RedisStore {
             .key(CELL_FENCE)
             .arg(ws.as_str())
             .arg(epoch)
-            .invoke_async::<i64>(&mut self.conn())
+            .invoke::<i64>(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(())
@@ -655,14 +659,14 @@ impl RedisStore {
         epoch: u64,
     ) -> StoreResult<()> {
         for batch in ids.chunks(INDEX_BATCH) {
-            let mut invocation = self.index.prepare_invoke();
+            let mut invocation = self.index.prepare();
             invocation.key(WORKSPACES).key(CELL_FENCE).arg(op);
             for id in batch {
                 invocation.arg(id.as_ref());
             }
             invocation
                 .arg(epoch)
-                .invoke_async::<i64>(&mut self.conn())
+                .invoke::<i64>(&mut self.conn())
                 .await
                 .map_err(|e| self.write_error(e))?;
         }
@@ -851,7 +855,7 @@ impl CellStore for RedisStore {
             .key(ctl_key(workspace))
             .arg(name.unwrap_or(""))
             .arg(epoch)
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         self.update_index("add", &[workspace.as_str()], epoch)
@@ -903,7 +907,7 @@ impl CellStore for RedisStore {
                     .unwrap_or_default(),
             )
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(match outcome.first().map(String::as_str) {
@@ -1015,7 +1019,7 @@ impl CellStore for RedisStore {
         };
         let event_json = serde_json::to_string(event).map_err(|e| corrupt("event", e))?;
         let key = channel_key(workspace, channel);
-        let mut invocation = self.append.prepare_invoke();
+        let mut invocation = self.append.prepare();
         invocation
             .key(&key)
             .key(format!("{key}:log"))
@@ -1072,7 +1076,7 @@ impl CellStore for RedisStore {
         }
         let outcome: i64 = invocation
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         seq_step_outcome(outcome, channel, seq)
@@ -1092,18 +1096,21 @@ impl CellStore for RedisStore {
         // One pipeline of one script per event: each checks its seq and the user's room and
         // writes atomically, as `append` does, but all of them cost one round trip instead of
         // one each. After a refused join every later script fails its seq check, so nothing
-        // past the refusal is written. Loading the script first spares a NOSCRIPT failure of
-        // the whole pipeline (`invoke_async` retries a single script itself).
+        // past the refusal is written. The scripts are `EVALSHA`s; when the node does not have
+        // the script (it restarted, or a replica took over) the first one fails with NOSCRIPT,
+        // and every later one either fails so too or fails its seq check (the script was
+        // cached meanwhile by another caller, but the first event was not written): nothing is
+        // written, and the pipeline is sent again with the first script as an `EVAL`, which
+        // caches it on that node for the others.
         let key = channel_key(workspace, channel);
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.append).ignore();
+        let mut calls = Vec::with_capacity(events.len());
         let mut seqs = Vec::with_capacity(events.len());
         for event in events {
             let Event::MemberJoined { seq, user, .. } = event else {
                 return Err(StoreError::NotAJoin(event.type_name()));
             };
             let event_json = serde_json::to_string(event).map_err(|e| corrupt("event", e))?;
-            let mut invocation = self.append.prepare_invoke();
+            let mut invocation = self.append.prepare();
             invocation
                 .key(&key)
                 .key(format!("{key}:log"))
@@ -1122,13 +1129,25 @@ impl CellStore for RedisStore {
                 .arg(channel.as_str())
                 .arg(max_user_channels)
                 .arg(self.epoch());
-            pipe.invoke_script(&invocation);
+            calls.push(invocation);
             seqs.push(*seq);
         }
-        let outcomes: Vec<i64> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.write_error(e))?;
+        let pipeline = |first_whole: bool| {
+            let mut pipe = redis::pipe();
+            for (i, call) in calls.iter().enumerate() {
+                pipe.add_command(if i == 0 && first_whole {
+                    call.eval_cmd()
+                } else {
+                    call.evalsha_cmd()
+                });
+            }
+            pipe
+        };
+        let outcomes: Vec<i64> = match pipeline(false).query_async(&mut self.conn()).await {
+            Err(e) if is_noscript(&e) => pipeline(true).query_async(&mut self.conn()).await,
+            other => other,
+        }
+        .map_err(|e| self.write_error(e))?;
         for (appended, (outcome, seq)) in outcomes.iter().zip(seqs).enumerate() {
             match *outcome {
                 -2 => {}
@@ -1164,7 +1183,7 @@ impl CellStore for RedisStore {
             .arg(expected)
             .arg(to)
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         seq_step_outcome(outcome, channel, to)
@@ -1356,7 +1375,7 @@ impl CellStore for RedisStore {
             .arg(channel.as_str())
             .arg(seq)
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         match marker[..] {
@@ -1406,7 +1425,7 @@ impl CellStore for RedisStore {
             ),
             ("failing_since", failing),
         ];
-        let mut invocation = self.webhook_scripts.create.prepare_invoke();
+        let mut invocation = self.webhook_scripts.create.prepare();
         invocation
             .key(ws_key(workspace, "wh:ids"))
             .key(webhook_key(workspace, &hook.id))
@@ -1421,7 +1440,7 @@ impl CellStore for RedisStore {
         }
         let outcome: String = invocation
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(match outcome.as_str() {
@@ -1471,7 +1490,7 @@ impl CellStore for RedisStore {
             .key(ctl_key(workspace))
             .arg(id)
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(deleted == 1)
@@ -1498,7 +1517,7 @@ impl CellStore for RedisStore {
                     .unwrap_or_default(),
             )
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(set == 1)
@@ -1543,7 +1562,7 @@ impl CellStore for RedisStore {
             .arg(channel.as_str())
             .arg(seq)
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(())

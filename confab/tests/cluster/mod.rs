@@ -7,6 +7,8 @@
 //!
 //! The presence + directory Redis is a 3-master Redis Cluster instead with
 //! `CONFAB_TEST_REDIS=cluster` or [`Cluster::redis_cluster`] ([`confab_testkit::TestRedis`]).
+//! A cell's store is a 3-master Redis Cluster of its own with [`Cluster::store_cluster`]
+//! (its masters are killed and restarted through [`CellProc::store`]).
 
 #![allow(dead_code)]
 
@@ -19,7 +21,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use confab_testkit::{free_port, RedisServer, TestRedis};
+use confab_testkit::{free_port, RedisCluster, TestRedis};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -153,12 +155,12 @@ impl Drop for Proc {
     }
 }
 
-/// A `confab cell` process with its own durable Redis.
+/// A `confab cell` process with its own durable Redis (one server, or a Redis Cluster).
 pub struct CellProc {
     pub id: String,
     pub region: String,
     pub port: u16,
-    pub store: RedisServer,
+    pub store: TestRedis,
     directory_url: String,
     retention: u64,
     /// Flags added to the cell's command line (see [`Cluster::cell_with`]).
@@ -215,8 +217,11 @@ impl CellProc {
     /// Runs `redis-cli` against the cell's store (to break it the way a lost write would);
     /// returns its output.
     pub fn store_cli(&self, args: &[&str]) -> String {
+        let TestRedis::Single(store) = &self.store else {
+            return self.store.cli(args).trim().to_string();
+        };
         let output = Command::new("redis-cli")
-            .args(["-p", &self.store.port.to_string()])
+            .args(["-p", &store.port.to_string()])
             .args(args)
             .output()
             .expect("run redis-cli");
@@ -374,8 +379,17 @@ impl GatewayProc {
 }
 
 /// Builder of a cluster.
+/// A cell to start: id, region, extra flags, and whether its store is a Redis Cluster (with
+/// that many replicas per master).
+struct CellSpec {
+    id: String,
+    region: String,
+    extra: Vec<String>,
+    store_cluster: Option<usize>,
+}
+
 pub struct Cluster {
-    cells: Vec<(String, String, Vec<String>)>,
+    cells: Vec<CellSpec>,
     gateways: usize,
     gateway_args: Vec<String>,
     presence_ttl_ms: u64,
@@ -414,7 +428,23 @@ impl Cluster {
     /// A cell started with extra flags (e.g. `["--max-workspaces", "1"]`).
     pub fn cell_with(mut self, id: &str, region: &str, args: &[&str]) -> Cluster {
         let args = args.iter().map(|a| a.to_string()).collect();
-        self.cells.push((id.into(), region.into(), args));
+        self.cells.push(CellSpec {
+            id: id.into(),
+            region: region.into(),
+            extra: args,
+            store_cluster: None,
+        });
+        self
+    }
+
+    /// The store of the cell added last is a 3-master Redis Cluster, each master with
+    /// `replicas` replicas, instead of one `redis-server`.
+    pub fn store_cluster(mut self, replicas: usize) -> Cluster {
+        let cell = self
+            .cells
+            .last_mut()
+            .expect("store_cluster follows the cell it is for");
+        cell.store_cluster = Some(replicas);
         self
     }
 
@@ -463,12 +493,24 @@ impl Cluster {
             TestRedis::single()
         };
         let mut cells = Vec::new();
-        for (id, region, extra) in self.cells {
+        for CellSpec {
+            id,
+            region,
+            extra,
+            store_cluster,
+        } in self.cells
+        {
+            let store = match store_cluster {
+                None => TestRedis::single(),
+                Some(replicas) => {
+                    TestRedis::Cluster(RedisCluster::start_with_replicas(3, replicas))
+                }
+            };
             let mut cell = CellProc {
                 id,
                 region,
                 port: free_port(),
-                store: RedisServer::start_durable(),
+                store,
                 directory_url: directory.url(),
                 retention: self.retention,
                 extra,

@@ -23,9 +23,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::LazyLock;
 
+use confab_directory::redis_conn::Lua;
 use confab_shared::moves::key_prefix;
 use confab_shared::WorkspaceId;
-use redis::{AsyncCommands, Script};
+use redis::AsyncCommands;
 
 use super::{ctl_key, redis_error, RedisStore};
 use crate::store::{StoreError, StoreResult};
@@ -42,7 +43,7 @@ const SCAN_COUNT: usize = 500;
 
 /// KEYS = old fence, and on a single Redis old workspaces and old moves; ARGV = epoch,
 /// [`RETIRED`]. Returns `{'ok'}`, `{'newer', epoch}` or `{'moving', workspace, mark}`.
-static RETIRE: LazyLock<Script> = LazyLock::new(|| Script::new(RETIRE_LUA));
+static RETIRE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RETIRE_LUA));
 const RETIRE_LUA: &str = r"
 local old = redis.call('GET', KEYS[1])
 if old and tonumber(old) and tonumber(old) >= tonumber(ARGV[1]) then return {'newer', old} end
@@ -61,7 +62,7 @@ return {'ok'}
 /// Renames a batch of a workspace's keys: KEYS = n old names, their n new names, then the
 /// workspace's `.ctl`; ARGV = epoch. The workspace's fence is raised to the epoch (a newer one
 /// refuses: another claim took over).
-static RENAME: LazyLock<Script> = LazyLock::new(|| Script::new(RENAME_LUA));
+static RENAME: LazyLock<Lua> = LazyLock::new(|| Lua::new(RENAME_LUA));
 const RENAME_LUA: &str = r"
 local ctl = KEYS[#KEYS]
 local fence = redis.call('HGET', ctl, 'fence')
@@ -78,7 +79,7 @@ return n
 
 /// Writes a migrated workspace's `.ctl`: KEYS = ctl; ARGV = served (`1` or ``), mark or ``,
 /// epoch.
-static CONTROL: LazyLock<Script> = LazyLock::new(|| Script::new(CONTROL_LUA));
+static CONTROL: LazyLock<Lua> = LazyLock::new(|| Lua::new(CONTROL_LUA));
 const CONTROL_LUA: &str = r"
 local fence = redis.call('HGET', KEYS[1], 'fence')
 if fence and tonumber(fence) > tonumber(ARGV[3]) then
@@ -114,7 +115,7 @@ impl RedisStore {
     /// Retires the earlier layout's fence, or refuses the claim (see the module doc).
     pub(super) async fn retire_old_layout(&self, epoch: u64) -> StoreResult<()> {
         let single = !self.conn.is_cluster();
-        let mut invocation = RETIRE.prepare_invoke();
+        let mut invocation = RETIRE.prepare();
         invocation.key(OLD_FENCE);
         if single {
             invocation.key(OLD_WORKSPACES).key(OLD_MOVES);
@@ -122,7 +123,7 @@ impl RedisStore {
         let reply: Vec<String> = invocation
             .arg(epoch)
             .arg(RETIRED)
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(redis_error)?;
         match reply.iter().map(String::as_str).collect::<Vec<_>>()[..] {
@@ -192,7 +193,7 @@ impl RedisStore {
                 .arg(if *is_served { "1" } else { "" })
                 .arg(mark)
                 .arg(epoch)
-                .invoke_async(&mut self.conn())
+                .invoke(&mut self.conn())
                 .await
                 .map_err(claim_error)?;
             if *is_served {
@@ -238,7 +239,7 @@ impl RedisStore {
 
     async fn rename_keys(&self, ws: &WorkspaceId, old: &[String], epoch: u64) -> StoreResult<()> {
         for batch in old.chunks(RENAME_BATCH) {
-            let mut invocation = RENAME.prepare_invoke();
+            let mut invocation = RENAME.prepare();
             let mut new_names = Vec::with_capacity(batch.len());
             for key in batch {
                 let Some(new) = renamed(ws, key) else {
@@ -253,7 +254,7 @@ impl RedisStore {
             let _: i64 = invocation
                 .key(ctl_key(ws))
                 .arg(epoch)
-                .invoke_async(&mut self.conn())
+                .invoke(&mut self.conn())
                 .await
                 .map_err(claim_error)?;
         }

@@ -12,10 +12,11 @@
 
 use std::sync::LazyLock;
 
+use confab_directory::redis_conn::Lua;
 use confab_shared::moves::{key_prefix, KeyDump, KeyPage, MAX_PAGE_BYTES, MAX_PAGE_KEYS};
 use confab_shared::WorkspaceId;
 use futures_util::{StreamExt, TryStreamExt};
-use redis::{AsyncCommands, Script};
+use redis::AsyncCommands;
 
 use super::{
     ctl_key, dirty_key, parse_ids, redis_error, ws_side_key, RedisConn, RedisStore,
@@ -45,13 +46,13 @@ local mark = guard[2]
 local served = guard[3] == '1'
 ";
 
-fn script(body: &str) -> Script {
-    Script::new(&format!("{MOVE_GUARD}{body}"))
+fn script(body: &str) -> Lua {
+    Lua::new(format!("{MOVE_GUARD}{body}"))
 }
 
 /// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch. A `copying` mark of another epoch (an
 /// abandoned attempt) is taken over; any other mark refuses.
-static BEGIN_EXPORT: LazyLock<Script> = LazyLock::new(|| {
+static BEGIN_EXPORT: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if not served then return 'unknown' end
@@ -64,7 +65,7 @@ return 'ok'
 });
 
 /// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch. Lists the dirty keys.
-static FREEZE: LazyLock<Script> = LazyLock::new(|| {
+static FREEZE: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if mark ~= 'copying:' .. ARGV[1] and mark ~= 'frozen:' .. ARGV[1] then return mark or 'none' end
@@ -80,7 +81,7 @@ return 'ok'
 });
 
 /// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if mark ~= 'frozen:' .. ARGV[1] and mark ~= 'gone:' .. ARGV[1] then return mark or 'none' end
@@ -93,7 +94,7 @@ return 'ok'
 });
 
 /// KEYS = dirty, export, ctl; ARGV = epoch, cell epoch.
-static ABORT_EXPORT: LazyLock<Script> = LazyLock::new(|| {
+static ABORT_EXPORT: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if not mark then return 'ok' end
@@ -107,7 +108,7 @@ return 'ok'
 
 /// KEYS = ctl; ARGV = epoch, cell epoch. A workspace seen for the first time takes the cell
 /// epoch as its fence: the caller enrolled it first.
-static BEGIN_IMPORT: LazyLock<Script> = LazyLock::new(|| {
+static BEGIN_IMPORT: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if served then return 'serving' end
@@ -119,7 +120,7 @@ return 'ok'
 
 /// KEYS = the page's keys, then ctl; ARGV = epoch, then a value (empty: no key) and a ttl per
 /// key, then the cell epoch.
-static RESTORE: LazyLock<Script> = LazyLock::new(|| {
+static RESTORE: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if mark ~= 'incoming:' .. ARGV[1] then return mark or 'none' end
@@ -138,7 +139,7 @@ return 'ok'
 });
 
 /// KEYS = ctl; ARGV = epoch, cell epoch.
-static FINISH_IMPORT: LazyLock<Script> = LazyLock::new(|| {
+static FINISH_IMPORT: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if not mark and served then return 'ok' end
@@ -152,7 +153,7 @@ return 'ok'
 
 /// KEYS = ctl; ARGV = epoch, cell epoch. Also undoes a commit: the gateway asks only when the
 /// directory did not switch to this cell.
-static UNDO_IMPORT: LazyLock<Script> = LazyLock::new(|| {
+static UNDO_IMPORT: LazyLock<Lua> = LazyLock::new(|| {
     script(
         r"
 if mark and mark ~= 'incoming:' .. ARGV[1] then return mark end
@@ -215,11 +216,11 @@ impl RedisStore {
         &self,
         ws: &WorkspaceId,
         step: &str,
-        script: &Script,
+        script: &Lua,
         keys: &[&str],
         epoch: u64,
     ) -> StoreResult<()> {
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = script.prepare();
         for key in keys {
             invocation.key(*key);
         }
@@ -227,7 +228,7 @@ impl RedisStore {
             .key(ctl_key(ws))
             .arg(epoch)
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         step_outcome(ws, step, outcome)
@@ -372,7 +373,7 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut invocation = RESTORE.prepare_invoke();
+        let mut invocation = RESTORE.prepare();
         for key in keys {
             invocation.key(&key.key);
         }
@@ -386,7 +387,7 @@ impl RedisStore {
         }
         let outcome: String = invocation
             .arg(self.epoch())
-            .invoke_async(&mut self.conn())
+            .invoke(&mut self.conn())
             .await
             .map_err(|e| self.write_error(e))?;
         step_outcome(ws, "import page", outcome)
