@@ -630,9 +630,10 @@ impl OutboxEncoder {
         }
     }
 
-    /// `group` as one JSON array of `array_len` bytes in one frame. Compressed, the array is
-    /// made of each element's own compressed bytes ([`BatchWriter`]), so it costs no
-    /// compression of its own; when no element is worth compressing it goes out plain.
+    /// `group` as one JSON array of `array_len` bytes in one frame, on a connection with
+    /// compression. The array is made of each element's own compressed bytes
+    /// ([`BatchWriter`]), so it costs no compression of its own; when no element is worth
+    /// compressing it goes out plain.
     fn put_array(&self, buf: &mut BytesMut, group: &[Frame], array_len: usize) {
         let deflated: Vec<Option<&Bytes>> = group.iter().map(|f| self.deflated(f)).collect();
         if deflated.iter().any(Option::is_some) {
@@ -682,7 +683,25 @@ impl OutboxEncoder {
                         self.put_text(&mut buf, &frame);
                         continue;
                     }
-                    // One array of this frame and the `joining` texts queued behind it.
+                    if !self.options.deflate {
+                        // One array of this frame and the `joining` texts queued behind it,
+                        // copied straight from the shared encoded frames.
+                        put_header(&mut buf, FIN_TEXT, array_len);
+                        buf.put_u8(b'[');
+                        buf.extend_from_slice(frame.text.as_bytes());
+                        for _ in 0..joining {
+                            let Some(Outgoing::Text(next)) = state.frames.pop_front() else {
+                                unreachable!("joining counts queued texts only");
+                            };
+                            state.bytes = state.bytes.saturating_sub(next.text.len());
+                            tally.count(&next);
+                            buf.put_u8(b',');
+                            buf.extend_from_slice(next.text.as_bytes());
+                        }
+                        buf.put_u8(b']');
+                        continue;
+                    }
+                    // Compressed, the elements' compressed forms are looked at first.
                     let mut group = Vec::with_capacity(joining + 1);
                     group.push(frame);
                     for _ in 0..joining {
