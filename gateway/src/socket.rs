@@ -15,6 +15,11 @@
 //! go out as one JSON array in one WebSocket frame: a reader that lags behind then costs one
 //! frame header and one frame to parse per write instead of one per event. Nothing waits for a
 //! batch to fill; a lone frame goes out as itself.
+//!
+//! With permessage-deflate ([`SocketOptions::deflate`], [`crate::deflate`]) a text frame goes
+//! out as its shared compressed form, made once for all sessions, and the reader inflates the
+//! client's compressed messages within the frame limit. The pump writes frame headers itself,
+//! so that it can set RSV1.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
