@@ -267,6 +267,9 @@ impl RedisServer {
                 &CLUSTER_NODE_TIMEOUT_MS.to_string(),
                 "--cluster-require-full-coverage",
                 "no",
+                // A replica's first sync starts at once, not after the default 5 s.
+                "--repl-diskless-sync-delay",
+                "0",
                 "--cluster-port",
                 &free_port().to_string(),
             ]
@@ -367,6 +370,16 @@ impl RedisCluster {
         );
         let cluster = RedisCluster { nodes, masters };
         cluster.wait_settled();
+        if replicas > 0 {
+            // A replica that has not finished its first sync can never take over: wait for
+            // every master's replicas before a test can kill one.
+            let view = cluster.live_node().cluster_nodes();
+            for master in view.iter().filter(|n| n.master && !n.slots.is_empty()) {
+                if let Some(i) = cluster.nodes.iter().position(|n| n.port == master.port) {
+                    cluster.wait_replicated(i);
+                }
+            }
+        }
         cluster
     }
 
