@@ -346,12 +346,23 @@ async fn wait_ack_after(chat: &Chat, since: Instant, what: &str) -> Instant {
     }
 }
 
-#[tokio::test]
-async fn a_dead_store_master_makes_its_workspaces_unavailable_until_it_restarts_and_loses_nothing_acked(
-) {
+/// A cell whose store is a 3-master Redis Cluster (`replicas` per master), two workspaces
+/// chatting on it, and the master of one's slot (`lost`) killed after a phase of traffic.
+struct StoreMasterKilled {
+    cluster: cluster::Running,
+    victim: usize,
+    lost: String,
+    kept: String,
+    stop: CancellationToken,
+    lost_chat: Chat,
+    kept_chat: Chat,
+    killed: Instant,
+}
+
+async fn kill_a_store_master_under_traffic(replicas: usize) -> StoreMasterKilled {
     let mut cluster = Cluster::new()
         .cell("c1", "r")
-        .store_cluster(0)
+        .store_cluster(replicas)
         .gateways(1)
         .start()
         .await;
@@ -380,6 +391,31 @@ async fn a_dead_store_master_makes_its_workspaces_unavailable_until_it_restarts_
         .as_cluster_mut()
         .expect("a Redis Cluster")
         .kill_node(victim);
+    StoreMasterKilled {
+        cluster,
+        victim,
+        lost,
+        kept,
+        stop,
+        lost_chat,
+        kept_chat,
+        killed,
+    }
+}
+
+#[tokio::test]
+async fn a_dead_store_master_makes_its_workspaces_unavailable_until_it_restarts_and_loses_nothing_acked(
+) {
+    let StoreMasterKilled {
+        mut cluster,
+        victim,
+        lost,
+        kept,
+        stop,
+        lost_chat,
+        kept_chat,
+        killed,
+    } = kill_a_store_master_under_traffic(0).await;
     // The lost workspace's sends are refused (`unavailable`), never hang (a hang panics its
     // sender) and are not acked, while the other workspace's clients keep chatting.
     let deadline = Instant::now() + WAIT;
@@ -455,35 +491,16 @@ async fn a_dead_store_master_makes_its_workspaces_unavailable_until_it_restarts_
 #[tokio::test]
 async fn a_dead_store_master_with_a_replica_is_replaced_and_its_workspaces_are_served_again_without_it(
 ) {
-    let mut cluster = Cluster::new()
-        .cell("c1", "r")
-        .store_cluster(1)
-        .gateways(1)
-        .start()
-        .await;
-    let store = cluster.cells[0]
-        .store
-        .as_cluster()
-        .expect("a Redis Cluster");
-    let cell_node = store.master_of("confab:cs:{.cell}:fence");
-    let victim = (0..3).find(|n| *n != cell_node).expect("another master");
-    let lost = store_workspace_where(store, victim, true);
-    let kept = store_workspace_where(store, victim, false);
-    for ws in [&lost, &kept] {
-        assert_eq!(cluster.create_workspace(ws, "r").await, "c1");
-    }
-
-    let stop = CancellationToken::new();
-    let lost_chat = Chat::start(&cluster, &lost, &stop).await;
-    let kept_chat = Chat::start(&cluster, &kept, &stop).await;
-    tokio::time::sleep(PHASE).await;
-
-    let killed = Instant::now();
-    cluster.cells[0]
-        .store
-        .as_cluster_mut()
-        .expect("a Redis Cluster")
-        .kill_node(victim);
+    let StoreMasterKilled {
+        cluster,
+        victim,
+        lost,
+        kept,
+        stop,
+        lost_chat,
+        kept_chat,
+        killed,
+    } = kill_a_store_master_under_traffic(1).await;
     let store = cluster.cells[0]
         .store
         .as_cluster()
