@@ -346,6 +346,17 @@ async fn wait_ack_after(chat: &Chat, since: Instant, what: &str) -> Instant {
     }
 }
 
+/// Every client of `workspace` went through without an error or a disruption.
+fn assert_undisturbed(workspace: &str, reports: Vec<Report>) {
+    for report in &reports {
+        println!("{workspace}: {report}");
+        assert!(
+            report.disruptions.is_empty() && report.errors.is_empty(),
+            "{workspace}'s clients were disturbed: {report}"
+        );
+    }
+}
+
 /// A cell whose store is a 3-master Redis Cluster (`replicas` per master), two workspaces
 /// chatting on it, and the master of one's slot (`lost`) killed after a phase of traffic.
 struct StoreMasterKilled {
@@ -464,14 +475,7 @@ async fn a_dead_store_master_makes_its_workspaces_unavailable_until_it_restarts_
         (served - restarting).as_millis()
     );
 
-    let kept_reports = kept_chat.finish(&cluster).await;
-    for report in &kept_reports {
-        println!("{kept}: {report}");
-        assert!(
-            report.disruptions.is_empty() && report.errors.is_empty(),
-            "{kept}'s clients were disturbed: {report}"
-        );
-    }
+    assert_undisturbed(&kept, kept_chat.finish(&cluster).await);
     let lost_reports = lost_chat.finish(&cluster).await;
     for report in &lost_reports {
         println!("{lost}: {report}");
@@ -536,14 +540,7 @@ async fn a_dead_store_master_with_a_replica_is_replaced_and_its_workspaces_are_s
         (served - killed).as_millis()
     );
 
-    let kept_reports = kept_chat.finish(&cluster).await;
-    for report in &kept_reports {
-        println!("{kept}: {report}");
-        assert!(
-            report.disruptions.is_empty() && report.errors.is_empty(),
-            "{kept}'s clients were disturbed: {report}"
-        );
-    }
+    assert_undisturbed(&kept, kept_chat.finish(&cluster).await);
     // Replication is asynchronous: what the dead master acked in its last moments may not
     // have reached the replica, and the replica's log continues from what it has (a seq of a
     // lost message may be taken by a later one). Guaranteed, and asserted: no message is in
