@@ -33,6 +33,7 @@ use actix_http::ws::{Codec, Frame as WsFrame, Item, ProtocolError};
 use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use confab_shared::link::Frame;
+use confab_shared::server::put_frame_header;
 use confab_shared::CloseCode;
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
@@ -649,7 +650,7 @@ impl OutboxEncoder {
             put_frame(buf, FIN_TEXT | RSV1, &batch.finish());
             return;
         }
-        put_header(buf, FIN_TEXT, array_len);
+        put_frame_header(buf, FIN_TEXT, array_len);
         buf.put_u8(b'[');
         for (i, frame) in group.iter().enumerate() {
             if i > 0 {
@@ -691,7 +692,7 @@ impl OutboxEncoder {
                     if !self.options.deflate {
                         // One array of this frame and the `joining` texts queued behind it,
                         // copied straight from the shared encoded frames.
-                        put_header(&mut buf, FIN_TEXT, array_len);
+                        put_frame_header(&mut buf, FIN_TEXT, array_len);
                         buf.put_u8(b'[');
                         buf.extend_from_slice(frame.text.as_bytes());
                         for _ in 0..joining {
@@ -780,22 +781,8 @@ fn joining(queued: &VecDeque<Outgoing>, first_len: usize) -> (usize, usize) {
     (count, len)
 }
 
-/// Writes the header of an unmasked server frame with a payload of `len` bytes.
-fn put_header(buf: &mut BytesMut, first: u8, len: usize) {
-    buf.put_u8(first);
-    if len < 126 {
-        buf.put_u8(len as u8);
-    } else if let Ok(len) = u16::try_from(len) {
-        buf.put_u8(126);
-        buf.put_u16(len);
-    } else {
-        buf.put_u8(127);
-        buf.put_u64(len as u64);
-    }
-}
-
 fn put_frame(buf: &mut BytesMut, first: u8, payload: &[u8]) {
-    put_header(buf, first, payload.len());
+    put_frame_header(buf, first, payload.len());
     buf.extend_from_slice(payload);
 }
 
@@ -804,7 +791,7 @@ fn put_frame(buf: &mut BytesMut, first: u8, payload: &[u8]) {
 fn put_close(buf: &mut BytesMut, code: CloseCode) {
     let reason = code.reason().as_bytes();
     let reason = &reason[..reason.len().min(123)];
-    put_header(buf, FIN_CLOSE, 2 + reason.len());
+    put_frame_header(buf, FIN_CLOSE, 2 + reason.len());
     buf.put_u16(code.code());
     buf.extend_from_slice(reason);
 }

@@ -13,7 +13,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BytesMut};
+use confab_shared::server::put_frame_header;
 use flate2::{Decompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -119,7 +120,7 @@ impl Inflating {
             let mut payload = self.raw.split_to(total);
             payload.advance(header);
             let text = self.inflate_message(&payload)?;
-            put_header(&mut self.ready, first & !0x40, text.len());
+            put_frame_header(&mut self.ready, first & !0x40, text.len());
             self.ready.extend_from_slice(&text);
         }
     }
@@ -168,19 +169,6 @@ fn header(buf: &[u8]) -> Option<(usize, usize)> {
             Some((10, u64::from_be_bytes(bytes) as usize))
         }
         len => Some((2, len as usize)),
-    }
-}
-
-fn put_header(buf: &mut BytesMut, first: u8, len: usize) {
-    buf.put_u8(first);
-    if len < 126 {
-        buf.put_u8(len as u8);
-    } else if let Ok(len) = u16::try_from(len) {
-        buf.put_u8(126);
-        buf.put_u16(len);
-    } else {
-        buf.put_u8(127);
-        buf.put_u64(len as u64);
     }
 }
 
@@ -261,9 +249,9 @@ mod tests {
         let text = "hello hello hello hello hello hello".repeat(20);
         let deflated = compressed(text.as_bytes());
         let mut wire = BytesMut::new();
-        put_header(&mut wire, 0x81 | 0x40, deflated.len());
+        put_frame_header(&mut wire, 0x81 | 0x40, deflated.len());
         wire.extend_from_slice(&deflated);
-        put_header(&mut wire, 0x81, 2);
+        put_frame_header(&mut wire, 0x81, 2);
         wire.extend_from_slice(b"{}");
         let mut inflating = Inflating {
             raw: BytesMut::new(),
@@ -278,9 +266,9 @@ mod tests {
         inflating.raw.extend_from_slice(&wire[5..]);
         inflating.translate().unwrap_or_else(|e| panic!("{e}"));
         let mut expected = BytesMut::new();
-        put_header(&mut expected, 0x81, text.len());
+        put_frame_header(&mut expected, 0x81, text.len());
         expected.extend_from_slice(text.as_bytes());
-        put_header(&mut expected, 0x81, 2);
+        put_frame_header(&mut expected, 0x81, 2);
         expected.extend_from_slice(b"{}");
         assert_eq!(inflating.ready, expected);
         assert!(inflating.raw.is_empty());

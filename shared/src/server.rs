@@ -208,6 +208,23 @@ pub fn encode_event(event: &Event) -> ByteString {
     encode(&ServerFrame::Event(event.clone()))
 }
 
+/// Writes the header of an unmasked WebSocket frame (RFC 6455 §5.2) with a payload of `len`
+/// bytes: `first` is the byte of FIN, RSV and opcode. A server's frames are never masked; the
+/// gateway's write pump and the load generator's wire layer both build frames with it.
+pub fn put_frame_header(buf: &mut bytes::BytesMut, first: u8, len: usize) {
+    use bytes::BufMut;
+    buf.put_u8(first);
+    if len < 126 {
+        buf.put_u8(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        buf.put_u8(126);
+        buf.put_u16(len);
+    } else {
+        buf.put_u8(127);
+        buf.put_u64(len as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
