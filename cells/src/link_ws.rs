@@ -20,6 +20,7 @@ use confab_shared::link_transport::{
     fill_batch, for_log, is_loopback, prove, refusal_of_reply, valid_gateway_name, verify,
     HANDSHAKE_DEADLINE, LINK_DEADLINE, LINK_QUEUE, MAX_PENDING_LINKS, PREAUTH_BYTES,
 };
+use confab_shared::recipient_lists::ListEncoder;
 use confab_shared::CellId;
 use futures_util::Stream;
 use tokio::sync::mpsc;
@@ -28,15 +29,19 @@ use tokio_util::sync::CancellationToken;
 use crate::Cell;
 
 /// Drains what is queued (at least one message) into the frames of one write.
+/// Each channel's recipient list crosses once and is then named by its number
+/// (`confab_shared::recipient_lists`).
 async fn next_frames(
     queue: &mut mpsc::Receiver<ToGateway>,
     writer: &mut FrameWriter,
+    lists: &mut ListEncoder,
 ) -> Option<Vec<Vec<u8>>> {
     let first = queue.recv().await?;
     Some(fill_batch(
         writer,
         first,
         || queue.try_recv().ok(),
+        |w, m| lists.push(w, m),
         refusal_of_reply,
     ))
 }
@@ -361,10 +366,11 @@ async fn write_cell_link(
     framing: Framing,
 ) {
     let mut frames = FrameWriter::new(framing);
+    let mut lists = ListEncoder::default();
     'pump: loop {
         let batch = tokio::select! {
             () = lost.cancelled() => break,
-            batch = next_frames(&mut outbound, &mut frames) => batch,
+            batch = next_frames(&mut outbound, &mut frames, &mut lists) => batch,
         };
         let Some(batch) = batch else { break };
         for frame in batch {

@@ -581,3 +581,62 @@ async fn users_are_online_again_after_the_directory_redis_was_down_longer_than_t
         .await;
     assert_eq!((status, &body["users"]), (200, &json!({"alice": "online"})));
 }
+
+/// A cell sends each channel's recipient list over a link once and then only its number,
+/// forgetting a list once subscriptions changed (`confab_shared::recipient_lists`). A
+/// subscriber that comes and goes 80 times makes 80 lists on one link, more than the cell
+/// keeps before it sweeps the dropped ones: every message must still reach exactly the
+/// sessions subscribed when it was sent.
+#[tokio::test]
+async fn a_channel_whose_subscribers_keep_changing_delivers_each_message_to_exactly_its_subscribers(
+) {
+    let cluster = Cluster::new()
+        .cell("c1", "us-east")
+        .gateways(2)
+        .start()
+        .await;
+    cluster.create_workspace("acme", "us-east").await;
+    let alice_token = cluster.token("acme", "alice").await;
+    let bob_token = cluster.token("acme", "bob").await;
+    let dave_token = cluster.token("acme", "dave").await;
+    let room = channel(&cluster, &alice_token, "room", &["bob", "dave"]).await;
+
+    let mut alice = Client::connect(&cluster.gateway(1).ws_url(), &alice_token, None).await;
+    let mut dave = Client::connect(&cluster.gateway(0).ws_url(), &dave_token, None).await;
+    let mut seqs = Vec::new();
+    for round in 0..80 {
+        let mut bob = Client::connect(&cluster.gateway(0).ws_url(), &bob_token, None).await;
+        let seq = send(&mut alice, &room, &format!("round {round}")).await;
+        let event = next_message_from(&mut bob, "alice").await;
+        assert_eq!(event["seq"].as_u64(), Some(seq), "bob, round {round}");
+        seqs.push(seq);
+        drop(bob);
+    }
+    let mut heard = Vec::new();
+    while heard.len() < seqs.len() {
+        let event = next_message_from(&mut dave, "alice").await;
+        heard.push(event["seq"].as_u64().unwrap());
+    }
+    assert_eq!(heard, seqs, "dave hears every round once, in order");
+    // Bob, back for good, hears what is sent next, and only that.
+    let mut bob = Client::connect(&cluster.gateway(0).ws_url(), &bob_token, None).await;
+    let seq = send(&mut alice, &room, "last").await;
+    assert_eq!(
+        next_message_from(&mut bob, "alice").await["seq"].as_u64(),
+        Some(seq)
+    );
+    assert_eq!(
+        next_message_from(&mut dave, "alice").await["seq"].as_u64(),
+        Some(seq)
+    );
+    loop {
+        match bob.read(Duration::from_millis(300)).await {
+            Incoming::Frame(frame) if frame["type"] == "message" => {
+                panic!("bob got more than the last message: {frame}")
+            }
+            Incoming::Frame(_) => {}
+            Incoming::Timeout => break,
+            Incoming::Closed(code) => panic!("bob's socket closed: {code:?}"),
+        }
+    }
+}

@@ -20,6 +20,7 @@ use confab_shared::link::{
     self, CellReply, FrameWriter, Framing, LinkAuth, LinkChallenge, LinkHello, LinkRole,
     LinkWelcome, Reassembler, ToCell, ToGateway,
 };
+use confab_shared::recipient_lists::Incoming;
 use confab_shared::{CellId, WorkspaceId};
 use confab_testkit::{free_port, RedisServer};
 use futures_util::{SinkExt, StreamExt};
@@ -332,14 +333,14 @@ async fn a_cell_refuses_a_gateway_that_cannot_prove_the_cluster_secret() {
         .await
         .unwrap();
     let frame = next_binary(&mut socket, WAIT).await.expect("a reply");
-    let replies: Vec<ToGateway> = Reassembler::default().push(&frame).unwrap();
+    let replies: Vec<Incoming> = Reassembler::default().push(&frame).unwrap();
     assert!(
         matches!(
             &replies[..],
-            [ToGateway::Reply {
+            [Incoming::Message(ToGateway::Reply {
                 req: 1,
                 result: Ok(CellReply::Channels(_))
-            }]
+            })]
         ),
         "{replies:?}"
     );

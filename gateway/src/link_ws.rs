@@ -14,6 +14,7 @@ use confab_shared::link::{
 use confab_shared::link_transport::{
     fill_batch, link_url, prove, verify, HANDSHAKE_DEADLINE, LINK_DEADLINE, LINK_PING, LINK_QUEUE,
 };
+use confab_shared::recipient_lists::{Incoming, ListDecoder};
 use confab_shared::CellId;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -33,6 +34,7 @@ async fn next_frames(
         writer,
         first,
         || queue.try_recv().ok(),
+        |w, m| w.push(m),
         |_| None,
     ))
 }
@@ -211,6 +213,7 @@ async fn pump_gateway_link(
         writer_lost.cancel();
     });
     let mut reassembler = Reassembler::default();
+    let mut lists = ListDecoder::default();
     let mut last_heard = Instant::now();
     let mut check = tokio::time::interval(Duration::from_secs(1));
     'read: loop {
@@ -228,14 +231,22 @@ async fn pump_gateway_link(
         last_heard = Instant::now();
         match frame {
             Some(Ok(Message::Binary(bytes))) => {
-                let messages = match reassembler.push::<ToGateway>(&bytes) {
+                let messages = match reassembler.push::<Incoming>(&bytes) {
                     Ok(messages) => messages,
                     Err(e) => {
                         tracing::error!(error = %e, "bad frame on a cell link");
                         break;
                     }
                 };
-                for message in messages {
+                for incoming in messages {
+                    let message = match lists.resolve(incoming) {
+                        Ok(Some(message)) => message,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::error!(error = %e, "bad message on a cell link");
+                            break 'read;
+                        }
+                    };
                     if inbound.send(message).await.is_err() {
                         break 'read;
                     }

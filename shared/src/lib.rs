@@ -10,6 +10,8 @@
 //!   with its binary encoding.
 //! - [`link_transport`]: what both ends of a link over a WebSocket agree on (handshake
 //!   proofs, pre-authentication bounds, timing, batching into frames).
+//! - [`recipient_lists`]: how a cell→gateway link sends a channel's recipient list once and
+//!   then only its number.
 //! - [`wire`]: the one conversion from a client request to its cell op, and the one error
 //!   type both client-facing APIs answer with.
 //! - [`limits`]: the protocol's default limits.
@@ -26,6 +28,7 @@ pub mod limits;
 pub mod link;
 pub mod link_transport;
 pub mod moves;
+pub mod recipient_lists;
 pub mod server;
 pub mod wire;
 

@@ -445,8 +445,9 @@ pub struct LinkHello {
 /// and a gateway link only when theirs are equal, and otherwise refuse each other with a clear
 /// error rather than misreading each other's messages.
 ///
-/// 1: the vocabulary until the typed ops; 2: `CellOp` grouped by the actor that performs it.
-pub const LINK_PROTOCOL: u32 = 2;
+/// 1: the vocabulary until the typed ops; 2: `CellOp` grouped by the actor that performs it;
+/// 3: a cell's messages wrapped in [`crate::recipient_lists::Incoming`].
+pub const LINK_PROTOCOL: u32 = 3;
 
 /// The cell's answer to [`LinkHello`]: who it is, its own nonce and, when it has a cluster
 /// secret, its proof over [`transcript`]`(`[`LinkRole::Cell`]`, ..)`. A gateway with a secret

@@ -30,11 +30,10 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use serde::Serialize;
 use sha2::Sha256;
 
 use crate::codes::ErrorCode;
-use crate::link::{CellError, FrameWriter, LinkProof, ToGateway};
+use crate::link::{CellError, FrameWriter, LinkProof, MessageTooLarge, ToGateway};
 
 /// Messages queued per link direction before the link counts as overloaded.
 pub const LINK_QUEUE: usize = 64 * 1024;
@@ -136,30 +135,37 @@ pub fn refusal_of_reply(message: &ToGateway) -> Option<ToGateway> {
     }
 }
 
-/// Adds `first` and then whatever `next` yields to `writer`, until the writer's batch is full
-/// or nothing more is queued, and takes the frames of one write. A message the link cannot
-/// carry is logged and replaced by what `refusal` makes of it, if anything.
-pub fn fill_batch<T: Serialize>(
+/// Adds `first` and then whatever `next` yields to `writer` with `add`, until the writer's
+/// batch is full or nothing more is queued, and takes the frames of one write.
+pub fn fill_batch<T>(
     writer: &mut FrameWriter,
     first: T,
     mut next: impl FnMut() -> Option<T>,
+    mut add: impl FnMut(&mut FrameWriter, &T) -> Result<(), MessageTooLarge>,
     refusal: fn(&T) -> Option<T>,
 ) -> Vec<Vec<u8>> {
-    add(writer, &first, refusal);
+    add_or_refuse(writer, &first, &mut add, refusal);
     while !writer.is_full() {
         match next() {
-            Some(message) => add(writer, &message, refusal),
+            Some(message) => add_or_refuse(writer, &message, &mut add, refusal),
             None => break,
         }
     }
     writer.take()
 }
 
-fn add<T: Serialize>(writer: &mut FrameWriter, message: &T, refusal: fn(&T) -> Option<T>) {
-    if let Err(e) = writer.push(message) {
+/// Adds `message`; one the link cannot carry is logged and replaced by what `refusal` makes
+/// of it, if anything.
+fn add_or_refuse<T>(
+    writer: &mut FrameWriter,
+    message: &T,
+    add: &mut impl FnMut(&mut FrameWriter, &T) -> Result<(), MessageTooLarge>,
+    refusal: fn(&T) -> Option<T>,
+) {
+    if let Err(e) = add(writer, message) {
         tracing::error!(error = %e, "link message dropped");
         if let Some(substitute) = refusal(message) {
-            let _ = writer.push(&substitute);
+            let _ = add(writer, &substitute);
         }
     }
 }
@@ -241,7 +247,13 @@ mod tests {
             req: 1,
             result: Err(CellError::unavailable("x")),
         };
-        let frames = fill_batch(&mut writer, first, || queued.next(), refusal_of_reply);
+        let frames = fill_batch(
+            &mut writer,
+            first,
+            || queued.next(),
+            |w, m| w.push(m),
+            refusal_of_reply,
+        );
         let mut reassembler = Reassembler::default();
         let mut reqs = Vec::new();
         for frame in frames {

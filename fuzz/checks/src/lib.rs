@@ -19,6 +19,7 @@ use confab_shared::limits;
 use confab_shared::link::{
     self, LinkAuth, LinkChallenge, LinkHello, LinkWelcome, Reassembler, ToCell, ToGateway,
 };
+use confab_shared::recipient_lists::{Incoming as FromCell, ListDecoder};
 use confab_shared::{UserId, WorkspaceId};
 use serde::Serialize;
 
@@ -108,12 +109,15 @@ fn check_accepted_frame(frame: &ClientFrame, max_text: usize) {
 pub fn link_decode(data: &[u8]) {
     round_trip::<ToCell>(data);
     round_trip::<ToGateway>(data);
+    round_trip::<FromCell>(data);
     round_trip::<LinkHello>(data);
     round_trip::<LinkChallenge>(data);
     round_trip::<LinkAuth>(data);
     round_trip::<LinkWelcome>(data);
     batch_round_trip::<ToCell>(data);
     batch_round_trip::<ToGateway>(data);
+    batch_round_trip::<FromCell>(data);
+    recipient_lists(data);
     reassemble(data);
 }
 
@@ -134,7 +138,40 @@ fn reassemble(mut data: &[u8]) {
                 assert!(link::encode(&message).len() <= FUZZ_MAX_MESSAGE.max(frame.len()));
             }
         }
-        let _ = to_gateway.push::<ToGateway>(frame);
+        let _ = to_gateway.push::<FromCell>(frame);
+    }
+}
+
+/// A gateway's recipient lists fed whatever a batch of cell messages decodes to: each message
+/// resolves or errs, a `DeliverTo` resolves only to a list sent before it, and the decoder
+/// holds no more lists than it was sent.
+fn recipient_lists(data: &[u8]) {
+    let Ok(messages) = link::decode_batch::<FromCell>(data) else {
+        return;
+    };
+    let mut lists = ListDecoder::default();
+    // What the decoder accepted: each list number's sessions, while it is held.
+    let mut held = std::collections::HashMap::new();
+    for incoming in messages {
+        let outcome = lists.resolve(incoming.clone());
+        match (incoming, outcome) {
+            (FromCell::Recipients { list, sessions }, Ok(None)) => {
+                held.insert(list, sessions);
+            }
+            (FromCell::Forget { list }, Ok(None)) => {
+                assert!(held.remove(&list).is_some(), "forgot {list}, never held");
+            }
+            (FromCell::DeliverTo { list, .. }, Ok(Some(ToGateway::Deliver { sessions, .. }))) => {
+                assert_eq!(held.get(&list), Some(&sessions), "list {list}");
+            }
+            (FromCell::DeliverTo { list, .. }, Err(_)) => {
+                assert!(!held.contains_key(&list), "list {list} held but refused");
+            }
+            (FromCell::Message(message), outcome) => assert_eq!(outcome, Ok(Some(message))),
+            (incoming, Ok(Some(message))) => panic!("{incoming:?} resolved to {message:?}"),
+            (_, _) => {}
+        }
+        assert_eq!(lists.held(), held.len());
     }
 }
 

@@ -18,6 +18,7 @@ use confab_shared::link::{
     self, Attach, Caller, CellError, CellOp, CellReply, ChannelOp, Frame, LinkAuth, LinkChallenge,
     LinkHello, ToCell, ToGateway, WorkspaceOp,
 };
+use confab_shared::recipient_lists::Incoming as FromCell;
 use confab_shared::server::{ChannelInfo, ChannelKind};
 use confab_shared::{ChannelId, CloseCode, ErrorCode, SessionId, UserId, WorkspaceId};
 use rand::rngs::StdRng;
@@ -204,6 +205,24 @@ fn link_seeds() -> Vec<(&'static str, Vec<u8>)> {
     for message in [&ready, &deliver, &ack] {
         link::encode_into(message, &mut batch);
     }
+    // What a cell writes: its messages wrapped, a recipient list sent once, used, forgotten.
+    let mut from_cell = Vec::new();
+    let list = Arc::from(vec![id::<SessionId>("s1"), id::<SessionId>("s2")]);
+    for message in [
+        FromCell::Message(ready.clone()),
+        FromCell::Recipients {
+            list: 1,
+            sessions: list,
+        },
+        FromCell::DeliverTo {
+            list: 1,
+            frame: Frame::new(ByteString::from_static("{\"op\":\"event\"}"), 9),
+        },
+        FromCell::Forget { list: 1 },
+        FromCell::Message(ack.clone()),
+    ] {
+        link::encode_into(&message, &mut from_cell);
+    }
     vec![
         ("attach", link::encode(&attach)),
         ("send", link::encode(&send)),
@@ -214,6 +233,7 @@ fn link_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("refused", link::encode(&refused)),
         ("close", link::encode(&close)),
         ("batch", batch),
+        ("from_cell", from_cell),
         (
             "hello",
             link::encode(&LinkHello {
