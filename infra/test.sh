@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of confab on a fresh Debian machine with Rust.
-# Installs what the tests need (redis-server, chromium, chromium-driver, python3-venv, and the
-# pinned npm and PyPI packages of the SDK and API-contract checks) when it is missing; tests
-# start their own servers on free ports. Needs Node >= 20 and Python 3.11.
+# Installs what the tests need (redis-server, chromium, chromium-driver, python3-venv,
+# nats-server, and the pinned npm and PyPI packages of the SDK and API-contract checks) when
+# it is missing; tests start their own servers on free ports. Needs Node >= 20 and Python 3.11.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,8 @@ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || 
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # iproute2: ip netns and tc for confab/tests/partition.rs (which skips, saying so, without them).
 command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || need+=(iproute2)
+# nats-server: the NATS arm of `confab-load compare --nats` (load/tests/fanout_nats.rs).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_cmd=""

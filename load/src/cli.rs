@@ -559,6 +559,11 @@ struct CompareArgs {
     /// Pad texts with words (compressible like chat) instead of one repeated letter.
     #[arg(long)]
     words: bool,
+    /// Also run every case against NATS's WebSocket server, started from this `nats-server`
+    /// binary (Debian's package: /usr/sbin/nats-server), pinned like the others, with its own
+    /// ratios to the reference.
+    #[arg(long, value_name = "NATS_SERVER")]
+    nats: Option<PathBuf>,
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -686,6 +691,7 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 max_other_cpu_s: args.max_other_cpu,
                 deflate: args.deflate,
                 words: args.words,
+                nats: args.nats.clone(),
             };
             let client = ClientOptions {
                 connect_concurrency: args.connect_concurrency,

@@ -22,6 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::nats;
 use crate::payload::{self, Incoming};
 use crate::seq::{Observation, SeqTotals, SeqTracker};
 use crate::stats::{Counters, LatencyHub};
@@ -278,6 +279,8 @@ pub struct Inbox {
     pub unreadable: u64,
     /// When this connection last received a measured message, µs since the epoch.
     pub last_delivery_us: u64,
+    /// Against NATS: the reader of its protocol, whose messages' payloads are the frames.
+    pub nats: Option<nats::Parser>,
 }
 
 impl Inbox {
@@ -292,6 +295,17 @@ impl Inbox {
             resumed_at_us: None,
             unreadable: 0,
             last_delivery_us: 0,
+            nats: None,
+        }
+    }
+
+    /// An inbox for a NATS connection: every stream is tracked from seq 0 (like the
+    /// reference server's), and binary frames are read as NATS protocol.
+    pub fn for_nats(index: usize, measure: bool) -> Self {
+        Inbox {
+            auto_streams: true,
+            nats: Some(nats::Parser::default()),
+            ..Inbox::new(index, measure)
         }
     }
 
@@ -363,6 +377,32 @@ impl Inbox {
             }
             Err(_) => self.unreadable += 1,
         }
+    }
+
+    /// Handles one binary frame of a NATS connection: each message payload in it (a frame, as
+    /// [`Self::handle`] reads it), calling `each` with what it was. Returns how many `PING`s
+    /// the frame held, each to be answered with [`nats::PONG`].
+    pub fn handle_nats(
+        &mut self,
+        data: &[u8],
+        shared: &Shared,
+        mut each: impl FnMut(Received),
+    ) -> Result<usize, nats::ParseError> {
+        let Some(mut parser) = self.nats.take() else {
+            self.unreadable += 1;
+            return Ok(0);
+        };
+        let mut pings = 0;
+        let result = parser.feed(data, |op| match op {
+            nats::Op::Msg(payload) => match std::str::from_utf8(payload) {
+                Ok(frame) => each(self.handle(frame, shared)),
+                Err(_) => self.unreadable += 1,
+            },
+            nats::Op::Ping => pings += 1,
+            nats::Op::Pong | nats::Op::Other => {}
+        });
+        self.nats = Some(parser);
+        result.map(|()| pings)
     }
 
     fn handle_incoming(&mut self, incoming: &Incoming<'_>, shared: &Shared) -> Received {
@@ -476,7 +516,8 @@ pub enum Ended {
     Lost(String),
 }
 
-/// Reads and handles frames until `stop`, sending a `ping` every heartbeat (confab only).
+/// Reads and handles frames until `stop`, sending a `ping` every heartbeat (confab only) and
+/// answering NATS's `PING`s.
 pub async fn receive_loop(
     mut ws: Ws,
     inbox: &mut Inbox,
@@ -496,6 +537,24 @@ pub async fn receive_loop(
                         Counters::bump(&shared.counters.frames);
                     }
                     inbox.handle_each(&text, shared, |_| {});
+                }
+                Some(Ok(Message::Binary(data))) if inbox.nats.is_some() => {
+                    if inbox.measure {
+                        Counters::bump(&shared.counters.frames);
+                    }
+                    match inbox.handle_nats(&data, shared, |_| {}) {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            if let Err(e) = ws.send(Message::binary(nats::PONG)).await {
+                                Counters::bump(&shared.counters.disconnects);
+                                return Ended::Lost(format!("sending PONG: {e}"));
+                            }
+                        }
+                        Err(e) => {
+                            Counters::bump(&shared.counters.disconnects);
+                            return Ended::Lost(e.to_string());
+                        }
+                    }
                 }
                 Some(Ok(Message::Close(close))) => {
                     Counters::bump(&shared.counters.disconnects);

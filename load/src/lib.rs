@@ -25,6 +25,8 @@
 //!   model of `docs/capacity.md` built from them.
 //! - [`report`], [`plot`], [`progress`]: results as JSON, Markdown and PNG; progress bars.
 //! - [`moving`]: the live-move benchmark (a workspace's pause while it moves between cells).
+//! - [`nats`]: NATS's WebSocket server as a third fanout target (its client protocol over
+//!   WebSocket frames), for the `?batch=1` comparison of issue 13.
 //! - [`wire`]: the socket beneath each client WebSocket: wire byte counts, and inflating
 //!   permessage-deflate messages for tungstenite.
 //! - [`cli`]: the command line.
@@ -38,6 +40,7 @@ pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod moving;
+pub mod nats;
 pub mod payload;
 pub mod pin;
 pub mod plot;

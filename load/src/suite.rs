@@ -213,6 +213,8 @@ pub struct CompareParams {
     pub deflate: bool,
     /// Word texts ([`crate::payload::make_words_text`]).
     pub words: bool,
+    /// Also run NATS's WebSocket server (this `nats-server` binary), as an arm of its own.
+    pub nats: Option<PathBuf>,
 }
 
 /// Most repeats of one disturbed run.
@@ -249,7 +251,7 @@ pub async fn compare(
     let confab = TargetSpec::SpawnDev {
         binary: p.confab.clone(),
         options: DevOptions {
-            cpus,
+            cpus: cpus.clone(),
             ..p.dev.clone()
         },
     };
@@ -263,12 +265,19 @@ pub async fn compare(
         deflate: true,
         ..client.clone()
     };
+    let nats = p.nats.as_ref().map(|binary| TargetSpec::SpawnNats {
+        binary: binary.clone(),
+        cpus: cpus.clone(),
+    });
     let mut arms = vec![(&reference, client), (&confab, client)];
     if p.batch {
         arms.push((&confab, &batched));
     }
     if p.deflate {
         arms.push((&confab, &deflated));
+    }
+    if let Some(nats) = &nats {
+        arms.push((nats, client));
     }
     let mut reports = Vec::new();
     let mut ratios = Vec::new();
@@ -316,12 +325,15 @@ pub async fn compare(
                     alternate(&arms, out, &params, repeat, p.max_other_cpu_s, &mut reports).await?;
                 at_fixed.push((deliveries, runs));
             }
-            for (arm, (_, arm_client)) in arms.iter().enumerate().skip(1) {
-                let case = fanout::labelled(
+            for (arm, (arm_spec, arm_client)) in arms.iter().enumerate().skip(1) {
+                let mut case = fanout::labelled(
                     format!("S={subscribers} {size}B"),
                     arm_client.batch,
                     arm_client.deflate,
                 );
+                if arm_spec.kind() == ServerKind::Nats {
+                    case.push_str(" nats");
+                }
                 let mut ratio = Ratio::of(
                     &case,
                     &max[arm],
@@ -344,14 +356,14 @@ pub async fn compare(
                 ratio.cpu_per_event = cpu_ratio(&max_runs[arm], &max_runs[0]);
                 for f in &ratio.fixed {
                     println!(
-                        "ratio {case} at {} deliveries/s (medians of {repeat}): p99 confab {:.2} ms, reference {:.2} ms",
+                        "ratio {case} at {} deliveries/s (medians of {repeat}): p99 {:.2} ms, reference {:.2} ms",
                         fmt_num(f.deliveries_per_s),
                         f.confab_p99_ms,
                         f.reference_p99_ms
                     );
                 }
                 println!(
-                    "ratio {case} (medians of {repeat}): delivered/s confab÷reference {:.2}, p99 at half confab max {}",
+                    "ratio {case} (medians of {repeat}): delivered/s ÷ reference {:.2}, p99 at half confab max {}",
                     ratio.throughput,
                     ratio
                         .p99_at_same_rate

@@ -1,4 +1,5 @@
-//! The server under load: confab or the reference server, started here or already running.
+//! The server under load: confab, the reference server or NATS, started here or already
+//! running.
 //!
 //! A target knows its base URLs (several for the distributed scenario), what kind of server it
 //! is (which decides how clients speak to it), and, when it can, the server's PID so that CPU
@@ -26,6 +27,8 @@ pub enum ServerKind {
     Confab,
     /// The reference fanout server: every text frame to everyone, client-assigned seqs.
     Reference,
+    /// NATS's WebSocket server (`nats.rs`): reference-shaped frames as message payloads.
+    Nats,
 }
 
 impl ServerKind {
@@ -33,6 +36,7 @@ impl ServerKind {
         match self {
             ServerKind::Confab => "confab",
             ServerKind::Reference => "reference",
+            ServerKind::Nats => "nats",
         }
     }
 }
@@ -170,6 +174,60 @@ impl Target {
         })
     }
 
+    /// Starts `nats-server` (the binary at `binary`) with its WebSocket listener on a free
+    /// loopback port ([`crate::nats::server_config`]) and waits until it accepts connections.
+    pub async fn spawn_nats(
+        binary: &Path,
+        cpus: Option<&Cores>,
+        log_file: Option<&Path>,
+    ) -> Result<Self> {
+        let port = free_port().context("finding a free port for NATS")?;
+        let config = crate::nats::write_server_config(&std::env::temp_dir(), port)?;
+        let mut command = Command::new(binary);
+        command
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        match log_file {
+            Some(path) => {
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                command.stderr(file);
+            }
+            None => {
+                command.stderr(Stdio::null());
+            }
+        }
+        let mut child = spawn(command, cpus)
+            .with_context(|| format!("starting {} -c {}", binary.display(), config.display()))?;
+        let pid = child.id().context("nats-server exited at once")?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            if let Some(status) = child.try_wait()? {
+                bail!("nats-server exited with {status} before listening on {addr}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("nats-server did not listen on {addr} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_file(&config);
+        let pinned = check_pinned(pid, cpus)?;
+        let base = format!("http://{addr}");
+        info!(%base, pid, "nats-server started");
+        Ok(Target {
+            kind: ServerKind::Nats,
+            label: format!("nats-server (pid {pid}, {base}{pinned})"),
+            bases: vec![base],
+            pids: vec![pid],
+            child: Some(child),
+            in_process: None,
+        })
+    }
+
     /// Runs the reference server inside this process (its CPU and memory are not separable
     /// from the load generator's, so none are reported).
     pub async fn in_process_reference(config: ReferenceConfig) -> Result<Self> {
@@ -252,6 +310,14 @@ fn spawn(mut command: Command, cpus: Option<&Cores>) -> Result<Child> {
     }
 }
 
+/// A loopback port nothing listens on now (the kernel's pick; free again when this returns,
+/// so another process could take it first: a server that fails to bind says so).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Once the server is up (its threads started): fails unless every thread of it runs on
 /// `cpus`. Returns the label's suffix, e.g. `, CPUs 0, 3 threads`.
 fn check_pinned(pid: u32, cpus: Option<&Cores>) -> Result<String> {
@@ -307,6 +373,11 @@ pub enum TargetSpec {
         cpus: Option<Cores>,
     },
     InProcessReference(ReferenceConfig),
+    /// `nats-server` at `binary`, on `cpus` when given.
+    SpawnNats {
+        binary: PathBuf,
+        cpus: Option<Cores>,
+    },
 }
 
 impl TargetSpec {
@@ -317,6 +388,7 @@ impl TargetSpec {
             TargetSpec::SpawnReference { .. } | TargetSpec::InProcessReference(_) => {
                 ServerKind::Reference
             }
+            TargetSpec::SpawnNats { .. } => ServerKind::Nats,
         }
     }
 
@@ -337,6 +409,10 @@ impl TargetSpec {
                 Target::spawn_reference(*config, cpus.as_ref()).await
             }
             TargetSpec::InProcessReference(config) => Target::in_process_reference(*config).await,
+            TargetSpec::SpawnNats { binary, cpus } => {
+                let log = log_dir.map(|d| d.join(format!("{log_name}.nats.log")));
+                Target::spawn_nats(binary, cpus.as_ref(), log.as_deref()).await
+            }
         }
     }
 }

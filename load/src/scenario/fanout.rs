@@ -34,6 +34,7 @@ use tracing::{info, warn};
 
 use super::{open_many, wait_until, RunContext};
 use crate::client::{self, Ended, Inbox, Received, Shared, Ws};
+use crate::nats;
 use crate::payload;
 use crate::progress;
 use crate::report::RunReport;
@@ -198,7 +199,10 @@ pub async fn publisher(
     stop: CancellationToken,
 ) -> PublisherResult {
     let mut result = PublisherResult::default();
-    let mut inbox = Inbox::new(spec.index, false);
+    let mut inbox = match spec.kind {
+        ServerKind::Nats => Inbox::for_nats(spec.index, false),
+        _ => Inbox::new(spec.index, false),
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let started = tokio::time::Instant::now();
@@ -210,34 +214,24 @@ pub async fn publisher(
             biased;
             _ = stop.cancelled() => break,
             frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => inbox.handle_each(&text, &shared, |received| match received {
-                    Received::Ack { seq, .. } => {
-                        result.acked += 1;
-                        result.final_seq = result.final_seq.max(seq);
-                        Counters::bump(&shared.counters.published);
-                    }
-                    // The reference server echoes every frame to its sender too; the echo of
-                    // the publisher's own frame is its "ack". Waiting for the last one before
-                    // closing matters: frames the server has not read yet when the publisher
-                    // closes its socket would be lost.
-                    Received::Message { channel, seq }
-                        if spec.kind == ServerKind::Reference
-                            && channel == spec.stream
-                            && seq > result.acked =>
-                    {
-                        let newly = seq - result.acked;
-                        result.acked = seq;
-                        result.final_seq = seq;
-                        shared.counters.published.fetch_add(newly, Ordering::Relaxed);
-                    }
-                    Received::Error { .. } => {
-                        result.refused += 1;
-                        if let Some(gate) = &gate {
-                            gate.sent.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
-                    _ => {}
+                Some(Ok(Message::Text(text))) => inbox.handle_each(&text, &shared, |received| {
+                    publisher_saw(received, &spec, &mut result, gate.as_deref(), &shared)
                 }),
+                Some(Ok(Message::Binary(data))) if inbox.nats.is_some() => {
+                    let pings = inbox.handle_nats(&data, &shared, |received| {
+                        publisher_saw(received, &spec, &mut result, gate.as_deref(), &shared)
+                    });
+                    let answered = match pings {
+                        Ok(0) => Ok(()),
+                        Ok(_) => ws.send(Message::binary(nats::PONG)).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(why) = answered {
+                        result.lost = Some(format!("publisher's NATS connection failed: {why}"));
+                        Counters::bump(&shared.counters.disconnects);
+                        break;
+                    }
+                }
                 Some(Ok(Message::Close(close))) => {
                     let code = close.map(|c| u16::from(c.code)).unwrap_or(1005);
                     result.lost = Some(format!("publisher closed by the server with {code}"));
@@ -291,12 +285,50 @@ pub async fn publisher(
             }
         }
     }
-    if spec.kind == ServerKind::Reference {
+    if spec.kind != ServerKind::Confab {
         // Subscribers are judged against every frame sent: one the server dropped is a loss.
         result.final_seq = result.sent;
     }
     client::close_gracefully(ws).await;
     result
+}
+
+/// What a publisher does with what it received: counts acks (confab), or the echo of its own
+/// frames (the reference server and NATS echo every frame to its sender too; the echo of the
+/// publisher's own frame is its "ack"). Waiting for the last one before closing matters:
+/// frames the server has not read yet when the publisher closes its socket would be lost.
+fn publisher_saw(
+    received: Received,
+    spec: &PublisherSpec,
+    result: &mut PublisherResult,
+    gate: Option<&Gate>,
+    shared: &Shared,
+) {
+    match received {
+        Received::Ack { seq, .. } => {
+            result.acked += 1;
+            result.final_seq = result.final_seq.max(seq);
+            Counters::bump(&shared.counters.published);
+        }
+        Received::Message { channel, seq }
+            if spec.kind != ServerKind::Confab && channel == spec.stream && seq > result.acked =>
+        {
+            let newly = seq - result.acked;
+            result.acked = seq;
+            result.final_seq = seq;
+            shared
+                .counters
+                .published
+                .fetch_add(newly, Ordering::Relaxed);
+        }
+        Received::Error { .. } => {
+            result.refused += 1;
+            if let Some(gate) = gate {
+                gate.sent.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        _ => {}
+    }
 }
 
 async fn send_batch(
@@ -314,16 +346,23 @@ async fn send_batch(
             payload::make_text(publish_us, spec.size)
         };
         let frame = match spec.kind {
-            ServerKind::Confab => payload::send_frame(
+            ServerKind::Confab => Message::text(payload::send_frame(
                 &spec.stream,
                 &text,
                 &payload::client_msg_id(publish_us, result.sent + 1),
-            ),
-            ServerKind::Reference => {
-                payload::reference_frame(&spec.stream, result.sent + 1, &spec.user, &text)
-            }
+            )),
+            ServerKind::Reference => Message::text(payload::reference_frame(
+                &spec.stream,
+                result.sent + 1,
+                &spec.user,
+                &text,
+            )),
+            ServerKind::Nats => Message::binary(nats::publish(
+                &spec.stream,
+                &payload::reference_frame(&spec.stream, result.sent + 1, &spec.user, &text),
+            )),
         };
-        ws.feed(Message::text(frame)).await?;
+        ws.feed(frame).await?;
         result.sent += 1;
         if let Some(gate) = gate {
             gate.sent.fetch_add(1, Ordering::Relaxed);
@@ -331,6 +370,9 @@ async fn send_batch(
     }
     ws.flush().await
 }
+
+/// Longest wait for NATS's answer to a connection's `CONNECT`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A subscriber connection running in its own task.
 pub struct Subscriber {
@@ -372,6 +414,11 @@ pub async fn open_subscriber(
             inbox.auto_streams = true;
             None
         }
+        ServerKind::Nats => {
+            inbox = Inbox::for_nats(index, true);
+            nats::greet(&mut ws, &nats::every_subject(&ctx.run_id), HELLO_TIMEOUT).await?;
+            None
+        }
     };
     let task = tokio::spawn(async move {
         let ended = client::receive_loop(ws, &mut inbox, &shared, heartbeat, &stop).await;
@@ -380,13 +427,26 @@ pub async fn open_subscriber(
     Ok(Subscriber { index, start, task })
 }
 
-/// Opens and greets a publisher connection (its task is started by the caller).
-pub async fn open_publisher(ctx: &RunContext, index: usize, user: &str) -> Result<Ws> {
+/// Opens and greets a publisher connection that will publish on `stream` (its task is
+/// started by the caller).
+pub async fn open_publisher(
+    ctx: &RunContext,
+    index: usize,
+    user: &str,
+    stream: &str,
+) -> Result<Ws> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut ws = ctx.connector.connect_retrying(index, deadline).await?;
-    if ctx.kind() == ServerKind::Confab {
-        let token = ctx.api()?.token(user).await?;
-        client::hello(&mut ws, &token, &[]).await?;
+    match ctx.kind() {
+        ServerKind::Confab => {
+            let token = ctx.api()?.token(user).await?;
+            client::hello(&mut ws, &token, &[]).await?;
+        }
+        ServerKind::Reference => {}
+        // A publisher takes its own subject: the echo of its frames is its "ack".
+        ServerKind::Nats => {
+            nats::greet(&mut ws, stream, HELLO_TIMEOUT).await?;
+        }
     }
     Ok(ws)
 }
@@ -457,6 +517,12 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
                 .collect(),
             Vec::new(),
         ),
+        ServerKind::Nats => (
+            (0..publishers.len())
+                .map(|j| nats::subject(&ctx.run_id, j))
+                .collect(),
+            Vec::new(),
+        ),
     };
     let channel_of = |i: usize| sub_channels.get(i % k).map(String::as_str);
 
@@ -475,7 +541,7 @@ pub async fn run(ctx: &RunContext, p: &FanoutParams, scenario: &str) -> Result<R
     let mut pub_sockets = Vec::new();
     for (j, user) in publishers.iter().enumerate() {
         pub_sockets.push(
-            open_publisher(ctx, p.subscribers + j * endpoints, user)
+            open_publisher(ctx, p.subscribers + j * endpoints, user, &streams[j])
                 .await
                 .with_context(|| format!("publisher {j}"))?,
         );

@@ -82,7 +82,7 @@ impl RunContext {
                 &options.workspace,
                 options.tokens.clone(),
             )?),
-            ServerKind::Reference => None,
+            ServerKind::Reference | ServerKind::Nats => None,
         };
         Ok(RunContext {
             target,

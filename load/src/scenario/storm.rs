@@ -100,7 +100,7 @@ pub async fn run(ctx: &RunContext, p: &StormParams) -> Result<RunReport> {
     let stop_publishers = CancellationToken::new();
     let mut pub_tasks = Vec::new();
     for (k, user) in publishers.iter().enumerate() {
-        let ws = open_publisher(ctx, p.connections + k, user)
+        let ws = open_publisher(ctx, p.connections + k, user, &channels[k])
             .await
             .with_context(|| format!("publisher {k}"))?;
         let spec = PublisherSpec {
