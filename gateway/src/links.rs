@@ -171,6 +171,12 @@ impl InFlight {
 }
 
 impl RequestTimeouts {
+    /// The deadline of the oldest request still queued (answered ones may still be queued:
+    /// [`Links::expire`] drops them), when there is one.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.queue.front().map(|f| f.deadline)
+    }
+
     fn push(&mut self, deadline: Instant, link: &Arc<CellLink>, req: RequestKey) {
         // The oldest requests were most likely answered meanwhile: dropping them here keeps
         // the queue near the number in flight.
