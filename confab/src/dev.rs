@@ -31,6 +31,7 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let metrics = confab_gateway::metrics::install().context("installing metrics")?;
+    crate::metrics_upkeep::spawn(&metrics).context("starting the metrics upkeep")?;
     let listener = crate::listen::bind(args.listen)?;
     actix_rt::System::new().block_on(serve(args, listener, metrics))
 }

@@ -22,6 +22,7 @@ const STORE_WAIT: Duration = Duration::from_secs(1);
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let metrics = confab_gateway::metrics::install().context("installing metrics")?;
+    crate::metrics_upkeep::spawn(&metrics).context("starting the metrics upkeep")?;
     let listener = crate::listen::bind(args.listen)?;
     actix_rt::System::new().block_on(async move {
         let gateway_id = gateway_id();
@@ -66,6 +67,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 
 pub fn run_cell(args: CellArgs) -> anyhow::Result<()> {
     let metrics = confab_cells::metrics::install().context("installing metrics")?;
+    crate::metrics_upkeep::spawn(&metrics).context("starting the metrics upkeep")?;
     let listener = crate::listen::bind(args.listen)?;
     let id: CellId = args
         .id

@@ -8,6 +8,7 @@ mod distributed;
 mod durability;
 mod inproc;
 mod listen;
+mod metrics_upkeep;
 
 use clap::Parser;
 
