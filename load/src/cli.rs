@@ -123,6 +123,10 @@ struct ScaleArgs {
     client_rate: u32,
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Also run the reference server at every point (one stream for all subscribers, the same
+    /// deliveries/s), alternating with confab: the machine's own growth with connections.
+    #[arg(long)]
+    reference: bool,
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -724,6 +728,7 @@ async fn run(command: Command) -> Result<std::process::ExitCode> {
                 duration: secs(args.duration),
                 window: args.window,
                 repeat: args.repeat.max(1),
+                reference: args.reference.then(ReferenceConfig::default),
             };
             let client = ClientOptions {
                 connect_concurrency: args.connect_concurrency,

@@ -528,6 +528,11 @@ pub struct ScaleParams {
     pub window: u64,
     /// Runs per point; rounds alternate between ascending and descending order.
     pub repeat: usize,
+    /// Also run the reference server at every point (one stream for every subscriber at the
+    /// same deliveries/s), pinned like confab: the machine's own growth with connections,
+    /// measured in the same run (kernel socket lookups, cache misses), for confab's to be
+    /// read against.
+    pub reference: Option<ReferenceConfig>,
 }
 
 impl ScaleParams {
@@ -550,6 +555,30 @@ impl ScaleParams {
         }
     }
 
+    /// The run of `server` at `connections` subscribers and `deliveries` per second: confab's
+    /// [`Self::case`], or the reference server's one stream (one publisher) at the same
+    /// deliveries per second.
+    pub fn case_for(
+        &self,
+        server: ServerKind,
+        connections: usize,
+        deliveries: f64,
+    ) -> FanoutParams {
+        let confab = self.case(connections, deliveries);
+        if server == ServerKind::Confab {
+            return confab;
+        }
+        let one = FanoutParams {
+            channels: 1,
+            publishers: 1,
+            ..confab
+        };
+        FanoutParams {
+            rate: (deliveries > 0.0).then(|| one.rate_for_deliveries(deliveries)),
+            ..one
+        }
+    }
+
     /// The order of round `round`: ascending, then descending, and so on, so that drift in
     /// what else the machine does spreads over both ends of the curve.
     pub fn order(&self, round: usize) -> Vec<usize> {
@@ -564,6 +593,7 @@ impl ScaleParams {
 /// One point of the scale curve (medians over its runs).
 #[derive(Debug, Clone, Serialize)]
 pub struct ScalePoint {
+    pub server: ServerKind,
     /// Offered deliveries/s; `None` for max rate.
     pub deliveries_per_s: Option<f64>,
     pub connections: usize,
@@ -572,46 +602,71 @@ pub struct ScalePoint {
     pub delivered_per_s: f64,
     /// Server CPU µs per delivered event, the median run's.
     pub cpu_us_per_event: Option<f64>,
-    /// `cpu_us_per_event` ÷ that of the first (smallest) connection count.
+    /// `cpu_us_per_event` ÷ that of the same server's first (smallest) connection count.
     pub vs_first: Option<f64>,
+    /// confab's `cpu_us_per_event` ÷ the reference server's at the same connections (when
+    /// the run measured it).
+    pub vs_reference: Option<f64>,
     pub p99_ms: f64,
     pub failed_runs: usize,
 }
 
-/// Builds the points of one delivery rate from its runs (in `p.connections` order).
+/// Builds the points of one delivery rate from its runs (in `p.connections` order): confab's,
+/// then the reference server's when it ran, each relative to its own smallest point.
 pub fn scale_points(
     p: &ScaleParams,
     deliveries: f64,
     runs: &[(usize, RunReport)],
 ) -> Vec<ScalePoint> {
     let mut points: Vec<ScalePoint> = Vec::new();
-    for &n in &p.connections {
-        let mine: Vec<RunReport> = runs
-            .iter()
-            .filter(|(c, _)| *c == n)
-            .map(|(_, r)| r.clone())
-            .collect();
-        if mine.is_empty() {
-            continue;
+    for server in [ServerKind::Confab, ServerKind::Reference] {
+        let mut first: Option<f64> = None;
+        for &n in &p.connections {
+            let mine: Vec<RunReport> = runs
+                .iter()
+                .filter(|(c, r)| *c == n && r.server == server)
+                .map(|(_, r)| r.clone())
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let median = median_by(&mine, |r| r.cpu_s_per_million().unwrap_or(f64::NAN));
+            let cpu = median.cpu_s_per_million();
+            if first.is_none() {
+                first = cpu;
+            }
+            points.push(ScalePoint {
+                server,
+                deliveries_per_s: (deliveries > 0.0).then_some(deliveries),
+                connections: n,
+                channels: p.case_for(server, n, deliveries).channel_count(),
+                runs: mine.len(),
+                delivered_per_s: median.delivered_per_s,
+                cpu_us_per_event: cpu,
+                vs_first: match (cpu, first) {
+                    (Some(c), Some(f)) if f > 0.0 => Some(c / f),
+                    _ => None,
+                },
+                vs_reference: None,
+                p99_ms: median.latency.p99_ms,
+                failed_runs: mine.iter().filter(|r| !r.failures.is_empty()).count(),
+            });
         }
-        let median = median_by(&mine, |r| r.cpu_s_per_million().unwrap_or(f64::NAN));
-        let cpu = median.cpu_s_per_million();
-        let first = points.first().and_then(|f| f.cpu_us_per_event);
-        points.push(ScalePoint {
-            deliveries_per_s: (deliveries > 0.0).then_some(deliveries),
-            connections: n,
-            channels: p.case(n, deliveries).channel_count(),
-            runs: mine.len(),
-            delivered_per_s: median.delivered_per_s,
-            cpu_us_per_event: cpu,
-            vs_first: match (cpu, first) {
-                (Some(c), Some(f)) if f > 0.0 => Some(c / f),
-                (Some(_), None) => Some(1.0),
-                _ => None,
-            },
-            p99_ms: median.latency.p99_ms,
-            failed_runs: mine.iter().filter(|r| !r.failures.is_empty()).count(),
-        });
+    }
+    let reference: Vec<(usize, Option<f64>)> = points
+        .iter()
+        .filter(|pt| pt.server == ServerKind::Reference)
+        .map(|pt| (pt.connections, pt.cpu_us_per_event))
+        .collect();
+    for pt in points
+        .iter_mut()
+        .filter(|pt| pt.server == ServerKind::Confab)
+    {
+        let at_n = reference.iter().find(|(n, _)| *n == pt.connections);
+        pt.vs_reference = match (pt.cpu_us_per_event, at_n) {
+            (Some(c), Some((_, Some(r)))) if *r > 0.0 => Some(c / r),
+            _ => None,
+        };
     }
     points
 }
@@ -620,7 +675,7 @@ pub fn scale_points(
 pub fn scale_table(points: &[ScalePoint]) -> String {
     use std::fmt::Write as _;
     let mut out = String::from(
-        "| offered deliveries/s | connections | channels | runs | delivered ev/s | server CPU µs per delivery | ÷ smallest N | p99 ms | failed runs |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| server | offered deliveries/s | connections | channels | runs | delivered ev/s | server CPU µs per delivery | ÷ smallest N | ÷ reference at N | p99 ms | failed runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let opt = |v: Option<f64>, digits: usize| {
         v.map(|v| format!("{v:.digits$}"))
@@ -629,7 +684,8 @@ pub fn scale_table(points: &[ScalePoint]) -> String {
     for pt in points {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            pt.server.as_str(),
             pt.deliveries_per_s
                 .map(fmt_num)
                 .unwrap_or_else(|| "max".into()),
@@ -639,6 +695,7 @@ pub fn scale_table(points: &[ScalePoint]) -> String {
             fmt_num(pt.delivered_per_s),
             opt(pt.cpu_us_per_event, 3),
             opt(pt.vs_first, 2),
+            opt(pt.vs_reference, 2),
             pt.p99_ms,
             pt.failed_runs
         );
@@ -657,18 +714,26 @@ pub async fn scale(
         binary: p.confab.clone(),
         options: p.dev.clone(),
     };
+    let reference = p.reference.map(|config| TargetSpec::SpawnReference {
+        config,
+        cpus: p.dev.cpus.clone(),
+    });
+    let servers: Vec<&TargetSpec> = std::iter::once(&confab).chain(&reference).collect();
     let mut reports = Vec::new();
     let mut points = Vec::new();
     for &deliveries in &p.deliveries {
         let mut runs = Vec::new();
         for round in 0..p.repeat.max(1) {
             for n in p.order(round) {
-                let params = p.case(n, deliveries);
-                crate::scenario::raise_nofile((n + params.publisher_count()) as u64 + 512)?;
-                let mut report = fanout_once(&confab, client, out, &params, "scale").await?;
-                report.extra.insert("repeat".into(), round as f64);
-                runs.push((n, report.clone()));
-                reports.push(report);
+                // At each point the servers alternate, so both see the same drift.
+                for spec in &servers {
+                    let params = p.case_for(spec.kind(), n, deliveries);
+                    crate::scenario::raise_nofile((n + params.publisher_count()) as u64 + 512)?;
+                    let mut report = fanout_once(spec, client, out, &params, "scale").await?;
+                    report.extra.insert("repeat".into(), round as f64);
+                    runs.push((n, report.clone()));
+                    reports.push(report);
+                }
             }
         }
         let these = scale_points(p, deliveries, &runs);
@@ -932,6 +997,7 @@ mod tests {
             duration: Duration::from_secs(1),
             window: 64,
             repeat: 2,
+            reference: None,
         }
     }
 
@@ -991,6 +1057,46 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_runs_one_stream_at_the_same_deliveries_and_confab_is_read_against_it() {
+        let p = ScaleParams {
+            repeat: 1,
+            reference: Some(ReferenceConfig::default()),
+            ..params()
+        };
+        let case = p.case_for(ServerKind::Reference, 15000, 100_000.0);
+        assert_eq!((case.channel_count(), case.publisher_count()), (1, 1));
+        assert!((case.rate.unwrap() * 15000.0 - 100_000.0).abs() < 1e-6);
+        let reference = |delivered, cpu_s| RunReport {
+            server: ServerKind::Reference,
+            ..run(delivered, cpu_s)
+        };
+        let runs = vec![
+            (1000, run(1_000_000, 4.0)),
+            (1000, reference(1_000_000, 5.0)),
+            (15000, run(1_000_000, 9.0)),
+            (15000, reference(1_000_000, 7.5)),
+        ];
+        let points = scale_points(&p, 100_000.0, &runs);
+        let servers: Vec<_> = points.iter().map(|pt| (pt.server, pt.connections)).collect();
+        assert_eq!(
+            servers,
+            [
+                (ServerKind::Confab, 1000),
+                (ServerKind::Confab, 15000),
+                (ServerKind::Reference, 1000),
+                (ServerKind::Reference, 15000)
+            ]
+        );
+        let close = |v: Option<f64>, want: f64| (v.unwrap() - want).abs() < 1e-9;
+        assert!(close(points[1].vs_first, 9.0 / 4.0));
+        assert!(close(points[3].vs_first, 7.5 / 5.0));
+        assert!(close(points[0].vs_reference, 4.0 / 5.0));
+        assert!(close(points[1].vs_reference, 9.0 / 7.5));
+        assert_eq!(points[2].vs_reference, None);
+        assert_eq!(points[3].channels, 1);
+    }
+
+    #[test]
     fn scale_points_are_medians_relative_to_the_smallest_connection_count() {
         let p = ScaleParams {
             repeat: 3,
@@ -1018,7 +1124,9 @@ mod tests {
         assert!((ratio - 5.0 / 3.0).abs() < 1e-9);
         let table = scale_table(&points);
         assert!(
-            table.contains("| 100,000 | 15,000 | 15 | 3 | 1,000,000 | 5.000 | 1.67 |"),
+            table.contains(
+                "| confab | 100,000 | 15,000 | 15 | 3 | 1,000,000 | 5.000 | 1.67 | n/a |"
+            ),
             "{table}"
         );
     }
