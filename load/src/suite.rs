@@ -1077,7 +1077,10 @@ mod tests {
             (15000, reference(1_000_000, 7.5)),
         ];
         let points = scale_points(&p, 100_000.0, &runs);
-        let servers: Vec<_> = points.iter().map(|pt| (pt.server, pt.connections)).collect();
+        let servers: Vec<_> = points
+            .iter()
+            .map(|pt| (pt.server, pt.connections))
+            .collect();
         assert_eq!(
             servers,
             [

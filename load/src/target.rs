@@ -95,6 +95,26 @@ impl Target {
         }
     }
 
+    /// A server this runner started as `child` (process `pid`), serving at `base`; `pinned`
+    /// is [`check_pinned`]'s label suffix.
+    fn child(
+        kind: ServerKind,
+        name: &str,
+        base: String,
+        child: Child,
+        pid: u32,
+        pinned: &str,
+    ) -> Self {
+        Target {
+            kind,
+            label: format!("{name} (pid {pid}, {base}{pinned})"),
+            bases: vec![base],
+            pids: vec![pid],
+            child: Some(child),
+            in_process: None,
+        }
+    }
+
     /// Starts `confab dev --listen 127.0.0.1:0` and waits for its listening line.
     pub async fn spawn_dev(binary: &Path, options: &DevOptions) -> Result<Self> {
         let mut command = Command::new(binary);
@@ -109,16 +129,7 @@ impl Target {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .kill_on_drop(true);
-        match &options.log_file {
-            Some(path) => {
-                let file = std::fs::File::create(path)
-                    .with_context(|| format!("creating {}", path.display()))?;
-                command.stderr(file);
-            }
-            None => {
-                command.stderr(Stdio::null());
-            }
-        }
+        stderr_to(&mut command, options.log_file.as_deref())?;
         let mut child = spawn(command, options.cpus.as_ref())
             .with_context(|| format!("starting {} dev", binary.display()))?;
         let pid = child.id().context("confab dev exited at once")?;
@@ -133,14 +144,14 @@ impl Target {
             })?;
         let pinned = check_pinned(pid, options.cpus.as_ref())?;
         info!(%base, pid, "confab dev started");
-        Ok(Target {
-            kind: ServerKind::Confab,
-            label: format!("confab dev (pid {pid}, {base}{pinned})"),
-            bases: vec![base],
-            pids: vec![pid],
-            child: Some(child),
-            in_process: None,
-        })
+        Ok(Target::child(
+            ServerKind::Confab,
+            "confab dev",
+            base,
+            child,
+            pid,
+            &pinned,
+        ))
     }
 
     /// Starts the reference server as a child process (this binary's `reference` command), so
@@ -164,14 +175,14 @@ impl Target {
             .context("no stdout from the reference server")?;
         let base = read_listen_line(stdout, "reference listening on ").await?;
         let pinned = check_pinned(pid, cpus)?;
-        Ok(Target {
-            kind: ServerKind::Reference,
-            label: format!("reference (pid {pid}, {base}{pinned})"),
-            bases: vec![base],
-            pids: vec![pid],
-            child: Some(child),
-            in_process: None,
-        })
+        Ok(Target::child(
+            ServerKind::Reference,
+            "reference",
+            base,
+            child,
+            pid,
+            &pinned,
+        ))
     }
 
     /// Starts `nats-server` (the binary at `binary`) with its WebSocket listener on a free
@@ -190,16 +201,7 @@ impl Target {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);
-        match log_file {
-            Some(path) => {
-                let file = std::fs::File::create(path)
-                    .with_context(|| format!("creating {}", path.display()))?;
-                command.stderr(file);
-            }
-            None => {
-                command.stderr(Stdio::null());
-            }
-        }
+        stderr_to(&mut command, log_file)?;
         let mut child = spawn(command, cpus)
             .with_context(|| format!("starting {} -c {}", binary.display(), config.display()))?;
         let pid = child.id().context("nats-server exited at once")?;
@@ -218,14 +220,14 @@ impl Target {
         let pinned = check_pinned(pid, cpus)?;
         let base = format!("http://{addr}");
         info!(%base, pid, "nats-server started");
-        Ok(Target {
-            kind: ServerKind::Nats,
-            label: format!("nats-server (pid {pid}, {base}{pinned})"),
-            bases: vec![base],
-            pids: vec![pid],
-            child: Some(child),
-            in_process: None,
-        })
+        Ok(Target::child(
+            ServerKind::Nats,
+            "nats-server",
+            base,
+            child,
+            pid,
+            &pinned,
+        ))
     }
 
     /// Runs the reference server inside this process (its CPU and memory are not separable
@@ -308,6 +310,21 @@ fn spawn(mut command: Command, cpus: Option<&Cores>) -> Result<Child> {
             })
         }
     }
+}
+
+/// Sends `command`'s stderr (the server's logs) to a new file at `log_file`, or discards it.
+fn stderr_to(command: &mut Command, log_file: Option<&Path>) -> Result<()> {
+    match log_file {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            command.stderr(file);
+        }
+        None => {
+            command.stderr(Stdio::null());
+        }
+    }
+    Ok(())
 }
 
 /// A loopback port nothing listens on now (the kernel's pick; free again when this returns,
