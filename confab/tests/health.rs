@@ -266,3 +266,21 @@ async fn presence_subscriptions_of_sessions_closed_right_after_presence_sub_are_
     wait_for_metric(&server, "confab_presence_watchers", 0.0).await;
     wait_for_metric(&server, "confab_presence_watched_users", 0.0).await;
 }
+
+/// Histogram samples are folded into their buckets by an upkeep thread, not only by scrapes:
+/// without it, a process nobody scrapes keeps every socket write's latency sample forever.
+#[tokio::test]
+async fn the_process_runs_the_metrics_upkeep_that_keeps_unscraped_histograms_bounded() {
+    let server = DevServer::start().await;
+    let tasks = format!("/proc/{}/task", server.pid());
+    let names: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap_or_else(|e| panic!("reading {tasks}: {e}"))
+        .filter_map(|task| task.ok())
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "metrics-upkeep"),
+        "no metrics-upkeep thread among {names:?}"
+    );
+}
