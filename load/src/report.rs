@@ -321,7 +321,7 @@ impl Ratio {
 pub fn ratio_table(ratios: &[Ratio]) -> String {
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into());
     let mut out = String::from(
-        "| case | runs each | delivered/s confab÷reference (max rate) | p99 confab÷reference (same fixed rate) | server CPU per event confab÷reference | peak RSS confab÷reference |\n|---|---:|---:|---:|---:|---:|\n",
+        "| case (confab, or the server it names) | runs each | delivered/s ÷ reference (max rate) | p99 ÷ reference (same fixed rate) | server CPU per event ÷ reference | peak RSS ÷ reference |\n|---|---:|---:|---:|---:|---:|\n",
     );
     for r in ratios {
         let _ = writeln!(
@@ -337,7 +337,7 @@ pub fn ratio_table(ratios: &[Ratio]) -> String {
     }
     if ratios.iter().any(|r| !r.fixed.is_empty()) {
         out.push_str(
-            "\n| case | fixed deliveries/s | confab p99 ms | reference p99 ms | p99 confab÷reference | server CPU per event confab÷reference |\n|---|---:|---:|---:|---:|---:|\n",
+            "\n| case (confab, or the server it names) | fixed deliveries/s | p99 ms | reference p99 ms | p99 ÷ reference | server CPU per event ÷ reference |\n|---|---:|---:|---:|---:|---:|\n",
         );
         for r in ratios {
             for f in &r.fixed {
