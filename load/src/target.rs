@@ -206,17 +206,10 @@ impl Target {
             .with_context(|| format!("starting {} -c {}", binary.display(), config.display()))?;
         let pid = child.id().context("nats-server exited at once")?;
         let addr = format!("127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
-            if let Some(status) = child.try_wait()? {
-                bail!("nats-server exited with {status} before listening on {addr}");
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("nats-server did not listen on {addr} within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let listening = wait_listening(&mut child, &addr).await;
+        // Read at start-up only: gone whether or not the server came up.
         let _ = std::fs::remove_file(&config);
+        listening?;
         let pinned = check_pinned(pid, cpus)?;
         let base = format!("http://{addr}");
         info!(%base, pid, "nats-server started");
@@ -310,6 +303,21 @@ fn spawn(mut command: Command, cpus: Option<&Cores>) -> Result<Child> {
             })
         }
     }
+}
+
+/// Waits (at most 30 s) until `child` accepts connections on `addr`; fails at once if it exits.
+async fn wait_listening(child: &mut Child, addr: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("nats-server exited with {status} before listening on {addr}");
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nats-server did not listen on {addr} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Sends `command`'s stderr (the server's logs) to a new file at `log_file`, or discards it.
