@@ -12,6 +12,9 @@
 #                            in this order ("default": the cell's default; unset: one such)
 #   PIN=0:1                  every server process on CPUs 0 (taskset), confab-load on CPUs 1
 #                            (--pin), as SERVER:CLIENT
+#   CELL_CPUS=2,3            the cell alone on these CPUs (taskset), whatever PIN says: for
+#                            showing a cell's growth with ACTOR_THREADS on a machine with
+#                            cores to spare
 #   DEV_TOO=1                after each distributed run, the same fanout options against a
 #                            fresh `confab dev` (pinned like the servers), for the ratio
 # Everything it starts is stopped on exit; nothing listens beyond 127.0.0.1.
@@ -103,7 +106,9 @@ deployment() {
     local threads_args=()
     if [ -n "$actor_threads" ]; then threads_args=(--actor-threads "$actor_threads"); fi
     export CONFAB_CLIENT_RATE=${CONFAB_CLIENT_RATE:-1000000}
-    "${on_server_cpus[@]}" "$confab" cell --id c1 --region local --listen "127.0.0.1:$cell_port" \
+    local on_cell_cpus=("${on_server_cpus[@]}")
+    if [ -n "${CELL_CPUS:-}" ]; then on_cell_cpus=(taskset -c "$CELL_CPUS"); fi
+    "${on_cell_cpus[@]}" "$confab" cell --id c1 --region local --listen "127.0.0.1:$cell_port" \
         --advertise "http://127.0.0.1:$cell_port" --redis "redis://127.0.0.1:$store_port" \
         --directory "redis://127.0.0.1:$dir_port" --cluster-secret "$cluster" \
         --store-fsync everysec "${threads_args[@]}" >"$work/cell.log" 2>&1 &
@@ -126,7 +131,7 @@ deployment() {
         -H "Authorization: Bearer $admin" -H 'Content-Type: application/json' \
         -d '{"region":"local","id":"bench"}' >/dev/null
 
-    echo "run-distributed: cell actor threads: ${actor_threads:-default}${server_cpus:+, servers on CPUs $server_cpus}"
+    echo "run-distributed: cell actor threads: ${actor_threads:-default}${server_cpus:+, servers on CPUs $server_cpus}${CELL_CPUS:+, the cell on CPUs $CELL_CPUS}"
     local status=0
     "$load" run distributed \
         --target "http://127.0.0.1:$g1_port" --target "http://127.0.0.1:$g2_port" \
